@@ -1,0 +1,297 @@
+//! A small typed client of strait's Kubernetes-style REST API, for node agents, the lab and
+//! tests. Paths are built from the `k8s_openapi::Resource` constants, so every served kind works.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use k8s_openapi::{ListableResource, Resource, apimachinery::pkg::apis::meta::v1::Status};
+use serde::{Serialize, de::DeserializeOwned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{method} {path}: {message}")]
+    Transport { method: Method, path: String, message: String },
+    /// The server answered with a Kubernetes `Status` (or at least an error code).
+    #[error("{method} {path}: {code} {reason}: {message}")]
+    Status { method: Method, path: String, code: u16, reason: String, message: String },
+    #[error("{method} {path}: decoding the answer: {source}")]
+    Decode {
+        method: Method,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("bad server address {server:?}: {message}")]
+    Address { server: String, message: String },
+}
+
+impl ClientError {
+    /// The HTTP status the server answered with, when it answered.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Self::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The Kubernetes `Status.reason` (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`…).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Status { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one API server. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    server: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    /// `server` is the base URL, e.g. `http://172.20.0.1:6443`.
+    pub fn new(server: &str) -> Result<Self, ClientError> {
+        let server = server.trim_end_matches('/').to_owned();
+        if !server.starts_with("http://") {
+            return Err(ClientError::Address {
+                server,
+                message: "expected an http:// URL".to_owned(),
+            });
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self { server, http, timeout: Duration::from_secs(30) })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The collection path of `K`, e.g. `/api/v1/namespaces/default/pods` or `/api/v1/nodes`.
+    /// `namespace` is ignored for cluster-scoped kinds by passing `None`.
+    pub fn collection_path<K: Resource>(namespace: Option<&str>) -> String {
+        let prefix = if K::GROUP.is_empty() {
+            format!("/api/{}", K::VERSION)
+        } else {
+            format!("/apis/{}/{}", K::GROUP, K::VERSION)
+        };
+        match namespace {
+            Some(namespace) => format!("{prefix}/namespaces/{namespace}/{}", K::URL_PATH_SEGMENT),
+            None => format!("{prefix}/{}", K::URL_PATH_SEGMENT),
+        }
+    }
+
+    /// The path of one object of `K`.
+    pub fn object_path<K: Resource>(namespace: Option<&str>, name: &str) -> String {
+        format!("{}/{name}", Self::collection_path::<K>(namespace))
+    }
+
+    /// Sends a request and returns the status and body, whatever the status.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let transport = |message: String| ClientError::Transport {
+            method: method.clone(),
+            path: path.to_owned(),
+            message,
+        };
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.server))
+            .header(header::ACCEPT, "application/json");
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| transport(e.to_string()))?;
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| transport(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| transport(format!("{e:#}")))?;
+        let status = response.status();
+        let body =
+            response.into_body().collect().await.map_err(|e| transport(e.to_string()))?.to_bytes();
+        Ok((status, body))
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.send(method.clone(), path, content_type, body).await?;
+        if !status.is_success() {
+            return Err(status_error(method, path, status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    fn encode<T: Serialize>(
+        method: &Method,
+        path: &str,
+        object: &T,
+    ) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(object).map_err(|source| ClientError::Decode {
+            method: method.clone(),
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Gets one object; `None` when the server says 404.
+    pub async fn get<K: Resource + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<K>, ClientError> {
+        let path = Self::object_path::<K>(namespace, name);
+        match self.json(Method::GET, &path, "", None).await {
+            Ok(object) => Ok(Some(object)),
+            Err(e) if e.code() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists a collection (`namespace: None` on a namespaced kind lists every namespace).
+    /// Returns the items and the list's resourceVersion.
+    pub async fn list<K: ListableResource + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        query: &str,
+    ) -> Result<(Vec<K>, String), ClientError> {
+        let mut path = Self::collection_path::<K>(namespace);
+        if !query.is_empty() {
+            path = format!("{path}?{query}");
+        }
+        let list: k8s_openapi::List<K> = self.json(Method::GET, &path, "", None).await?;
+        Ok((list.items, list.metadata.resource_version.unwrap_or_default()))
+    }
+
+    /// Creates an object in `namespace` (or cluster-wide with `None`).
+    pub async fn create<K: Resource + Serialize + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        let path = Self::collection_path::<K>(namespace);
+        let body = Self::encode(&Method::POST, &path, object)?;
+        self.json(Method::POST, &path, "application/json", Some(body)).await
+    }
+
+    /// Replaces an object (PUT); the object's resourceVersion, if set, must be current.
+    pub async fn replace<K: Resource + Serialize + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        let path = Self::object_path::<K>(namespace, name);
+        let body = Self::encode(&Method::PUT, &path, object)?;
+        self.json(Method::PUT, &path, "application/json", Some(body)).await
+    }
+
+    /// Replaces an object's status through its `/status` subresource.
+    pub async fn replace_status<K: Resource + Serialize + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        object: &K,
+    ) -> Result<K, ClientError> {
+        let path = format!("{}/status", Self::object_path::<K>(namespace, name));
+        let body = Self::encode(&Method::PUT, &path, object)?;
+        self.json(Method::PUT, &path, "application/json", Some(body)).await
+    }
+
+    /// Applies a JSON merge patch (RFC 7386) to an object, or to its `/status` when
+    /// `status` is true.
+    pub async fn merge_patch<K: Resource + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        patch: &serde_json::Value,
+        status: bool,
+    ) -> Result<K, ClientError> {
+        let mut path = Self::object_path::<K>(namespace, name);
+        if status {
+            path.push_str("/status");
+        }
+        let body = Self::encode(&Method::PATCH, &path, patch)?;
+        self.json(Method::PATCH, &path, "application/merge-patch+json", Some(body)).await
+    }
+
+    /// Deletes an object. `grace_period_seconds: Some(0)` asks for immediate removal (what a
+    /// node agent sends once a pod has stopped). Returns false when it was already gone.
+    pub async fn delete<K: Resource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        grace_period_seconds: Option<i64>,
+    ) -> Result<bool, ClientError> {
+        let path = Self::object_path::<K>(namespace, name);
+        let mut options = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
+        if let Some(grace) = grace_period_seconds {
+            options["gracePeriodSeconds"] = grace.into();
+        }
+        let body = Self::encode(&Method::DELETE, &path, &options)?;
+        let (status, bytes) =
+            self.send(Method::DELETE, &path, "application/json", Some(body)).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !status.is_success() {
+            return Err(status_error(Method::DELETE, &path, status, &bytes));
+        }
+        Ok(true)
+    }
+}
+
+fn status_error(method: Method, path: &str, status: StatusCode, body: &[u8]) -> ClientError {
+    let (reason, message) = match serde_json::from_slice::<Status>(body) {
+        Ok(s) => (s.reason.unwrap_or_default(), s.message.unwrap_or_default()),
+        Err(_) => (String::new(), String::from_utf8_lossy(body).into_owned()),
+    };
+    ClientError::Status { method, path: path.to_owned(), code: status.as_u16(), reason, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+
+    use super::ApiClient;
+
+    #[test]
+    fn paths_follow_the_kubernetes_layout() {
+        assert_eq!(
+            ApiClient::collection_path::<Pod>(Some("default")),
+            "/api/v1/namespaces/default/pods"
+        );
+        assert_eq!(ApiClient::collection_path::<Pod>(None), "/api/v1/pods");
+        assert_eq!(ApiClient::object_path::<Node>(None, "node-1"), "/api/v1/nodes/node-1");
+        assert_eq!(
+            ApiClient::collection_path::<k8s_openapi::api::apps::v1::Deployment>(Some("web")),
+            "/apis/apps/v1/namespaces/web/deployments"
+        );
+    }
+}

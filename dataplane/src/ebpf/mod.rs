@@ -1,0 +1,82 @@
+//! strait's eBPF programs as the node uses them: embedded objects, loaded once by the agent,
+//! pinned under `/sys/fs/bpf/strait/<cluster>/<node>/`, re-adopted when the agent restarts, and
+//! attached per interface by the CNI plugin from those pins.
+
+pub mod antispoof;
+
+use std::path::{Path, PathBuf};
+
+/// Root of every pin strait makes.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/strait";
+
+/// `/sys/fs/bpf/strait/<cluster>/<node>`: the pins of one node agent.
+pub fn node_pin_dir(cluster: &str, node: &str) -> PathBuf {
+    Path::new(BPFFS_ROOT).join(cluster).join(node)
+}
+
+/// The embedded object of the anti-spoofing program, built by `build.rs` from `ebpf/`.
+pub(crate) static ANTISPOOF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-antispoof"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("{action}")]
+    Load {
+        action: String,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("{action}")]
+    Program {
+        action: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{action}")]
+    Map {
+        action: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{action}")]
+    Pin {
+        action: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{action}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action}")]
+    Tc {
+        action: String,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
+}
+
+/// Makes sure a bpf filesystem is mounted at `/sys/fs/bpf`.
+pub fn ensure_bpffs() -> Result<(), EbpfError> {
+    let io = |action: &str, source| EbpfError::Io { action: action.to_owned(), source };
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| io("reading /proc/self/mounts", e))?;
+    if mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next();
+        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| io("creating /sys/fs/bpf", e))?;
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| io("mounting the bpf filesystem at /sys/fs/bpf", e.into()))
+}

@@ -1,0 +1,6 @@
+//! The node side of strait: the agent that registers its node, runs its pods, programs routes
+//! with rtnetlink and loads, attaches and pins the eBPF programs.
+
+pub mod ebpf;
+pub mod netlink;
+pub mod netns;

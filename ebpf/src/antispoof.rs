@@ -1,0 +1,100 @@
+//! tc classifier on the ingress of each pod's host-side veth: a pod may only send as itself.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use strait_common::antispoof::{DROP_REASON_SLOTS, DropReason, MAX_ENDPOINTS, PodEndpoint};
+use strait_ebpf::net::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, load_be16, ptr_at};
+
+#[map(name = "ENDPOINTS_V1")]
+static ENDPOINTS: HashMap<u32, PodEndpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+#[map(name = "DROP_STATS_V1")]
+static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);
+
+#[classifier]
+pub fn antispoof(ctx: TcContext) -> i32 {
+    match try_antispoof(&ctx) {
+        Ok(()) => TC_ACT_OK,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROP_STATS.get_ptr_mut(reason.0) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+fn try_antispoof(ctx: &TcContext) -> Result<(), DropReason> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is plain data; entries are replaced whole by userspace.
+    let endpoint = unsafe { ENDPOINTS.get(ifindex) }.ok_or(DropReason::UNKNOWN_ENDPOINT)?;
+
+    let ethertype = load_be16(ctx, 12).ok_or(DropReason::MALFORMED)?;
+    match ethertype {
+        ETH_P_IP => check_ipv4_source(ctx, endpoint.ipv4),
+        ETH_P_ARP => check_arp_sender(ctx, endpoint.ipv4),
+        _ => Err(DropReason::UNSUPPORTED_PROTOCOL),
+    }
+}
+
+/// RFC 791: version and IHL share the first byte; IHL counts 32-bit words and is at least 5.
+fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
+    let version_ihl: *const u8 = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MALFORMED)?;
+    // SAFETY: ptr_at checked that the byte lies inside the packet.
+    let version_ihl = unsafe { *version_ihl };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return Err(DropReason::MALFORMED);
+    }
+    // The whole header, options included, must be present.
+    ptr_at::<u8>(ctx, ETH_HLEN + header_len - 1).ok_or(DropReason::MALFORMED)?;
+    let source: *const u32 = ptr_at(ctx, ETH_HLEN + 12).ok_or(DropReason::MALFORMED)?;
+    // SAFETY: checked in bounds above; the packet may not be 4-byte aligned.
+    let source = unsafe { source.read_unaligned() };
+    if source == pod_ipv4 {
+        Ok(())
+    } else {
+        Err(DropReason::SPOOFED_IPV4_SOURCE)
+    }
+}
+
+/// RFC 826 for Ethernet/IPv4: htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(hlen) spa(plen).
+fn check_arp_sender(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
+    let hlen: *const u8 = ptr_at(ctx, ETH_HLEN + 4).ok_or(DropReason::MALFORMED)?;
+    let plen: *const u8 = ptr_at(ctx, ETH_HLEN + 5).ok_or(DropReason::MALFORMED)?;
+    // SAFETY: both bytes were bounds-checked by ptr_at.
+    let (hlen, plen) = unsafe { (usize::from(*hlen), usize::from(*plen)) };
+    if plen != 4 {
+        return Err(DropReason::MALFORMED);
+    }
+    let sender: *const u32 = ptr_at(ctx, ETH_HLEN + 8 + hlen).ok_or(DropReason::MALFORMED)?;
+    // SAFETY: bounds-checked by ptr_at; unaligned in general.
+    let sender = unsafe { sender.read_unaligned() };
+    if sender == pod_ipv4 || sender == 0 {
+        Ok(())
+    } else {
+        Err(DropReason::SPOOFED_ARP_SENDER)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -63,11 +63,7 @@ fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
     let source: *const u32 = ptr_at(ctx, ETH_HLEN + 12).ok_or(DropReason::MALFORMED)?;
     // SAFETY: checked in bounds above; the packet may not be 4-byte aligned.
     let source = unsafe { source.read_unaligned() };
-    if source == pod_ipv4 {
-        Ok(())
-    } else {
-        Err(DropReason::SPOOFED_IPV4_SOURCE)
-    }
+    if source == pod_ipv4 { Ok(()) } else { Err(DropReason::SPOOFED_IPV4_SOURCE) }
 }
 
 /// RFC 826 for Ethernet/IPv4: htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(hlen) spa(plen).
@@ -82,11 +78,7 @@ fn check_arp_sender(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
     let sender: *const u32 = ptr_at(ctx, ETH_HLEN + 8 + hlen).ok_or(DropReason::MALFORMED)?;
     // SAFETY: bounds-checked by ptr_at; unaligned in general.
     let sender = unsafe { sender.read_unaligned() };
-    if sender == pod_ipv4 || sender == 0 {
-        Ok(())
-    } else {
-        Err(DropReason::SPOOFED_ARP_SENDER)
-    }
+    if sender == pod_ipv4 || sender == 0 { Ok(()) } else { Err(DropReason::SPOOFED_ARP_SENDER) }
 }
 
 #[cfg(not(test))]

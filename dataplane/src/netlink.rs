@@ -22,9 +22,13 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
-/// `rtm_protocol` of every route strait writes, so that reconcilers find their own routes and
-/// never touch anybody else's. Not among the numbers iproute2 names in `rt_protos`.
+/// `rtm_protocol` of the node routes the agent writes (other nodes' podCIDRs, unreachable
+/// ranges), so that its reconciler finds its own routes and never touches anybody else's.
+/// Not among the numbers iproute2 names in `rt_protos`.
 pub const ROUTE_PROTOCOL_STRAIT: u8 = 83;
+/// `rtm_protocol` of the per-pod `/32` routes the CNI plugin writes on the host side. Distinct
+/// from [`ROUTE_PROTOCOL_STRAIT`] so the agent's route reconciler leaves them to the plugin.
+pub const ROUTE_PROTOCOL_STRAIT_POD: u8 = 84;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{action}")]

@@ -241,18 +241,34 @@ impl ApiClient {
         self.json(Method::PATCH, &path, "application/merge-patch+json", Some(body)).await
     }
 
-    /// Deletes an object. `grace_period_seconds: Some(0)` asks for immediate removal (what a
-    /// node agent sends once a pod has stopped). Returns false when it was already gone.
+    /// Deletes an object. `grace_period_seconds: Some(0)` asks for immediate removal. Returns
+    /// false when it was already gone.
     pub async fn delete<K: Resource>(
         &self,
         namespace: Option<&str>,
         name: &str,
         grace_period_seconds: Option<i64>,
     ) -> Result<bool, ClientError> {
+        self.delete_with_uid::<K>(namespace, name, grace_period_seconds, None).await
+    }
+
+    /// Deletes an object only if it is still the incarnation with `uid` (DeleteOptions
+    /// `preconditions.uid`; a different object of the same name gives 409 Conflict). A node
+    /// agent finishing a graceful pod delete sends grace 0 with the pod's uid.
+    pub async fn delete_with_uid<K: Resource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        grace_period_seconds: Option<i64>,
+        uid: Option<&str>,
+    ) -> Result<bool, ClientError> {
         let path = Self::object_path::<K>(namespace, name);
         let mut options = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
         if let Some(grace) = grace_period_seconds {
             options["gracePeriodSeconds"] = grace.into();
+        }
+        if let Some(uid) = uid {
+            options["preconditions"] = serde_json::json!({ "uid": uid });
         }
         let body = Self::encode(&Method::DELETE, &path, &options)?;
         let (status, bytes) =

@@ -1,0 +1,237 @@
+//! The node agent: registers its Node, follows the controller's NodeSync stream, programs
+//! routes, runs the pods bound to its node, and reports their status.
+//!
+//! Everything it sets up outlives it: pods keep running, routes and pinned maps stay. A
+//! restarted agent adopts the pods recorded on disk, re-adopts its pinned maps, and converges
+//! to the first snapshot the controller sends.
+
+pub mod node;
+pub mod routes;
+pub mod sync;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use strait_controlplane::client::ApiClient;
+use tokio::sync::watch;
+
+use crate::{
+    cgroup::Cgroup,
+    ebpf::{self, antispoof::AntiSpoof},
+    runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, record::RecordStore},
+};
+use node::NodeIdentity;
+use routes::NodeRoute;
+
+/// How a node agent is run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// The node's own address, announced as its InternalIP and used by other nodes as the
+    /// next hop for its podCIDR.
+    pub node_ip: Ipv4Addr,
+    /// Base URL of the controller, e.g. `http://172.20.0.1:6443` (REST and NodeSync).
+    pub controller: String,
+    /// Cluster name: part of pin paths and of every name the agent makes.
+    pub cluster: String,
+    /// Pod records, CNI allocations and container logs live here.
+    pub state_dir: PathBuf,
+    /// Prefix of pod network namespace names.
+    pub netns_prefix: String,
+    /// This agent's cgroup subtree, relative to the cgroup2 mount (must start with `strait/`).
+    pub cgroup_root: PathBuf,
+    /// The `strait-cni` binary.
+    pub cni_plugin: PathBuf,
+    /// Where to write a `.conflist` for other runtimes on this node, if anywhere.
+    pub cni_conf_dir: Option<PathBuf>,
+    /// The `strait` binary (runs the built-in workload).
+    pub strait_exe: PathBuf,
+    pub heartbeat: Duration,
+}
+
+/// Runs the agent until `shutdown` completes. Pods are left running on shutdown.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let pin_dir = ebpf::node_pin_dir(&config.cluster, &config.node_name);
+    ebpf::ensure_bpffs().context("making sure the bpf filesystem is mounted")?;
+    let antispoof = AntiSpoof::load_and_pin(&pin_dir)
+        .with_context(|| format!("loading the anti-spoofing program into {}", pin_dir.display()))?;
+    tracing::info!(pin_dir = %antispoof.pin_dir().display(), "eBPF programs loaded and pinned");
+
+    let cgroup = Cgroup::new(&config.cgroup_root).context("locating the agent's cgroup")?;
+    let pods_cgroup = cgroup.child("pods");
+    pods_cgroup.create().with_context(|| format!("creating {}", pods_cgroup.path().display()))?;
+
+    let api = ApiClient::new(&config.controller).context("configuring the API client")?;
+    let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
+    register_until_done(&api, &identity).await;
+
+    let (cni_sender, cni_receiver) = watch::channel(None::<CniInvoker>);
+    let runtime = Arc::new(PodRuntime::new(RuntimeContext {
+        api: api.clone(),
+        node_name: config.node_name.clone(),
+        node_ip: config.node_ip,
+        netns_prefix: config.netns_prefix.clone(),
+        pods_cgroup,
+        records: RecordStore::open(&config.state_dir.join("pods")).context("opening the pod records")?,
+        log_dir: config.state_dir.join("logs"),
+        strait_exe: config.strait_exe.clone(),
+        cni: cni_receiver,
+    }));
+    let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
+    tracing::info!(adopted, "pods adopted from a previous run");
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let heartbeat = tokio::spawn(heartbeat_loop(api.clone(), identity.clone(), ready.clone(), config.heartbeat));
+
+    let routing = rtnetlink::new_connection().context("opening a netlink socket")?;
+    tokio::spawn(routing.0);
+    let (routes_sender, routes_receiver) = watch::channel(BTreeMap::<String, NodeRoute>::new());
+    let route_task = tokio::spawn(route_loop(routing.1, config.node_name.clone(), routes_receiver));
+
+    let controller = config.controller.clone();
+    let node_name = config.node_name.clone();
+    let follow = {
+        let runtime = runtime.clone();
+        let config = config.clone();
+        let ready = ready.clone();
+        let mut own_cidr: Option<Ipv4Net> = None;
+        sync::follow(&controller, &node_name, move |state, change| {
+            if change.peers_changed {
+                let nodes = node_routes(state);
+                let cidr = nodes.get(&config.node_name).map(|n| n.pod_cidr);
+                if cidr != own_cidr && let Some(cidr) = cidr {
+                    own_cidr = Some(cidr);
+                    let cni_config = CniInvoker::strait_config(cidr, &config.state_dir.join("cni"), Some(&pin_dir));
+                    write_conflist(config.cni_conf_dir.as_deref(), &cni_config);
+                    tracing::info!(pod_cidr = %cidr, "this node's podCIDR is known; pods can start");
+                    cni_sender.send_replace(Some(CniInvoker::new(config.cni_plugin.clone(), cni_config)));
+                }
+                routes_sender.send_replace(nodes);
+            }
+            if change.snapshot {
+                runtime.apply(&state.pods, true);
+                if !ready.swap(true, Ordering::SeqCst) {
+                    tracing::info!(revision = state.revision, pods = state.pods.len(), "first snapshot applied; node is Ready");
+                }
+            } else {
+                let upserted = change
+                    .pods_upserted
+                    .iter()
+                    .filter_map(|uid| state.pods.get(uid).map(|pod| (uid.clone(), pod.clone())))
+                    .collect();
+                runtime.apply(&upserted, false);
+            }
+            for uid in &change.pods_removed {
+                runtime.remove(uid);
+            }
+        })
+    };
+
+    tokio::select! {
+        () = follow => {}
+        () = shutdown => tracing::info!("shutting down; pods keep running"),
+    }
+    heartbeat.abort();
+    route_task.abort();
+    Ok(())
+}
+
+async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match node::register(api, identity).await {
+            Ok(_) => {
+                tracing::info!(node = %identity.name, "node registered");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, ?delay, "cannot register the node yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn heartbeat_loop(api: ApiClient, identity: NodeIdentity, ready: Arc<AtomicBool>, interval: Duration) {
+    let mut reported_ready = None;
+    loop {
+        let is_ready = ready.load(Ordering::SeqCst);
+        let message = if is_ready {
+            "the node agent is running and its network is programmed"
+        } else {
+            "waiting for the first state snapshot from the controller"
+        };
+        match node::report_status(&api, &identity, is_ready, message).await {
+            Ok(()) => reported_ready = Some(is_ready),
+            Err(error) => tracing::warn!(%error, "cannot report the node status"),
+        }
+        // Report the transition to Ready at once rather than at the next beat.
+        let deadline = tokio::time::Instant::now() + interval;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if reported_ready != Some(ready.load(Ordering::SeqCst)) {
+                break;
+            }
+        }
+    }
+}
+
+/// Peers with a usable address and podCIDR; the others are logged and left out.
+fn node_routes(state: &sync::DesiredState) -> BTreeMap<String, NodeRoute> {
+    let mut nodes = BTreeMap::new();
+    for peer in state.peers.values() {
+        match (peer.internal_ip.parse::<Ipv4Addr>(), peer.pod_cidr.parse::<Ipv4Net>()) {
+            (Ok(address), Ok(pod_cidr)) => {
+                nodes.insert(peer.name.clone(), NodeRoute { address, pod_cidr });
+            }
+            _ => tracing::warn!(peer = %peer.name, ip = %peer.internal_ip, cidr = %peer.pod_cidr, "peer without a usable address or podCIDR; no route to it"),
+        }
+    }
+    nodes
+}
+
+async fn route_loop(handle: rtnetlink::Handle, own_name: String, mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>) {
+    loop {
+        let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update());
+        match routes::reconcile_routes(&handle, &desired).await {
+            Ok(changes) if changes != routes::RouteChanges::default() => {
+                tracing::info!(installed = ?changes.installed, removed = ?changes.removed, "routes reconciled");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "cannot reconcile routes; retrying"),
+        }
+        // Level-triggered: also re-check periodically in case someone removed a route.
+        tokio::select! {
+            changed = nodes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+/// Writes the network configuration for other container runtimes on this node.
+fn write_conflist(dir: Option<&std::path::Path>, plugin_config: &serde_json::Value) {
+    let Some(dir) = dir else { return };
+    let mut plugin = plugin_config.clone();
+    if let Some(object) = plugin.as_object_mut() {
+        object.remove("cniVersion");
+        object.remove("name");
+    }
+    let conflist = serde_json::json!({ "cniVersion": "1.1.0", "name": "strait", "plugins": [plugin] });
+    let path = dir.join("10-strait.conflist");
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap_or_default())
+    });
+    if let Err(error) = written {
+        tracing::error!(path = %path.display(), %error, "cannot write the CNI configuration");
+    }
+}

@@ -1,0 +1,150 @@
+//! The process runtime: runs the pods bound to this node.
+//!
+//! Each pod has one worker task (see `worker.rs`) that owns its sandbox (network namespace +
+//! CNI attachment + cgroup), its container processes and its status, and converges them to the
+//! latest [`PodTarget`]. One worker per pod means the same pod is never acted on twice at once;
+//! a newer target simply replaces an older one the worker has not looked at yet.
+
+pub mod cni;
+pub mod image;
+pub mod process;
+pub mod record;
+pub mod status;
+mod worker;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use strait_controlplane::client::ApiClient;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::cgroup::Cgroup;
+
+/// What the runtime needs, shared by every pod worker.
+pub struct RuntimeContext {
+    pub api: ApiClient,
+    pub node_name: String,
+    pub node_ip: Ipv4Addr,
+    /// Prefix of pod namespace names, e.g. `strait-` or `strait-<lab>-`.
+    pub netns_prefix: String,
+    /// Parent cgroup of the pods: `<agent cgroup root>/pods`.
+    pub pods_cgroup: Cgroup,
+    pub records: record::RecordStore,
+    /// Container logs, one directory per pod.
+    pub log_dir: PathBuf,
+    /// The `strait` executable, which also carries the built-in `strait/netexec` workload.
+    pub strait_exe: PathBuf,
+    /// The CNI plugin with this node's configuration; `None` until the node has a podCIDR.
+    pub cni: watch::Receiver<Option<cni::CniInvoker>>,
+}
+
+impl RuntimeContext {
+    /// The name of a pod's network namespace.
+    pub fn pod_netns(&self, uid: &str) -> String {
+        format!("{}pod-{uid}", self.netns_prefix)
+    }
+}
+
+/// What a pod's worker should converge to.
+#[derive(Clone, Debug)]
+pub enum PodTarget {
+    /// Keep what exists as it is and watch it (adopted after a restart, before the first
+    /// snapshot from the controller says what is wanted).
+    Hold,
+    /// Run this pod.
+    Run(Arc<Pod>),
+    /// Stop it gracefully, then remove the pod object (it has a deletionTimestamp).
+    Terminate(Arc<Pod>),
+    /// It is no longer bound here: stop it and forget it.
+    Remove,
+}
+
+struct WorkerHandle {
+    target: watch::Sender<PodTarget>,
+    task: JoinHandle<()>,
+}
+
+/// The set of pod workers of this node.
+pub struct PodRuntime {
+    context: Arc<RuntimeContext>,
+    workers: Mutex<HashMap<String, WorkerHandle>>,
+}
+
+impl PodRuntime {
+    pub fn new(context: RuntimeContext) -> Self {
+        Self { context: Arc::new(context), workers: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn context(&self) -> &Arc<RuntimeContext> {
+        &self.context
+    }
+
+    /// Starts a worker for every pod record on disk, holding its processes as they are until
+    /// [`PodRuntime::apply`] says what is wanted. Returns how many pods were adopted.
+    pub fn adopt_existing(&self) -> std::io::Result<usize> {
+        let records = self.context.records.load_all()?;
+        let count = records.len();
+        let mut workers = self.lock();
+        for record in records {
+            let uid = record.uid.clone();
+            let (target, receiver) = watch::channel(PodTarget::Hold);
+            let task = tokio::spawn(worker::run(self.context.clone(), uid.clone(), receiver, Some(record)));
+            workers.insert(uid, WorkerHandle { target, task });
+        }
+        Ok(count)
+    }
+
+    /// Points each pod's worker at its new target, starting workers for new pods. With
+    /// `complete`, `desired` is everything this node should run (a snapshot) and every other
+    /// worker is told to remove its pod.
+    pub fn apply(&self, desired: &HashMap<String, Arc<Pod>>, complete: bool) {
+        let mut workers = self.lock();
+        workers.retain(|_, handle| !handle.task.is_finished());
+        for (uid, pod) in desired {
+            let target = if pod.metadata.deletion_timestamp.is_some() {
+                PodTarget::Terminate(pod.clone())
+            } else {
+                PodTarget::Run(pod.clone())
+            };
+            match workers.get(uid) {
+                Some(handle) => {
+                    handle.target.send_replace(target);
+                }
+                None => {
+                    let (sender, receiver) = watch::channel(target);
+                    let task = tokio::spawn(worker::run(self.context.clone(), uid.clone(), receiver, None));
+                    workers.insert(uid.clone(), WorkerHandle { target: sender, task });
+                }
+            }
+        }
+        if complete {
+            for (uid, handle) in workers.iter() {
+                if !desired.contains_key(uid) {
+                    handle.target.send_replace(PodTarget::Remove);
+                }
+            }
+        }
+    }
+
+    /// Tells the worker of `uid`, if any, that the pod is gone from this node.
+    pub fn remove(&self, uid: &str) {
+        if let Some(handle) = self.lock().get(uid) {
+            handle.target.send_replace(PodTarget::Remove);
+        }
+    }
+
+    /// Pods with a live worker.
+    pub fn active_pods(&self) -> usize {
+        self.lock().values().filter(|handle| !handle.task.is_finished()).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkerHandle>> {
+        // A panicking worker never holds this lock; recover the map rather than stop the node.
+        self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

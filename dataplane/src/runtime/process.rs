@@ -1,0 +1,185 @@
+//! Container processes: how a container starts inside its pod's network namespace and cgroup,
+//! and how its exit is noticed, also for processes adopted after an agent restart.
+
+use std::{
+    ffi::CString,
+    fs::{File, OpenOptions},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use tokio::io::unix::AsyncFd;
+
+/// Everything needed to start one container process.
+#[derive(Debug)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
+    /// The pod's network namespace file (e.g. `/run/netns/strait-pod-<uid>`).
+    pub netns_path: PathBuf,
+    /// `cgroup.procs` of the container's cgroup.
+    pub cgroup_procs: PathBuf,
+    /// The pod's hostname (its name), set in the container's own UTS namespace.
+    pub hostname: String,
+    /// stdout and stderr are appended here.
+    pub log_path: PathBuf,
+}
+
+/// Starts the container. The child joins its cgroup, its own session, the pod's network
+/// namespace and a UTS namespace carrying the pod's hostname before `exec`, so no instruction of
+/// the workload runs outside them. The child is not tied to the agent: it keeps running if the
+/// agent exits, and a restarted agent adopts it.
+pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
+    let netns = File::open(&launch.netns_path).map_err(|e| {
+        io::Error::new(e.kind(), format!("opening {}: {e}", launch.netns_path.display()))
+    })?;
+    let log = OpenOptions::new().create(true).append(true).open(&launch.log_path).map_err(|e| {
+        io::Error::new(e.kind(), format!("opening log {}: {e}", launch.log_path.display()))
+    })?;
+    let procs = CString::new(launch.cgroup_procs.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let hostname = CString::new(launch.hostname.as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let netns_fd = netns.as_raw_fd();
+
+    let mut command = tokio::process::Command::new(&launch.program);
+    command
+        .args(&launch.args)
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(dir) = &launch.working_dir {
+        command.current_dir(dir);
+    }
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls (open, write, close, setsid, setns, unshare, sethostname) on data prepared above.
+    unsafe {
+        command.pre_exec(move || {
+            enter_container(&procs, netns_fd, &hostname)
+        });
+    }
+    let child = command.spawn().map_err(|e| {
+        io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))
+    })?;
+    drop(netns);
+    Ok(child)
+}
+
+/// Runs in the forked child. Plain libc: no allocation, no locks.
+fn enter_container(procs: &CString, netns_fd: i32, hostname: &CString) -> io::Result<()> {
+    // SAFETY: every pointer passed below points at a live NUL-terminated buffer or a local.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // "0" moves the writing process itself (cgroup-v2.rst, "cgroup.procs").
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        libc::close(fd);
+        if written != 1 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setns(netns_fd, libc::CLONE_NEWNET) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::unshare(libc::CLONE_NEWUTS) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let name = hostname.as_bytes();
+        if libc::sethostname(name.as_ptr().cast(), name.len()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+/// With the pid it identifies a process across pid reuse.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: skip past its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start_ticks` (and not a zombie).
+pub fn is_same_process_alive(pid: u32, start_ticks: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(end) = stat.rfind(')') else { return false };
+    let mut fields = stat[end + 1..].split_whitespace();
+    let state = fields.next();
+    let ticks = fields.nth(18).and_then(|t| t.parse::<u64>().ok());
+    state != Some("Z") && ticks == Some(start_ticks)
+}
+
+/// Waits until a process that is not our child exits, with a pidfd (Linux 5.3+): the fd turns
+/// readable when the process terminates.
+pub async fn wait_for_exit_of(pid: u32) -> io::Result<()> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        let error = io::Error::last_os_error();
+        // ESRCH: already gone.
+        return if error.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(error) };
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: `pidfd` owns its descriptor and nothing replaces or closes it while registered.
+    let pidfd = unsafe { AsyncFd::register(pidfd)? };
+    let _ready = pidfd.readable().await?;
+    Ok(())
+}
+
+/// Resolves `program` like a shell would: a path with a slash is used as is, a bare name is
+/// searched in `PATH` (the container's, else the agent's).
+pub fn resolve_program(program: &str, path_var: Option<&str>) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let default_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let search = path_var.map(str::to_owned).unwrap_or(default_path);
+    search
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_same_process_alive, process_start_ticks, resolve_program};
+
+    #[test]
+    fn own_process_is_identified_by_pid_and_start_time() {
+        let pid = std::process::id();
+        let ticks = process_start_ticks(pid).expect("own stat is readable");
+        assert!(is_same_process_alive(pid, ticks));
+        assert!(!is_same_process_alive(pid, ticks + 1), "a different start time is another process");
+    }
+
+    #[test]
+    fn bare_program_names_are_searched_in_path() {
+        let sh = resolve_program("sh", Some("/nonexistent:/bin:/usr/bin")).expect("sh exists");
+        assert!(sh.ends_with("sh"));
+        assert_eq!(resolve_program("/x/y", None).as_deref(), Some(std::path::Path::new("/x/y")));
+        assert!(resolve_program("no-such-program-strait", Some("/bin")).is_none());
+    }
+}

@@ -71,11 +71,18 @@ pub struct Usage {
 pub struct PodIpAllocator {
     dir: PathBuf,
     subnet: Ipv4Net,
+    lock_wait: Duration,
 }
 
 impl PodIpAllocator {
     pub fn new(data_dir: &Path, network: &str, subnet: Ipv4Net) -> Self {
-        Self { dir: data_dir.join(network), subnet }
+        Self { dir: data_dir.join(network), subnet, lock_wait: LOCK_WAIT }
+    }
+
+    /// How long to wait for the store's lock before giving up with "try again later".
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -202,7 +209,7 @@ impl PodIpAllocator {
                 Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => {}
                 _ => return Err(io_error("locking", &path)(error)),
             }
-            if started.elapsed() >= LOCK_WAIT {
+            if started.elapsed() >= self.lock_wait {
                 return Err(IpamError::LockTimeout { path, waited: started.elapsed() });
             }
             std::thread::sleep(pause);

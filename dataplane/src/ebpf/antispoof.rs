@@ -25,6 +25,8 @@ use super::{ANTISPOOF_OBJECT, EbpfError};
 
 /// File name of the pinned program inside the node's pin directory.
 pub const PROGRAM_PIN: &str = "antispoof_prog";
+/// Where a new program is pinned before it replaces [`PROGRAM_PIN`] with rename(2).
+pub const STAGED_PROGRAM_PIN: &str = "antispoof_prog_staged";
 
 /// The loaded program and its maps, as the agent holds them.
 pub struct AntiSpoof {
@@ -63,7 +65,9 @@ impl AntiSpoof {
             action: format!("loading {PROGRAM} into the kernel"),
             source,
         })?;
-        let staged = pin_dir.join(format!("{PROGRAM_PIN}.new"));
+        // bpffs refuses names with a dot (EPERM: dots are reserved for the kernel's own
+        // entries, kernel/bpf/inode.c), so the staging name uses an underscore.
+        let staged = pin_dir.join(STAGED_PROGRAM_PIN);
         let _ = std::fs::remove_file(&staged);
         program.pin(&staged).map_err(|source| EbpfError::Pin {
             action: format!("pinning {PROGRAM} at {}", staged.display()),

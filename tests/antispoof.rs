@@ -323,6 +323,13 @@ fn a_pod_sending_from_a_spoofed_source_is_dropped_and_counted() {
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         (output.status.success(), stdout, String::from_utf8_lossy(&output.stderr).into_owned())
     };
+    // A failed ADD leaves no endpoint entry behind.
+    let squatted = NamespaceGuard::new("antispoof-squat");
+    squatted.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "squatter"]);
+    let (ok, out, _) = run("ADD", "pod-squat", &squatted, None);
+    assert!(!ok && out.contains("\"code\":104"), "{out}");
+    assert_eq!(endpoints(&pin_dir).keys().count(), 0, "no entry after a failed ADD");
+
     let pod_a = NamespaceGuard::new("antispoof-a");
     let pod_b = NamespaceGuard::new("antispoof-b");
     let (ok, added_a, err) = run("ADD", "pod-a", &pod_a, None);

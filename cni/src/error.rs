@@ -87,6 +87,10 @@ pub enum CniError {
     #[error("CHECK found drift: {what}")]
     Drifted { what: String },
 
+    /// Something ADD just made or relies on is not there (another process interfering).
+    #[error("setting up the pod's network: {what}")]
+    Vanished { what: String },
+
     #[error("{action}")]
     Netlink {
         action: String,
@@ -135,7 +139,9 @@ impl CniError {
             },
             Self::NotAvailable { .. } => ErrorCode::PLUGIN_NOT_AVAILABLE,
             Self::Drifted { .. } => ErrorCode::ATTACHMENT_DRIFTED,
-            Self::Netlink { .. } | Self::Namespace { .. } => ErrorCode::NETWORK_SETUP_FAILED,
+            Self::Netlink { .. } | Self::Namespace { .. } | Self::Vanished { .. } => {
+                ErrorCode::NETWORK_SETUP_FAILED
+            }
             Self::AntiSpoof { .. } => ErrorCode::ANTI_SPOOFING_FAILED,
             Self::InterfaceNameTaken { .. } => ErrorCode::INTERFACE_NAME_TAKEN,
         }
@@ -147,6 +153,10 @@ impl CniError {
 
     pub(crate) fn drifted(what: impl Into<String>) -> Self {
         Self::Drifted { what: what.into() }
+    }
+
+    pub(crate) fn vanished(what: impl Into<String>) -> Self {
+        Self::Vanished { what: what.into() }
     }
 
     pub(crate) fn netlink(action: impl Into<String>) -> impl FnOnce(NetlinkError) -> Self {

@@ -114,7 +114,7 @@ async fn configure(
     let temp_index = netlink::link_index(&pod, temp_name)
         .await
         .map_err(CniError::netlink(format!("finding {temp_name} in the pod")))?
-        .ok_or_else(|| CniError::drifted(format!("{temp_name} vanished from the pod")))?;
+        .ok_or_else(|| CniError::vanished(format!("{temp_name} vanished from the pod")))?;
     if netlink::link_index(&pod, ifname)
         .await
         .map_err(CniError::netlink(format!("looking for {ifname} in the pod")))?
@@ -147,7 +147,7 @@ async fn configure(
     let lo_index = netlink::link_index(&pod, "lo")
         .await
         .map_err(CniError::netlink("finding lo in the pod"))?
-        .ok_or_else(|| CniError::drifted("the pod's namespace has no lo"))?;
+        .ok_or_else(|| CniError::vanished("the pod's namespace has no lo"))?;
     netlink::set_link_up(&pod, lo_index)
         .await
         .map_err(CniError::netlink("setting lo up in the pod"))?;
@@ -163,10 +163,10 @@ async fn configure(
     let host_link = netlink::link_by_name(node, host_ifname)
         .await
         .map_err(CniError::netlink(format!("finding {host_ifname} on the node")))?
-        .ok_or_else(|| CniError::drifted(format!("{host_ifname} vanished from the node")))?;
+        .ok_or_else(|| CniError::vanished(format!("{host_ifname} vanished from the node")))?;
     let host_index = host_link.header.index;
     let host_mac = netlink::link_mac(&host_link)
-        .ok_or_else(|| CniError::drifted(format!("{host_ifname} has no MAC address")))?;
+        .ok_or_else(|| CniError::vanished(format!("{host_ifname} has no MAC address")))?;
 
     netlink::replace_route(&pod, &gateway_route(pod_index))
         .await
@@ -182,9 +182,9 @@ async fn configure(
     let pod_link = netlink::link_by_name(&pod, ifname)
         .await
         .map_err(CniError::netlink(format!("reading {ifname} in the pod")))?
-        .ok_or_else(|| CniError::drifted(format!("{ifname} vanished from the pod")))?;
+        .ok_or_else(|| CniError::vanished(format!("{ifname} vanished from the pod")))?;
     let pod_mac = netlink::link_mac(&pod_link)
-        .ok_or_else(|| CniError::drifted(format!("{ifname} in the pod has no MAC address")))?;
+        .ok_or_else(|| CniError::vanished(format!("{ifname} in the pod has no MAC address")))?;
 
     // Node side. The filter goes on before the link comes up, so not one packet from the pod
     // passes unchecked.

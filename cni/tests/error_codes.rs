@@ -17,7 +17,8 @@ use strait_cni::{
 const ADD: [(&str, &str); 5] = [
     ("CNI_COMMAND", "ADD"),
     ("CNI_CONTAINERID", "c0ffee"),
-    ("CNI_NETNS", "/proc/self/ns/net"),
+    // Never a real namespace: tests that get past config checks use their own stand-ins.
+    ("CNI_NETNS", "/run/netns/strait-t-unit-no-such-namespace"),
     ("CNI_IFNAME", "eth0"),
     ("CNI_PATH", "/usr/lib/cni"),
 ];
@@ -282,7 +283,16 @@ fn exhausted_subnet_is_code_100_saying_which_range_and_how_full() {
     allocator
         .allocate(&Attachment { container_id: "first".into(), ifname: "eth0".into() })
         .unwrap();
-    let response = add_with(&config("1.1.0", "10.244.7.0/30", data.path()).to_string());
+    // A plain file stands in for the pod's namespace: it opens, so ADD gets as far as the
+    // allocation, but no netlink request could ever land anywhere with it.
+    let not_a_namespace = data.path().join("not-a-namespace");
+    std::fs::write(&not_a_namespace, "").unwrap();
+    let netns = not_a_namespace.to_string_lossy().into_owned();
+    let env: Vec<_> = ADD
+        .iter()
+        .map(|&(k, v)| if k == "CNI_NETNS" { (k, netns.as_str()) } else { (k, v) })
+        .collect();
+    let response = invoke(&env, &config("1.1.0", "10.244.7.0/30", data.path()).to_string());
     assert_eq!(error_code(&response), 100);
     let message = error_message(&response);
     assert!(message.contains("10.244.7.0/30") && message.contains("1 of 1"), "{message}");

@@ -521,3 +521,35 @@ fn pods_on_one_node_reach_each_other_with_their_own_addresses() {
     assert_eq!(greeting, "hello from pod a");
     assert_eq!(peer.ip(), std::net::IpAddr::V4(ip_a), "the receiver sees the sender's pod IP");
 }
+
+#[test]
+fn the_cni_bench_measures_both_plugins_and_leaves_nothing_behind() {
+    if !privileged("the_cni_bench_measures_both_plugins_and_leaves_nothing_behind") {
+        return;
+    }
+    use strait_cni::bench::{CniBenchOptions, REFERENCE_PLUGIN, STRAIT_PLUGIN, run_cni_bench};
+    let mut options = CniBenchOptions::new(CNI_BIN);
+    options.adds = 6;
+    options.concurrencies = vec![1, 3];
+    let report = run_cni_bench(&options).expect("the bench runs");
+    assert_eq!(report.measurements.len(), 4);
+    for measurement in &report.measurements {
+        assert!([STRAIT_PLUGIN, REFERENCE_PLUGIN].contains(&measurement.plugin.as_str()));
+        assert_eq!(measurement.add.calls, 6, "{measurement:?}");
+        assert_eq!(measurement.del.calls, 6, "{measurement:?}");
+        assert!(measurement.add.p50_ms > 0.0 && measurement.add.p50_ms <= measurement.add.p99_ms);
+        assert!(measurement.del.p99_ms <= measurement.del.max_ms);
+    }
+    assert_eq!(report.ratios.iter().map(|r| r.concurrency).collect::<Vec<_>>(), vec![1, 3]);
+    let strait = &report.measurements[0];
+    let reference = &report.measurements[1];
+    assert!((report.ratios[0].add_p50 - strait.add.p50_ms / reference.add.p50_ms).abs() < 1e-9);
+    let text = report.to_string();
+    assert!(text.contains("bridge+host-local") && text.contains("ADD p50"), "{text}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["adds_per_run"], 6);
+    let left = strait_dataplane::netns::NetNs::list_with_prefix("strait-bench-").unwrap();
+    let ours: Vec<_> =
+        left.iter().filter(|name| name.contains(&format!("-{}-", std::process::id()))).collect();
+    assert!(ours.is_empty(), "namespaces left behind: {ours:?}");
+}

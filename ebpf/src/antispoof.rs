@@ -11,6 +11,9 @@ use aya_ebpf::{
 use strait_common::antispoof::{DROP_REASON_SLOTS, DropReason, MAX_ENDPOINTS, PodEndpoint};
 use strait_ebpf::net::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, load_be16, ptr_at};
 
+/// RFC 791: an IPv4 header without options.
+const IPV4_MIN_HLEN: usize = 20;
+
 #[map(name = "ENDPOINTS_V1")]
 static ENDPOINTS: HashMap<u32, PodEndpoint> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
@@ -49,20 +52,25 @@ fn try_antispoof(ctx: &TcContext) -> Result<(), DropReason> {
     }
 }
 
-/// RFC 791: version and IHL share the first byte; IHL counts 32-bit words and is at least 5.
+/// RFC 791: the fixed header is 20 bytes; version and IHL share its first byte, and IHL
+/// counts 32-bit words (at least 5) including options.
 fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
-    let version_ihl: *const u8 = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MALFORMED)?;
-    // SAFETY: ptr_at checked that the byte lies inside the packet.
-    let version_ihl = unsafe { *version_ihl };
+    // Bound the fixed header first and read the source through that same pointer. A source
+    // read bounded only by the options check below is rejected by the verifier: the compiler
+    // folds the fixed-offset check into the variable-length one, and the verifier cannot carry
+    // a bound proven on a variable-offset pointer back to the packet start.
+    let header: *const [u8; IPV4_MIN_HLEN] = ptr_at(ctx, ETH_HLEN).ok_or(DropReason::MALFORMED)?;
+    // SAFETY: ptr_at checked that all 20 bytes lie inside the packet.
+    let header = unsafe { &*header };
+    let version_ihl = header[0];
     let header_len = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || header_len < 20 {
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
         return Err(DropReason::MALFORMED);
     }
     // The whole header, options included, must be present.
     ptr_at::<u8>(ctx, ETH_HLEN + header_len - 1).ok_or(DropReason::MALFORMED)?;
-    let source: *const u32 = ptr_at(ctx, ETH_HLEN + 12).ok_or(DropReason::MALFORMED)?;
-    // SAFETY: checked in bounds above; the packet may not be 4-byte aligned.
-    let source = unsafe { source.read_unaligned() };
+    // Bytes 12..16: the source address, compared in network byte order as the map stores it.
+    let source = u32::from_ne_bytes([header[12], header[13], header[14], header[15]]);
     if source == pod_ipv4 { Ok(()) } else { Err(DropReason::SPOOFED_IPV4_SOURCE) }
 }
 

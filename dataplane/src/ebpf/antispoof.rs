@@ -25,6 +25,8 @@ use super::{ANTISPOOF_OBJECT, EbpfError};
 
 /// File name of the pinned program inside the node's pin directory.
 pub const PROGRAM_PIN: &str = "antispoof_prog";
+/// Where a new program is pinned before it replaces [`PROGRAM_PIN`] with rename(2).
+pub const STAGED_PROGRAM_PIN: &str = "antispoof_prog_staged";
 
 /// The loaded program and its maps, as the agent holds them.
 pub struct AntiSpoof {
@@ -46,7 +48,7 @@ impl AntiSpoof {
             .load(ANTISPOOF_OBJECT)
             .map_err(|source| EbpfError::Load {
                 action: "loading the anti-spoofing program".to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
@@ -63,7 +65,9 @@ impl AntiSpoof {
             action: format!("loading {PROGRAM} into the kernel"),
             source,
         })?;
-        let staged = pin_dir.join(format!("{PROGRAM_PIN}.new"));
+        // bpffs refuses names with a dot (EPERM: dots are reserved for the kernel's own
+        // entries, kernel/bpf/inode.c), so the staging name uses an underscore.
+        let staged = pin_dir.join(STAGED_PROGRAM_PIN);
         let _ = std::fs::remove_file(&staged);
         program.pin(&staged).map_err(|source| EbpfError::Pin {
             action: format!("pinning {PROGRAM} at {}", staged.display()),
@@ -147,6 +151,18 @@ pub fn attach(
     Ok(())
 }
 
+/// Whether a map operation failed only because the key is not there. aya reports a lookup miss
+/// as `KeyNotFound` but passes a delete's ENOENT through as a syscall error.
+fn is_missing_key(error: &aya::maps::MapError) -> bool {
+    match error {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(syscall) => {
+            syscall.io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
 /// Removes the endpoint entries that carry `pod_ip`. Succeeds when there are none.
 pub fn forget_endpoint(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<(), EbpfError> {
     let mut endpoints = open_endpoints(pin_dir)?;
@@ -163,7 +179,8 @@ pub fn forget_endpoint(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<(), EbpfError
     }
     for ifindex in stale {
         match endpoints.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(error) if is_missing_key(&error) => {}
             Err(source) => {
                 return Err(EbpfError::Map {
                     action: format!("removing endpoint entry {ifindex}"),
@@ -173,6 +190,20 @@ pub fn forget_endpoint(pin_dir: &Path, pod_ip: Ipv4Addr) -> Result<(), EbpfError
         }
     }
     Ok(())
+}
+
+/// Removes the endpoint entry of one host-side interface. Succeeds when there is none. Unlike
+/// [`forget_endpoint`] it cannot touch another pod's entry when an address has moved on.
+pub fn forget_interface(pin_dir: &Path, host_ifindex: u32) -> Result<(), EbpfError> {
+    let mut endpoints = open_endpoints(pin_dir)?;
+    match endpoints.remove(&host_ifindex) {
+        Ok(()) => Ok(()),
+        Err(error) if is_missing_key(&error) => Ok(()),
+        Err(source) => Err(EbpfError::Map {
+            action: format!("removing endpoint entry {host_ifindex}"),
+            source,
+        }),
+    }
 }
 
 /// The endpoint entry for a host-side interface, if any.

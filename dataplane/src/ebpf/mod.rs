@@ -23,8 +23,9 @@ pub enum EbpfError {
     #[error("{action}")]
     Load {
         action: String,
+        // Boxed: aya's load error is large enough to bloat every Result that carries it.
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("{action}")]
     Program {

@@ -4,13 +4,17 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use k8s_openapi::{ListableResource, Resource, apimachinery::pkg::apis::meta::v1::Status};
+use k8s_openapi::{
+    ListableResource, Resource,
+    apimachinery::pkg::apis::meta::v1::{Status, WatchEvent},
+};
 use serde::{Serialize, de::DeserializeOwned};
 
 #[derive(Debug, thiserror::Error)]
@@ -280,6 +284,100 @@ impl ApiClient {
             return Err(status_error(Method::DELETE, &path, status, &bytes));
         }
         Ok(true)
+    }
+}
+
+impl ApiClient {
+    /// Watches a collection (`namespace: None` on a namespaced kind watches every namespace).
+    /// `query` is appended to `watch=true`, e.g. `resourceVersion=12&timeoutSeconds=30`. The
+    /// stream ends when the server ends the watch; an `ERROR` event (such as 410 Expired)
+    /// arrives as `WatchEvent::ErrorStatus`.
+    pub async fn watch<K: ListableResource + DeserializeOwned + Send + 'static>(
+        &self,
+        namespace: Option<&str>,
+        query: &str,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<K>, ClientError>>, ClientError> {
+        let mut path = format!("{}?watch=true", Self::collection_path::<K>(namespace));
+        if !query.is_empty() {
+            path = format!("{path}&{query}");
+        }
+        let transport = |path: &str, message: String| ClientError::Transport {
+            method: Method::GET,
+            path: path.to_owned(),
+            message,
+        };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path}", self.server))
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| transport(&path, e.to_string()))?;
+        // Only the response head is bounded by the timeout: the body lasts as long as the watch.
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| transport(&path, format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| transport(&path, format!("{e:#}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| transport(&path, e.to_string()))?
+                .to_bytes();
+            return Err(status_error(Method::GET, &path, status, &body));
+        }
+        struct Lines {
+            body: hyper::body::Incoming,
+            buffer: Vec<u8>,
+            path: String,
+            done: bool,
+        }
+        let lines = Lines { body: response.into_body(), buffer: Vec::new(), path, done: false };
+        let stream = futures::stream::unfold(lines, |mut lines| async move {
+            loop {
+                if let Some(end) = lines.buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = lines.buffer.drain(..=end).collect();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let event =
+                        serde_json::from_slice(&line).map_err(|source| ClientError::Decode {
+                            method: Method::GET,
+                            path: lines.path.clone(),
+                            source,
+                        });
+                    return Some((event, lines));
+                }
+                if lines.done {
+                    return None;
+                }
+                match lines.body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            lines.buffer.extend_from_slice(data);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        lines.done = true;
+                        let error = ClientError::Transport {
+                            method: Method::GET,
+                            path: lines.path.clone(),
+                            message: e.to_string(),
+                        };
+                        return Some((Err(error), lines));
+                    }
+                    None => {
+                        // A last event without its newline is still an event.
+                        lines.done = true;
+                        if !lines.buffer.iter().all(u8::is_ascii_whitespace) {
+                            lines.buffer.push(b'\n');
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(stream))
     }
 }
 

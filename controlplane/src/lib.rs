@@ -1,9 +1,19 @@
 //! The control plane of strait: a Kubernetes-style API server over a durable store, IPAM, the
 //! scheduler and controllers, and the NodeSync stream that feeds node agents.
 
+pub mod api;
 pub mod client;
+pub mod controllers;
+pub mod ipam;
+pub mod nodesync;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod testing;
 
 /// Generated NodeSync gRPC types (client and server), from `proto/nodesync.proto`.
 pub mod nodesync_proto {
     tonic::include_proto!("strait.nodesync.v1");
 }
+
+pub use server::{ControllerConfig, ControllerError, LocalController, run};

@@ -1,0 +1,449 @@
+//! The kind-independent face of a [`TypedKind`]: request bodies in, JSON (or Table) out. The
+//! HTTP layer routes every resource request to a `dyn KindHandler`, so registering a kind is
+//! all it takes to serve it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::Metadata;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use super::{
+    error::ApiError,
+    kind::{DeleteRequest, KindInfo, Strategy},
+    merge_patch,
+    selectors::FieldSelector,
+    table::{self, ResponseFormat, Row},
+    typed::{ListFilter, TypedKind, UpdateMode, WatchItem, WatchStart},
+};
+use crate::store::Revision;
+
+/// Options of a write request (query parameters).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteOptions {
+    /// `dryRun=All`: validate and answer, store nothing.
+    pub dry_run: bool,
+    /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
+    pub strict_fields: bool,
+}
+
+/// One watch event, ready to encode.
+#[derive(Debug)]
+pub struct WatchEventOut {
+    pub event_type: &'static str,
+    pub object: Value,
+    /// The revision of the object, for bookmarks (None for errors).
+    pub revision: Option<Revision>,
+}
+
+#[async_trait]
+pub trait KindHandler: Send + Sync {
+    fn info(&self) -> &KindInfo;
+    fn check_field_selector(&self, fields: &FieldSelector) -> Result<(), ApiError>;
+    async fn create(
+        &self,
+        namespace: Option<&str>,
+        body: &[u8],
+        options: WriteOptions,
+    ) -> Result<Value, ApiError>;
+    async fn get(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        format: ResponseFormat,
+    ) -> Result<Value, ApiError>;
+    async fn list(
+        &self,
+        namespace: Option<&str>,
+        filter: &ListFilter,
+        format: ResponseFormat,
+    ) -> Result<Value, ApiError>;
+    async fn watch(
+        &self,
+        namespace: Option<&str>,
+        filter: ListFilter,
+        start: WatchStart,
+        format: ResponseFormat,
+    ) -> Result<(Revision, BoxStream<'static, WatchEventOut>), ApiError>;
+    async fn replace(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        body: &[u8],
+        status: bool,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError>;
+    async fn merge_patch(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        patch: &Value,
+        status: bool,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError>;
+    async fn delete(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        request: &DeleteRequest,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError>;
+    async fn post_subresource(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError>;
+    /// A BOOKMARK event's object at `revision`.
+    fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value;
+}
+
+/// Decodes a request body into `K`: malformed JSON and type mismatches are BadRequest,
+/// unknown fields are dropped (or, with `strict`, a BadRequest naming them).
+pub fn decode_body<K: DeserializeOwned + Serialize>(
+    body: &[u8],
+    kind: &str,
+    strict: bool,
+) -> Result<K, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(format!(
+            "the request body must be a JSON object ({kind})"
+        )));
+    }
+    let object: K = serde_json::from_value(value.clone()).map_err(|e| {
+        ApiError::BadRequest(format!("the request body is not a valid {kind}: {e}"))
+    })?;
+    if strict {
+        let normalized = serde_json::to_value(&object)
+            .map_err(|e| ApiError::internal(format!("encoding a {kind}"), e))?;
+        let mut unknown = Vec::new();
+        unknown_fields(&value, &normalized, "", &mut unknown);
+        if !unknown.is_empty() {
+            let listed: Vec<String> =
+                unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+            return Err(ApiError::BadRequest(format!(
+                "strict decoding error: {}",
+                listed.join(", ")
+            )));
+        }
+    }
+    Ok(object)
+}
+
+/// Paths of `input` that decoding dropped (present in the input, absent once normalized).
+fn unknown_fields(input: &Value, normalized: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, normalized) {
+        (Value::Object(input), Value::Object(normalized)) => {
+            for (key, value) in input {
+                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                match normalized.get(key) {
+                    Some(inner) => unknown_fields(value, inner, &child, out),
+                    None if value.is_null() => {}
+                    None => out.push(child),
+                }
+            }
+        }
+        (Value::Array(input), Value::Array(normalized)) => {
+            for (index, (value, inner)) in input.iter().zip(normalized).enumerate() {
+                unknown_fields(value, inner, &format!("{path}[{index}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn to_json<T: Serialize>(object: &T, what: &str) -> Result<Value, ApiError> {
+    serde_json::to_value(object).map_err(|e| ApiError::internal(format!("encoding {what}"), e))
+}
+
+/// The [`KindHandler`] of a typed kind.
+pub struct Handler<S: Strategy> {
+    kind: Arc<TypedKind<S>>,
+}
+
+impl<S: Strategy> Handler<S> {
+    pub fn new(kind: Arc<TypedKind<S>>) -> Self {
+        Self { kind }
+    }
+
+    fn plural(&self) -> &'static str {
+        self.kind.strategy().info().plural
+    }
+
+    fn render(
+        &self,
+        objects: &[S::Object],
+        format: ResponseFormat,
+        revision: Option<Revision>,
+        as_list: bool,
+    ) -> Result<Value, ApiError> {
+        let info = self.kind.strategy().info();
+        match format {
+            ResponseFormat::Json if as_list => {
+                let items = objects
+                    .iter()
+                    .map(|o| to_json(o, self.plural()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut metadata = json!({});
+                if let Some(revision) = revision {
+                    metadata["resourceVersion"] = revision.to_string().into();
+                }
+                Ok(json!({
+                    "kind": info.list_kind(),
+                    "apiVersion": info.api_version(),
+                    "metadata": metadata,
+                    "items": items,
+                }))
+            }
+            ResponseFormat::Json => match objects.first() {
+                Some(object) => to_json(object, self.plural()),
+                None => Ok(Value::Null),
+            },
+            ResponseFormat::Table { api_version, include_object } => {
+                let rows = objects
+                    .iter()
+                    .map(|object| {
+                        Ok(Row {
+                            cells: self.kind.strategy().row(object),
+                            object: to_json(object, self.plural())?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, ApiError>>()?;
+                let revision = match revision {
+                    Some(revision) => Some(revision.to_string()),
+                    None => objects.first().and_then(|o| o.metadata().resource_version.clone()),
+                };
+                Ok(table::build(
+                    api_version,
+                    self.kind.strategy().columns(),
+                    rows,
+                    revision.as_deref(),
+                    include_object,
+                ))
+            }
+        }
+    }
+
+    fn watch_event(&self, item: WatchItem<S::Object>, format: ResponseFormat) -> WatchEventOut {
+        let event_type = item.event_type();
+        let object = match item {
+            WatchItem::Added(object) | WatchItem::Modified(object) | WatchItem::Deleted(object) => {
+                object
+            }
+            WatchItem::Error(error) => {
+                return WatchEventOut { event_type, object: error.to_status(), revision: None };
+            }
+        };
+        let revision =
+            object.metadata().resource_version.as_deref().and_then(|v| v.parse::<Revision>().ok());
+        match self.render(std::slice::from_ref(&object), format, None, false) {
+            Ok(object) => WatchEventOut { event_type, object, revision },
+            Err(error) => {
+                WatchEventOut { event_type: "ERROR", object: error.to_status(), revision: None }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Strategy> KindHandler for Handler<S> {
+    fn info(&self) -> &KindInfo {
+        self.kind.strategy().info()
+    }
+
+    fn check_field_selector(&self, fields: &FieldSelector) -> Result<(), ApiError> {
+        self.kind.check_field_selector(fields)
+    }
+
+    async fn create(
+        &self,
+        namespace: Option<&str>,
+        body: &[u8],
+        options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
+        let created = self.kind.create(namespace, object, options.dry_run).await?;
+        to_json(&created, self.plural())
+    }
+
+    async fn get(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        format: ResponseFormat,
+    ) -> Result<Value, ApiError> {
+        let object = self.kind.get(namespace, name).await?;
+        self.render(&[object], format, None, false)
+    }
+
+    async fn list(
+        &self,
+        namespace: Option<&str>,
+        filter: &ListFilter,
+        format: ResponseFormat,
+    ) -> Result<Value, ApiError> {
+        let (items, revision) = self.kind.list(namespace, filter).await?;
+        self.render(&items, format, Some(revision), true)
+    }
+
+    async fn watch(
+        &self,
+        namespace: Option<&str>,
+        filter: ListFilter,
+        start: WatchStart,
+        format: ResponseFormat,
+    ) -> Result<(Revision, BoxStream<'static, WatchEventOut>), ApiError> {
+        let (revision, items) = self.kind.watch(namespace, filter, start).await?;
+        let handler = Handler { kind: Arc::clone(&self.kind) };
+        let events = items.map(move |item| handler.watch_event(item, format)).boxed();
+        Ok((revision, events))
+    }
+
+    async fn replace(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        body: &[u8],
+        status: bool,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
+        check_identity(&object, namespace, name, self.info().namespaced)?;
+        let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
+        let updated = self
+            .kind
+            .update(namespace, name, mode, options.dry_run, |_| Ok(object.clone()))
+            .await?;
+        to_json(&updated, self.plural())
+    }
+
+    async fn merge_patch(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        patch: &Value,
+        status: bool,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let kind = self.info().kind;
+        let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
+        let updated = self
+            .kind
+            .update(namespace, name, mode, options.dry_run, |current| {
+                let mut document = to_json(current, kind)?;
+                merge_patch::apply(&mut document, patch);
+                let body = serde_json::to_vec(&document)
+                    .map_err(|e| ApiError::internal("encoding the patched object", e))?;
+                let patched: S::Object = decode_body(&body, kind, options.strict_fields)?;
+                check_identity(&patched, namespace, name, self.info().namespaced)?;
+                Ok(patched)
+            })
+            .await?;
+        to_json(&updated, self.plural())
+    }
+
+    async fn delete(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        request: &DeleteRequest,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let object = self.kind.delete(namespace, name, request, options.dry_run).await?;
+        to_json(&object, self.plural())
+    }
+
+    async fn post_subresource(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError> {
+        self.kind.strategy().post_subresource(&self.kind, namespace, name, subresource, body).await
+    }
+
+    fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value {
+        let info = self.info();
+        match format {
+            ResponseFormat::Json => json!({
+                "kind": info.kind,
+                "apiVersion": info.api_version(),
+                "metadata": {"resourceVersion": revision.to_string()},
+            }),
+            ResponseFormat::Table { api_version, include_object } => table::build(
+                api_version,
+                self.kind.strategy().columns(),
+                Vec::new(),
+                Some(&revision.to_string()),
+                include_object,
+            ),
+        }
+    }
+}
+
+/// The name and namespace in a body must be those of the URL (or empty).
+fn check_identity<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    object: &K,
+    namespace: Option<&str>,
+    name: &str,
+    namespaced: bool,
+) -> Result<(), ApiError> {
+    let meta = object.metadata();
+    if let Some(given) = meta.name.as_deref().filter(|n| !n.is_empty())
+        && given != name
+    {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    if namespaced
+        && let (Some(given), Some(namespace)) =
+            (meta.namespace.as_deref().filter(|n| !n.is_empty()), namespace)
+        && given != namespace
+    {
+        return Err(ApiError::BadRequest(
+            "the namespace of the provided object does not match the namespace sent on \
+                     the request"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Pod;
+
+    use super::decode_body;
+    use crate::api::error::ApiError;
+
+    #[test]
+    fn malformed_json_is_a_bad_request() {
+        let error = decode_body::<Pod>(b"{\"metadata\": ", "Pod", false).unwrap_err();
+        assert!(matches!(error, ApiError::BadRequest(_)), "{error}");
+    }
+
+    #[test]
+    fn unknown_fields_are_dropped_or_refused_when_strict() {
+        let body = br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a","colour":"red"},
+                        "spec":{"containers":[{"name":"c","image":"i","flavour":1}]}}"#;
+        let pod: Pod = decode_body(body, "Pod", false).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("a"));
+        let error = decode_body::<Pod>(body, "Pod", true).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("unknown field \"metadata.colour\""), "{message}");
+        assert!(message.contains("unknown field \"spec.containers[0].flavour\""), "{message}");
+    }
+
+    #[test]
+    fn a_body_of_another_kind_is_a_bad_request() {
+        let body = br#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"a"}}"#;
+        assert!(matches!(decode_body::<Pod>(body, "Pod", false), Err(ApiError::BadRequest(_))));
+    }
+}

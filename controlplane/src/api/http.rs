@@ -1,0 +1,640 @@
+//! The HTTP face of the API server (axum): discovery, and the Kubernetes REST layout
+//! (`/api/v1/namespaces/{ns}/{resource}/{name}/{subresource}`, `/apis/{group}/{version}/…`)
+//! routed to the registered kinds.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{DefaultBodyLimit, Query, State},
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use futures::{StreamExt, stream::BoxStream};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::{
+    Registry,
+    error::ApiError,
+    handler::{KindHandler, WatchEventOut, WriteOptions},
+    kind::DeleteRequest,
+    selectors::{FieldSelector, LabelSelector},
+    table::{self, ResponseFormat},
+    typed::{ListFilter, WatchStart, parse_resource_version},
+};
+use crate::store::Revision;
+
+/// Kubernetes' default request size limit (`--max-request-bytes` is 3 MiB in etcd-backed
+/// clusters; objects beyond that cannot be stored anyway).
+const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Watches without `timeoutSeconds` end after 30 to 60 minutes, as Kubernetes' default
+/// `--min-request-timeout` does, so that clients spread their re-watches.
+const DEFAULT_WATCH_SECONDS: u64 = 1800;
+/// The Kubernetes release whose API (and k8s-openapi feature) strait serves.
+const SERVED_MINOR: &str = "33";
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    /// Becomes true when the server shuts down: open watches end.
+    pub shutdown: watch::Receiver<bool>,
+    /// How often a watch that allowed bookmarks receives one.
+    pub bookmark_interval: Duration,
+}
+
+/// The router of the REST API.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/api", get(core_versions))
+        .route("/apis", get(group_list))
+        .route("/healthz", get(healthy))
+        .route("/livez", get(healthy))
+        .route("/readyz", get(healthy))
+        .fallback(dispatch)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthy() -> &'static str {
+    "ok"
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn version() -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "major": "1",
+            "minor": SERVED_MINOR,
+            "gitVersion": format!("v1.{SERVED_MINOR}.0+strait-{}", env!("CARGO_PKG_VERSION")),
+            "gitCommit": "",
+            "gitTreeState": "",
+            "buildDate": "",
+            "goVersion": "",
+            "compiler": "rustc",
+            "platform": format!("{}/{}", std::env::consts::OS, go_arch()),
+        }),
+    )
+}
+
+/// The architecture as Go (and so kubectl) names it.
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+async fn core_versions(headers: HeaderMap) -> Response {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
+        }),
+    )
+}
+
+async fn group_list(State(state): State<ApiState>) -> Response {
+    let mut groups: Vec<(&str, &str)> = state
+        .registry
+        .handlers()
+        .iter()
+        .map(|h| (h.info().group, h.info().version))
+        .filter(|(group, _)| !group.is_empty())
+        .collect();
+    groups.sort();
+    groups.dedup();
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(group, version)| {
+            let version = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+            json!({"name": group, "versions": [version.clone()], "preferredVersion": version})
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+    )
+}
+
+/// `APIResourceList` of one group version: resources and their subresources.
+fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Value> {
+    let mut resources = Vec::new();
+    for handler in registry.handlers() {
+        let info = handler.info();
+        if info.group != group || info.version != version {
+            continue;
+        }
+        let mut resource = json!({
+            "name": info.plural,
+            "singularName": info.singular,
+            "namespaced": info.namespaced,
+            "kind": info.kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+        });
+        if !info.short_names.is_empty() {
+            resource["shortNames"] = json!(info.short_names);
+        }
+        if !info.categories.is_empty() {
+            resource["categories"] = json!(info.categories);
+        }
+        resources.push(resource);
+        if info.has_status {
+            resources.push(json!({
+                "name": format!("{}/status", info.plural),
+                "singularName": "",
+                "namespaced": info.namespaced,
+                "kind": info.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        for (subresource, kind) in info.post_subresources {
+            resources.push(json!({
+                "name": format!("{}/{subresource}", info.plural),
+                "singularName": "",
+                "namespaced": info.namespaced,
+                "kind": kind,
+                "verbs": ["create"],
+            }));
+        }
+    }
+    if resources.is_empty() {
+        return None;
+    }
+    let group_version =
+        if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": resources,
+    }))
+}
+
+/// A request path resolved the way Kubernetes' request-info resolver does.
+#[derive(Debug, PartialEq, Eq)]
+struct ResourcePath {
+    group: String,
+    version: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// Subresources of namespaces themselves, which `/namespaces/{ns}/…` must not mistake for a
+/// namespaced resource.
+const NAMESPACE_SUBRESOURCES: [&str; 2] = ["status", "finalize"];
+
+enum PathKind {
+    /// `/api/v1` or `/apis/{group}/{version}`: the resource list.
+    GroupVersion {
+        group: String,
+        version: String,
+    },
+    Resource(ResourcePath),
+}
+
+fn parse_path(path: &str) -> Option<PathKind> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => (String::new(), (*version).to_owned(), rest),
+        ["apis", group, version, rest @ ..] => ((*group).to_owned(), (*version).to_owned(), rest),
+        _ => return None,
+    };
+    let mut rest = rest.to_vec();
+    if rest.is_empty() {
+        return Some(PathKind::GroupVersion { group, version });
+    }
+    let mut namespace = None;
+    if rest[0] == "namespaces" && rest.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&rest[2]) {
+        namespace = Some(rest[1].to_owned());
+        rest.drain(..2);
+    }
+    if rest.len() > 3 {
+        return None;
+    }
+    Some(PathKind::Resource(ResourcePath {
+        group,
+        version,
+        namespace,
+        resource: rest[0].to_owned(),
+        name: rest.get(1).map(|s| (*s).to_owned()),
+        subresource: rest.get(2).map(|s| (*s).to_owned()),
+    }))
+}
+
+/// The query parameters the API understands (others are ignored, as Kubernetes does for
+/// unknown ones).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    watch: Option<String>,
+    resource_version: Option<String>,
+    timeout_seconds: Option<String>,
+    allow_watch_bookmarks: Option<String>,
+    include_object: Option<String>,
+    dry_run: Option<String>,
+    field_validation: Option<String>,
+    grace_period_seconds: Option<String>,
+}
+
+fn flag(value: Option<&str>) -> bool {
+    matches!(value, Some("true" | "1" | "True"))
+}
+
+impl Params {
+    fn write_options(&self) -> Result<WriteOptions, ApiError> {
+        let dry_run = match self.dry_run.as_deref() {
+            None | Some("") => false,
+            Some("All") => true,
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "dryRun: unsupported value {other:?}; supported values: \"All\""
+                )));
+            }
+        };
+        let strict_fields = match self.field_validation.as_deref() {
+            None | Some("" | "Ignore" | "Warn") => false,
+            Some("Strict") => true,
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "fieldValidation: unsupported value {other:?}; supported values: \"Ignore\", \"Warn\", \"Strict\""
+                )));
+            }
+        };
+        Ok(WriteOptions { dry_run, strict_fields })
+    }
+
+    fn filter(&self, handler: &dyn KindHandler) -> Result<ListFilter, ApiError> {
+        let labels = LabelSelector::parse(self.label_selector.as_deref().unwrap_or_default())
+            .map_err(|why| ApiError::BadRequest(format!("unable to parse requirement: {why}")))?;
+        let fields = FieldSelector::parse(self.field_selector.as_deref().unwrap_or_default())
+            .map_err(ApiError::BadRequest)?;
+        handler.check_field_selector(&fields)?;
+        Ok(ListFilter { labels, fields })
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Bodies of create and replace: JSON (an absent content type is taken as JSON).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    match content_type(headers).as_str() {
+        "" | "application/json" => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType { accepted: "application/json".to_owned() }),
+    }
+}
+
+fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiError> {
+    #[derive(Default, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Preconditions {
+        uid: Option<String>,
+        resource_version: Option<String>,
+    }
+    #[derive(Default, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeleteOptionsBody {
+        grace_period_seconds: Option<i64>,
+        preconditions: Option<Preconditions>,
+    }
+    let options: DeleteOptionsBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DeleteOptionsBody::default()
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the DeleteOptions are not valid: {e}")))?
+    };
+    let query_grace = match params.grace_period_seconds.as_deref() {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::BadRequest(format!("gracePeriodSeconds {text:?} is not an integer"))
+        })?),
+        None => None,
+    };
+    let preconditions = options.preconditions.unwrap_or_default();
+    Ok(DeleteRequest {
+        grace_period_seconds: options.grace_period_seconds.or(query_grace),
+        precondition_uid: preconditions.uid,
+        precondition_resource_version: preconditions.resource_version,
+    })
+}
+
+/// Every request under `/api` and `/apis` that is not a fixed route.
+async fn dispatch(
+    State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Response {
+    match route(&state, &method, &uri, &headers, &params, &body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn route(
+    state: &ApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    params: &Params,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let path = match parse_path(uri.path()) {
+        Some(PathKind::GroupVersion { group, version }) => {
+            if method != Method::GET {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            return resource_list(&state.registry, &group, &version)
+                .map(|list| json_response(StatusCode::OK, &list))
+                .ok_or(ApiError::UnknownPath);
+        }
+        Some(PathKind::Resource(path)) => path,
+        None => return Err(ApiError::UnknownPath),
+    };
+    // Events are not stored yet; `kubectl describe` lists them and copes with none.
+    if path.group.is_empty() && path.resource == "events" && path.name.is_none() {
+        if method != Method::GET {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        let revision = state
+            .registry
+            .store()
+            .revision()
+            .await
+            .map_err(ApiError::store("reading the revision"))?;
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": revision.to_string()}, "items": []}),
+        ));
+    }
+    let handler = state
+        .registry
+        .handler(&path.group, &path.version, &path.resource)
+        .ok_or(ApiError::UnknownPath)?
+        .clone();
+    let info = handler.info();
+    if path.namespace.is_some() && !info.namespaced {
+        return Err(ApiError::UnknownPath);
+    }
+    let namespace = path.namespace.as_deref();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+
+    let Some(name) = path.name.as_deref() else {
+        // The collection.
+        return match *method {
+            Method::GET => {
+                let format = table::negotiate(accept, params.include_object.as_deref())?;
+                let filter = params.filter(handler.as_ref())?;
+                if flag(params.watch.as_deref()) {
+                    return watch(state, handler, namespace, filter, params, format).await;
+                }
+                let list = handler.list(namespace, &filter, format).await?;
+                Ok(json_response(StatusCode::OK, &list))
+            }
+            Method::POST => {
+                if info.namespaced && namespace.is_none() {
+                    return Err(ApiError::UnknownPath);
+                }
+                require_json(headers)?;
+                let created = handler.create(namespace, body, params.write_options()?).await?;
+                Ok(json_response(StatusCode::CREATED, &created))
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        };
+    };
+    if info.namespaced && namespace.is_none() {
+        return Err(ApiError::UnknownPath);
+    }
+    match path.subresource.as_deref() {
+        None => match *method {
+            Method::GET => {
+                let format = table::negotiate(accept, params.include_object.as_deref())?;
+                Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
+            }
+            Method::PUT => {
+                require_json(headers)?;
+                let updated =
+                    handler.replace(namespace, name, body, false, params.write_options()?).await?;
+                Ok(json_response(StatusCode::OK, &updated))
+            }
+            Method::PATCH => {
+                let patch = merge_patch_body(headers, body)?;
+                let patched = handler
+                    .merge_patch(namespace, name, &patch, false, params.write_options()?)
+                    .await?;
+                Ok(json_response(StatusCode::OK, &patched))
+            }
+            Method::DELETE => {
+                let request = delete_request(params, body)?;
+                let deleted =
+                    handler.delete(namespace, name, &request, params.write_options()?).await?;
+                Ok(json_response(StatusCode::OK, &deleted))
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        },
+        Some("status") if info.has_status => match *method {
+            Method::GET => {
+                let format = table::negotiate(accept, params.include_object.as_deref())?;
+                Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
+            }
+            Method::PUT => {
+                require_json(headers)?;
+                let updated =
+                    handler.replace(namespace, name, body, true, params.write_options()?).await?;
+                Ok(json_response(StatusCode::OK, &updated))
+            }
+            Method::PATCH => {
+                let patch = merge_patch_body(headers, body)?;
+                let patched = handler
+                    .merge_patch(namespace, name, &patch, true, params.write_options()?)
+                    .await?;
+                Ok(json_response(StatusCode::OK, &patched))
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        },
+        Some(subresource) if info.post_subresources.iter().any(|(s, _)| *s == subresource) => {
+            if *method != Method::POST {
+                return Err(ApiError::MethodNotAllowed);
+            }
+            require_json(headers)?;
+            let answer = handler.post_subresource(namespace, name, subresource, body).await?;
+            Ok(json_response(StatusCode::CREATED, &answer))
+        }
+        Some(_) => Err(ApiError::UnknownPath),
+    }
+}
+
+/// A PATCH body: JSON merge patch only, for now. JSON patch, strategic merge patch and
+/// server-side apply are answered 415 so that clients see what is missing.
+fn merge_patch_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    match content_type(headers).as_str() {
+        "application/merge-patch+json" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}"))),
+        _ => Err(ApiError::UnsupportedMediaType {
+            accepted: "application/merge-patch+json".to_owned(),
+        }),
+    }
+}
+
+fn watch_line(event_type: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": event_type, "object": object}).to_string().into_bytes();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// A watch response: a chunked stream of `{"type":…,"object":…}` lines until the timeout,
+/// an error, or server shutdown.
+async fn watch(
+    state: &ApiState,
+    handler: Arc<dyn KindHandler>,
+    namespace: Option<&str>,
+    filter: ListFilter,
+    params: &Params,
+    format: ResponseFormat,
+) -> Result<Response, ApiError> {
+    let start = match params.resource_version.as_deref() {
+        None | Some("" | "0") => WatchStart::Now,
+        Some(text) => WatchStart::After(parse_resource_version(text)?),
+    };
+    let timeout = match params.timeout_seconds.as_deref() {
+        Some(text) => Duration::from_secs(text.parse().map_err(|_| {
+            ApiError::BadRequest(format!("timeoutSeconds {text:?} is not a number of seconds"))
+        })?),
+        None => Duration::from_secs(
+            DEFAULT_WATCH_SECONDS + rand::rng().random_range(0..DEFAULT_WATCH_SECONDS),
+        ),
+    };
+    let bookmarks = flag(params.allow_watch_bookmarks.as_deref());
+    let (start_revision, events) = handler.watch(namespace, filter, start, format).await?;
+    let stream = WatchBody {
+        events,
+        handler,
+        format,
+        last_revision: start_revision,
+        deadline: tokio::time::Instant::now() + timeout,
+        bookmark_interval: bookmarks.then_some(state.bookmark_interval),
+        shutdown: state.shutdown.clone(),
+    }
+    .into_stream();
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream.map(Ok::<_, Infallible>)),
+    )
+        .into_response())
+}
+
+struct WatchBody {
+    events: BoxStream<'static, WatchEventOut>,
+    handler: Arc<dyn KindHandler>,
+    format: ResponseFormat,
+    last_revision: Revision,
+    deadline: tokio::time::Instant,
+    bookmark_interval: Option<Duration>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WatchBody {
+    fn into_stream(self) -> BoxStream<'static, Bytes> {
+        futures::stream::unfold(Some(self), |state| async move {
+            let mut state = state?;
+            let bookmark = async {
+                match state.bookmark_interval {
+                    Some(interval) => tokio::time::sleep(interval).await,
+                    None => std::future::pending().await,
+                }
+            };
+            if *state.shutdown.borrow() {
+                return None;
+            }
+            tokio::select! {
+                event = state.events.next() => {
+                    let event = event?;
+                    if let Some(revision) = event.revision {
+                        state.last_revision = state.last_revision.max(revision);
+                    }
+                    let line = watch_line(event.event_type, &event.object);
+                    // An error is the last event of a watch.
+                    let next = (event.event_type != "ERROR").then_some(state);
+                    Some((line, next))
+                }
+                () = bookmark => {
+                    let object = state.handler.bookmark(state.last_revision, state.format);
+                    Some((watch_line("BOOKMARK", &object), Some(state)))
+                }
+                () = tokio::time::sleep_until(state.deadline) => None,
+                _ = state.shutdown.changed() => None,
+            }
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PathKind, ResourcePath, parse_path};
+
+    fn resource(path: &str) -> ResourcePath {
+        match parse_path(path) {
+            Some(PathKind::Resource(resource)) => resource,
+            _ => panic!("{path} is not a resource path"),
+        }
+    }
+
+    #[test]
+    fn paths_resolve_like_kubernetes() {
+        let pods = resource("/api/v1/namespaces/default/pods/web/status");
+        assert_eq!(pods.namespace.as_deref(), Some("default"));
+        assert_eq!(pods.resource, "pods");
+        assert_eq!(pods.name.as_deref(), Some("web"));
+        assert_eq!(pods.subresource.as_deref(), Some("status"));
+
+        let namespace_status = resource("/api/v1/namespaces/team/status");
+        assert_eq!(namespace_status.namespace, None);
+        assert_eq!(namespace_status.resource, "namespaces");
+        assert_eq!(namespace_status.name.as_deref(), Some("team"));
+        assert_eq!(namespace_status.subresource.as_deref(), Some("status"));
+
+        let namespace = resource("/api/v1/namespaces/team");
+        assert_eq!(
+            (namespace.resource.as_str(), namespace.name.as_deref()),
+            ("namespaces", Some("team"))
+        );
+
+        let all_pods = resource("/api/v1/pods");
+        assert_eq!((all_pods.namespace, all_pods.name), (None, None));
+
+        let deployments = resource("/apis/apps/v1/namespaces/web/deployments");
+        assert_eq!((deployments.group.as_str(), deployments.version.as_str()), ("apps", "v1"));
+        assert_eq!(deployments.namespace.as_deref(), Some("web"));
+
+        assert!(matches!(parse_path("/api/v1"), Some(PathKind::GroupVersion { .. })));
+        assert!(parse_path("/metrics").is_none());
+        assert!(parse_path("/api/v1/namespaces/a/pods/b/c/d").is_none());
+    }
+}

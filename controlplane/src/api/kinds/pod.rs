@@ -1,0 +1,847 @@
+//! Pods: namespaced; defaults, validation, the spec fields that may change after creation,
+//! binding to a node, and graceful deletion, as Kubernetes defines them.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use k8s_openapi::{
+    api::core::v1::{
+        Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
+        ResourceRequirements,
+    },
+    apimachinery::pkg::api::resource::Quantity,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    api::{
+        error::{ApiError, FieldError},
+        kind::{DeletePlan, DeleteRequest, KindInfo, Strategy, TxnExtras},
+        kinds::node::node_key,
+        table::{self, Column},
+        typed::{TypedKind, UpdateMode, current_time},
+        validation::{self, NameRule},
+    },
+    store::Store,
+};
+
+pub const PHASE_PENDING: &str = "Pending";
+pub const PHASE_RUNNING: &str = "Running";
+pub const PHASE_SUCCEEDED: &str = "Succeeded";
+pub const PHASE_FAILED: &str = "Failed";
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+pub const POD_SCHEDULED: &str = "PodScheduled";
+/// Kubernetes' default grace period when neither the request nor the pod says otherwise.
+pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 30;
+
+const INFO: KindInfo = KindInfo {
+    categories: &["all"],
+    post_subresources: &[("binding", "Binding")],
+    ..KindInfo::of::<Pod>("pod", true, &["po"], NameRule::Subdomain)
+};
+
+const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
+const DNS_POLICIES: [&str; 4] = ["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"];
+const PROTOCOLS: [&str; 3] = ["TCP", "UDP", "SCTP"];
+const PULL_POLICIES: [&str; 3] = ["Always", "Never", "IfNotPresent"];
+
+/// Where pods live in the store.
+pub fn key_prefix() -> String {
+    INFO.key_prefix()
+}
+
+/// Whether the pod has finished for good (its containers will not run again).
+pub fn is_terminated(pod: &Pod) -> bool {
+    matches!(phase(pod), PHASE_SUCCEEDED | PHASE_FAILED)
+}
+
+pub fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default()
+}
+
+pub fn node_name(pod: &Pod) -> &str {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default()
+}
+
+/// Sets a pod condition, keeping its transition time when the status does not change.
+/// Returns whether anything changed.
+pub fn set_condition(pod: &mut Pod, condition: PodCondition) -> bool {
+    let conditions =
+        pod.status.get_or_insert_with(PodStatus::default).conditions.get_or_insert_with(Vec::new);
+    match conditions.iter_mut().find(|c| c.type_ == condition.type_) {
+        Some(existing) => {
+            let same = existing.status == condition.status
+                && existing.reason == condition.reason
+                && existing.message == condition.message;
+            if same {
+                return false;
+            }
+            let transition = if existing.status == condition.status {
+                existing.last_transition_time.clone()
+            } else {
+                condition.last_transition_time.clone()
+            };
+            *existing = PodCondition { last_transition_time: transition, ..condition };
+            true
+        }
+        None => {
+            conditions.push(condition);
+            true
+        }
+    }
+}
+
+/// An image without a tag or with `:latest` is pulled every time (Kubernetes' default).
+fn default_pull_policy(image: &str) -> &'static str {
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.split_once(':') {
+        Some((_, "latest")) | None => "Always",
+        Some(_) => "IfNotPresent",
+    }
+}
+
+fn default_container(container: &mut Container) {
+    container.termination_message_path.get_or_insert_with(|| "/dev/termination-log".to_owned());
+    container.termination_message_policy.get_or_insert_with(|| "File".to_owned());
+    if container.image_pull_policy.is_none() {
+        let image = container.image.as_deref().unwrap_or_default();
+        container.image_pull_policy = Some(default_pull_policy(image).to_owned());
+    }
+    container.resources.get_or_insert_with(ResourceRequirements::default);
+    for port in container.ports.iter_mut().flatten() {
+        port.protocol.get_or_insert_with(|| "TCP".to_owned());
+    }
+}
+
+/// A resource quantity as a number (`500m` → 0.5, `1Gi` → 2^30), for comparisons.
+fn quantity_value(quantity: &Quantity) -> Option<f64> {
+    let text = quantity.0.trim();
+    const SUFFIXES: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    for (suffix, factor) in SUFFIXES {
+        if let Some(number) = text.strip_suffix(suffix) {
+            return number.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    text.parse::<f64>().ok()
+}
+
+/// The QoS class Kubernetes derives from requests and limits (`BestEffort`, `Burstable`,
+/// `Guaranteed`), over regular and init containers, for CPU and memory.
+pub fn qos_class(spec: &PodSpec) -> &'static str {
+    const TRACKED: [&str; 2] = ["cpu", "memory"];
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let mut any_set = false;
+    let mut guaranteed = true;
+    for container in containers {
+        let resources = container.resources.clone().unwrap_or_default();
+        let requests = resources.requests.unwrap_or_default();
+        let limits = resources.limits.unwrap_or_default();
+        for name in TRACKED {
+            let request = requests.get(name).and_then(quantity_value).filter(|v| *v != 0.0);
+            let limit = limits.get(name).and_then(quantity_value).filter(|v| *v != 0.0);
+            any_set |= request.is_some() || limit.is_some();
+            match (request, limit) {
+                // A missing request defaults to the limit.
+                (None, Some(_)) => {}
+                (Some(request), Some(limit)) if request == limit => {}
+                _ => guaranteed = false,
+            }
+        }
+    }
+    match (any_set, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
+fn validate_container(
+    path: &str,
+    container: &Container,
+    names: &mut HashSet<String>,
+    volumes: &HashSet<&str>,
+    errors: &mut Vec<FieldError>,
+) {
+    if container.name.is_empty() {
+        errors.push(FieldError::required(format!("{path}.name"), ""));
+    } else if let Some(why) = validation::dns1123_label(&container.name) {
+        errors.push(FieldError::invalid(format!("{path}.name"), container.name.as_str(), why));
+    } else if !names.insert(container.name.clone()) {
+        errors.push(FieldError::duplicate(format!("{path}.name"), container.name.as_str()));
+    }
+    if container.image.as_deref().unwrap_or_default().trim().is_empty() {
+        errors.push(FieldError::required(format!("{path}.image"), ""));
+    }
+    if let Some(policy) = container.image_pull_policy.as_deref()
+        && !PULL_POLICIES.contains(&policy)
+    {
+        errors.push(FieldError::not_supported(
+            format!("{path}.imagePullPolicy"),
+            policy,
+            &PULL_POLICIES,
+        ));
+    }
+    let mut port_names = HashSet::new();
+    for (index, port) in container.ports.iter().flatten().enumerate() {
+        let port_path = format!("{path}.ports[{index}]");
+        if !(1..=65535).contains(&port.container_port) {
+            errors.push(FieldError::invalid(
+                format!("{port_path}.containerPort"),
+                port.container_port,
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+        if let Some(host_port) = port.host_port.filter(|p| *p != 0)
+            && !(1..=65535).contains(&host_port)
+        {
+            errors.push(FieldError::invalid(
+                format!("{port_path}.hostPort"),
+                host_port,
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+        if let Some(protocol) = port.protocol.as_deref()
+            && !PROTOCOLS.contains(&protocol)
+        {
+            errors.push(FieldError::not_supported(
+                format!("{port_path}.protocol"),
+                protocol,
+                &PROTOCOLS,
+            ));
+        }
+        if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+            if let Some(why) = validation::iana_service_name(name) {
+                errors.push(FieldError::invalid(format!("{port_path}.name"), name, why));
+            } else if !port_names.insert(name) {
+                errors.push(FieldError::duplicate(format!("{port_path}.name"), name));
+            }
+        }
+    }
+    for (index, mount) in container.volume_mounts.iter().flatten().enumerate() {
+        if !volumes.contains(mount.name.as_str()) {
+            errors.push(FieldError {
+                field: format!("{path}.volumeMounts[{index}].name"),
+                kind: crate::api::error::FieldErrorKind::NotSupported(mount.name.clone().into()),
+                detail: "no volume of the pod has this name".to_owned(),
+            });
+        }
+        if mount.mount_path.is_empty() {
+            errors
+                .push(FieldError::required(format!("{path}.volumeMounts[{index}].mountPath"), ""));
+        }
+    }
+    if let Some(resources) = &container.resources {
+        let requests = resources.requests.clone().unwrap_or_default();
+        for (name, limit) in resources.limits.iter().flatten() {
+            let (Some(limit_value), Some(request)) = (quantity_value(limit), requests.get(name))
+            else {
+                continue;
+            };
+            if quantity_value(request).is_some_and(|r| r > limit_value) {
+                errors.push(FieldError::invalid(
+                    format!("{path}.resources.requests[{name}]"),
+                    request.0.as_str(),
+                    format!("must be less than or equal to {name} limit of {}", limit.0),
+                ));
+            }
+        }
+        for (field, map) in [("requests", &resources.requests), ("limits", &resources.limits)] {
+            for (name, quantity) in map.iter().flatten() {
+                if quantity_value(quantity).is_none_or(|v| v < 0.0) {
+                    errors.push(FieldError::invalid(
+                        format!("{path}.resources.{field}[{name}]"),
+                        quantity.0.as_str(),
+                        "must be a non-negative quantity",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn validate_spec(spec: &PodSpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut volume_names = HashSet::new();
+    for (index, volume) in spec.volumes.iter().flatten().enumerate() {
+        if let Some(why) = validation::dns1123_label(&volume.name) {
+            errors.push(FieldError::invalid(
+                format!("spec.volumes[{index}].name"),
+                volume.name.as_str(),
+                why,
+            ));
+        } else if !volume_names.insert(volume.name.as_str()) {
+            errors.push(FieldError::duplicate(
+                format!("spec.volumes[{index}].name"),
+                volume.name.as_str(),
+            ));
+        }
+    }
+    if spec.containers.is_empty() {
+        errors.push(FieldError::required("spec.containers", ""));
+    }
+    let mut names = HashSet::new();
+    for (index, container) in spec.init_containers.iter().flatten().enumerate() {
+        let path = format!("spec.initContainers[{index}]");
+        validate_container(&path, container, &mut names, &volume_names, &mut errors);
+    }
+    for (index, container) in spec.containers.iter().enumerate() {
+        let path = format!("spec.containers[{index}]");
+        validate_container(&path, container, &mut names, &volume_names, &mut errors);
+    }
+    if let Some(policy) = spec.restart_policy.as_deref()
+        && !RESTART_POLICIES.contains(&policy)
+    {
+        errors.push(FieldError::not_supported("spec.restartPolicy", policy, &RESTART_POLICIES));
+    }
+    if let Some(policy) = spec.dns_policy.as_deref()
+        && !DNS_POLICIES.contains(&policy)
+    {
+        errors.push(FieldError::not_supported("spec.dnsPolicy", policy, &DNS_POLICIES));
+    }
+    if let Some(grace) = spec.termination_grace_period_seconds.filter(|g| *g < 0) {
+        errors.push(FieldError::invalid(
+            "spec.terminationGracePeriodSeconds",
+            grace,
+            "must be greater than or equal to 0",
+        ));
+    }
+    if let Some(deadline) = spec.active_deadline_seconds.filter(|d| *d <= 0) {
+        errors.push(FieldError::invalid(
+            "spec.activeDeadlineSeconds",
+            deadline,
+            "must be between 1 and 2147483647, inclusive",
+        ));
+    }
+    if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty())
+        && let Some(why) = validation::dns1123_subdomain(node)
+    {
+        errors.push(FieldError::invalid("spec.nodeName", node, why));
+    }
+    if let Some(selector) = &spec.node_selector {
+        validation::labels("spec.nodeSelector", selector, &mut errors);
+    }
+    errors
+}
+
+/// The spec changes Kubernetes allows on a running pod: container images, a lower (or a
+/// first) active deadline, and added tolerations (`ValidatePodUpdate`).
+fn validate_spec_update(new: &PodSpec, old: &PodSpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    match (old.active_deadline_seconds, new.active_deadline_seconds) {
+        (Some(_), None) => errors.push(FieldError::invalid(
+            "spec.activeDeadlineSeconds",
+            Value::Null,
+            "must not update from a positive integer to nil value",
+        )),
+        (Some(old), Some(new)) if new > old => errors.push(FieldError::invalid(
+            "spec.activeDeadlineSeconds",
+            new,
+            "must be less than or equal to previous value",
+        )),
+        _ => {}
+    }
+    let old_tolerations = old.tolerations.clone().unwrap_or_default();
+    let new_tolerations = new.tolerations.clone().unwrap_or_default();
+    if old_tolerations.iter().any(|t| !new_tolerations.contains(t)) {
+        errors.push(FieldError::forbidden(
+            "spec.tolerations",
+            "existing toleration can not be modified except its tolerationSeconds",
+        ));
+    }
+    // Everything else must be equal: compare with the mutable fields taken from the old spec.
+    let mut masked = new.clone();
+    masked.active_deadline_seconds = old.active_deadline_seconds;
+    masked.tolerations = old.tolerations.clone();
+    let take_images = |masked: &mut Vec<Container>, old: &[Container]| {
+        for (container, previous) in masked.iter_mut().zip(old) {
+            container.image = previous.image.clone();
+            container.image_pull_policy = previous.image_pull_policy.clone();
+        }
+    };
+    take_images(&mut masked.containers, &old.containers);
+    if let (Some(masked), Some(old)) = (&mut masked.init_containers, &old.init_containers) {
+        take_images(masked, old);
+    }
+    if masked != *old {
+        errors.push(FieldError::forbidden(
+            "spec",
+            "pod updates may not change fields other than `spec.containers[*].image`, \
+             `spec.initContainers[*].image`, `spec.activeDeadlineSeconds` and `spec.tolerations` \
+             (only additions to existing tolerations); the node is set through the binding \
+             subresource",
+        ));
+    }
+    errors
+}
+
+#[derive(Debug, Default)]
+pub struct PodStrategy;
+
+const COLUMNS: &[Column] = &[
+    Column::name_column(),
+    Column::new("Ready", "The aggregate readiness state of this pod for accepting traffic."),
+    Column::new("Status", "The aggregate status of the containers in this pod."),
+    Column::new("Restarts", "The number of times the containers in this pod have been restarted."),
+    Column::new("Age", "Time since the pod was created"),
+    Column::new("IP", "The IP address allocated to the pod").wide(),
+    Column::new("Node", "The node the pod is bound to").wide(),
+    Column::new("Nominated Node", "The node the scheduler nominated for preemption").wide(),
+    Column::new("Readiness Gates", "Readiness gates that are met, of those declared").wide(),
+];
+
+/// The STATUS column of `kubectl get pods`: the phase, refined by what the containers report
+/// (a waiting reason, an exit code), and `Terminating` during graceful deletion.
+fn display_status(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    let mut reason =
+        status.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| phase(pod).to_owned());
+    let init_total = pod.spec.as_ref().and_then(|s| s.init_containers.as_ref()).map_or(0, Vec::len);
+    let mut initializing = false;
+    for (index, container) in status.init_container_statuses.iter().flatten().enumerate() {
+        let state = container.state.clone().unwrap_or_default();
+        if let Some(terminated) = &state.terminated {
+            if terminated.exit_code == 0 {
+                continue;
+            }
+            reason = match terminated.reason.as_deref().filter(|r| !r.is_empty()) {
+                Some(why) => format!("Init:{why}"),
+                None => match terminated.signal.filter(|s| *s != 0) {
+                    Some(signal) => format!("Init:Signal:{signal}"),
+                    None => format!("Init:ExitCode:{}", terminated.exit_code),
+                },
+            };
+        } else if let Some(why) = state
+            .waiting
+            .as_ref()
+            .and_then(|w| w.reason.as_deref())
+            .filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
+            reason = format!("Init:{why}");
+        } else {
+            reason = format!("Init:{index}/{init_total}");
+        }
+        initializing = true;
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        for container in status.container_statuses.iter().flatten().rev() {
+            let state = container.state.clone().unwrap_or_default();
+            if let Some(why) =
+                state.waiting.as_ref().and_then(|w| w.reason.clone()).filter(|r| !r.is_empty())
+            {
+                reason = why;
+            } else if let Some(terminated) = &state.terminated {
+                reason = match terminated.reason.clone().filter(|r| !r.is_empty()) {
+                    Some(why) => why,
+                    None => match terminated.signal.filter(|s| *s != 0) {
+                        Some(signal) => format!("Signal:{signal}"),
+                        None => format!("ExitCode:{}", terminated.exit_code),
+                    },
+                };
+            } else if state.running.is_some() && container.ready {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            reason = PHASE_RUNNING.to_owned();
+        }
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        reason = if status.reason.as_deref() == Some("NodeLost") {
+            "Unknown".to_owned()
+        } else {
+            "Terminating".to_owned()
+        };
+    }
+    reason
+}
+
+fn none_if_empty(value: Option<String>) -> Value {
+    value.filter(|v| !v.is_empty()).unwrap_or_else(|| "<none>".to_owned()).into()
+}
+
+#[async_trait]
+impl Strategy for PodStrategy {
+    type Object = Pod;
+
+    fn info(&self) -> &KindInfo {
+        &INFO
+    }
+
+    fn default(&self, pod: &mut Pod) {
+        let spec = pod.spec.get_or_insert_with(PodSpec::default);
+        spec.restart_policy.get_or_insert_with(|| "Always".to_owned());
+        spec.termination_grace_period_seconds.get_or_insert(DEFAULT_TERMINATION_GRACE_SECONDS);
+        spec.dns_policy.get_or_insert_with(|| "ClusterFirst".to_owned());
+        spec.scheduler_name.get_or_insert_with(|| DEFAULT_SCHEDULER.to_owned());
+        spec.enable_service_links.get_or_insert(true);
+        spec.security_context.get_or_insert_with(PodSecurityContext::default);
+        // What Kubernetes' Priority admission sets when no priority class is named.
+        spec.priority.get_or_insert(0);
+        spec.preemption_policy.get_or_insert_with(|| "PreemptLowerPriority".to_owned());
+        for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten())
+        {
+            default_container(container);
+        }
+    }
+
+    fn prepare_for_create(&self, pod: &mut Pod) {
+        let qos = pod.spec.as_ref().map(qos_class).unwrap_or("BestEffort");
+        pod.status = Some(PodStatus {
+            phase: Some(PHASE_PENDING.to_owned()),
+            qos_class: Some(qos.to_owned()),
+            ..PodStatus::default()
+        });
+    }
+
+    fn prepare_for_update(&self, new: &mut Pod, old: &Pod) {
+        new.status = old.status.clone();
+    }
+
+    fn prepare_for_status_update(&self, new: &mut Pod, old: &Pod) {
+        new.metadata = old.metadata.clone();
+        new.spec = old.spec.clone();
+        // The QoS class is fixed at creation.
+        if let (Some(status), Some(qos)) =
+            (new.status.as_mut(), old.status.as_ref().and_then(|s| s.qos_class.clone()))
+        {
+            status.qos_class = Some(qos);
+        }
+    }
+
+    fn validate(&self, pod: &Pod) -> Vec<FieldError> {
+        match &pod.spec {
+            Some(spec) => validate_spec(spec),
+            None => vec![FieldError::required("spec", "")],
+        }
+    }
+
+    fn validate_update(&self, new: &Pod, old: &Pod) -> Vec<FieldError> {
+        match (&new.spec, &old.spec) {
+            (Some(new), Some(old)) => validate_spec_update(new, old),
+            _ => Vec::new(),
+        }
+    }
+
+    fn spec_changed(&self, new: &Pod, old: &Pod) -> Option<bool> {
+        Some(new.spec != old.spec)
+    }
+
+    async fn plan_delete(
+        &self,
+        store: &dyn Store,
+        pod: &Pod,
+        request: &DeleteRequest,
+    ) -> Result<DeletePlan<Pod>, ApiError> {
+        let remove = Ok(DeletePlan::Remove(TxnExtras::default()));
+        let spec_grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds);
+        let grace = request
+            .grace_period_seconds
+            .or(spec_grace)
+            .unwrap_or(DEFAULT_TERMINATION_GRACE_SECONDS)
+            .max(0);
+        // Nothing runs the pod (never scheduled, already finished): no one to wait for.
+        if grace == 0 || node_name(pod).is_empty() || is_terminated(pod) {
+            return remove;
+        }
+        // Nor when its node is gone: no agent will ever confirm the stop.
+        let node = store
+            .get(&node_key(node_name(pod)))
+            .await
+            .map_err(ApiError::store("reading the pod's node"))?;
+        if node.is_none() {
+            return remove;
+        }
+        let now = current_time();
+        let deadline = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            now.0
+                .saturating_add(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+                .unwrap_or(now.0),
+        );
+        if let Some(current) = &pod.metadata.deletion_timestamp {
+            // A second delete may only bring the deadline forward.
+            if deadline >= *current {
+                return Ok(DeletePlan::Unchanged);
+            }
+        }
+        let mut deleting = pod.clone();
+        deleting.metadata.deletion_timestamp = Some(deadline);
+        deleting.metadata.deletion_grace_period_seconds = Some(grace);
+        deleting.metadata.generation = Some(pod.metadata.generation.unwrap_or(1) + 1);
+        Ok(DeletePlan::Update(deleting))
+    }
+
+    fn columns(&self) -> &'static [Column] {
+        COLUMNS
+    }
+
+    fn row(&self, pod: &Pod) -> Vec<Value> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let status = pod.status.clone().unwrap_or_default();
+        let statuses = status.container_statuses.clone().unwrap_or_default();
+        let ready = statuses.iter().filter(|s| s.ready).count();
+        let restarts: i64 = statuses.iter().map(|s| i64::from(s.restart_count)).sum();
+        let gates = spec.readiness_gates.clone().unwrap_or_default();
+        let readiness_gates = if gates.is_empty() {
+            "<none>".to_owned()
+        } else {
+            let conditions = status.conditions.clone().unwrap_or_default();
+            let met = gates
+                .iter()
+                .filter(|gate| {
+                    conditions.iter().any(|c| c.type_ == gate.condition_type && c.status == "True")
+                })
+                .count();
+            format!("{met}/{}", gates.len())
+        };
+        vec![
+            pod.metadata.name.clone().unwrap_or_default().into(),
+            format!("{ready}/{}", spec.containers.len()).into(),
+            display_status(pod).into(),
+            restarts.to_string().into(),
+            table::age(pod.metadata.creation_timestamp.as_ref()).into(),
+            none_if_empty(status.pod_ip.clone()),
+            none_if_empty(spec.node_name.clone()),
+            none_if_empty(status.nominated_node_name.clone()),
+            readiness_gates.into(),
+        ]
+    }
+
+    fn selectable_fields(&self) -> &'static [&'static str] {
+        &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ]
+    }
+
+    fn field_value(&self, pod: &Pod, field: &str) -> String {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let text = |value: Option<&String>| value.cloned().unwrap_or_default();
+        match field {
+            "spec.nodeName" => text(spec.and_then(|s| s.node_name.as_ref())),
+            "spec.restartPolicy" => text(spec.and_then(|s| s.restart_policy.as_ref())),
+            "spec.schedulerName" => text(spec.and_then(|s| s.scheduler_name.as_ref())),
+            "spec.serviceAccountName" => text(spec.and_then(|s| s.service_account_name.as_ref())),
+            "spec.hostNetwork" => spec.and_then(|s| s.host_network).unwrap_or(false).to_string(),
+            "status.phase" => text(status.and_then(|s| s.phase.as_ref())),
+            "status.podIP" => text(status.and_then(|s| s.pod_ip.as_ref())),
+            "status.nominatedNodeName" => text(status.and_then(|s| s.nominated_node_name.as_ref())),
+            _ => String::new(),
+        }
+    }
+
+    async fn post_subresource(
+        &self,
+        kind: &TypedKind<Self>,
+        namespace: Option<&str>,
+        name: &str,
+        subresource: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError> {
+        if subresource != "binding" {
+            return Err(ApiError::UnknownPath);
+        }
+        let binding: Binding = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("decoding the Binding: {e}")))?;
+        if binding.metadata.name.as_deref().is_some_and(|n| !n.is_empty() && n != name) {
+            return Err(ApiError::BadRequest(format!(
+                "the name of the Binding ({}) does not match the pod's name ({name})",
+                binding.metadata.name.as_deref().unwrap_or_default()
+            )));
+        }
+        let target_kind = binding.target.kind.as_deref().unwrap_or("Node");
+        let target = binding.target.name.clone().unwrap_or_default();
+        let mut causes = Vec::new();
+        if !target_kind.is_empty() && target_kind != "Node" {
+            causes.push(FieldError::not_supported("target.kind", target_kind, &["Node"]));
+        }
+        if target.is_empty() {
+            causes.push(FieldError::required("target.name", ""));
+        } else if let Some(why) = validation::dns1123_subdomain(&target) {
+            causes.push(FieldError::invalid("target.name", target.as_str(), why));
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::Invalid {
+                kind: "Binding".to_owned(),
+                name: name.to_owned(),
+                causes,
+            });
+        }
+        bind_pod(kind, namespace.unwrap_or_default(), name, &target).await?;
+        Ok(json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "code": 201,
+        }))
+    }
+}
+
+/// Binds a pod to a node: sets `spec.nodeName` and a `PodScheduled=True` condition. A pod
+/// already bound (to any node) or being deleted cannot be bound: Conflict. This is the path
+/// of `POST …/pods/{name}/binding` and of the scheduler.
+pub async fn bind_pod(
+    pods: &TypedKind<PodStrategy>,
+    namespace: &str,
+    name: &str,
+    node: &str,
+) -> Result<Pod, ApiError> {
+    let conflict = |message: String| ApiError::Conflict {
+        resource: "pods".to_owned(),
+        name: name.to_owned(),
+        message,
+    };
+    pods.update(Some(namespace), name, UpdateMode::Internal, false, |pod| {
+        let bound = node_name(pod);
+        if !bound.is_empty() {
+            return Err(conflict(format!("pod {name} is already assigned to node \"{bound}\"")));
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(conflict(format!(
+                "pod {name} is being deleted, cannot be assigned to a host"
+            )));
+        }
+        let mut bound = pod.clone();
+        bound.spec.get_or_insert_with(PodSpec::default).node_name = Some(node.to_owned());
+        let now = current_time();
+        set_condition(
+            &mut bound,
+            PodCondition {
+                type_: POD_SCHEDULED.to_owned(),
+                status: "True".to_owned(),
+                last_transition_time: Some(now),
+                ..PodCondition::default()
+            },
+        );
+        Ok(bound)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{Container, PodSpec, ResourceRequirements, Toleration},
+        apimachinery::pkg::api::resource::Quantity,
+    };
+
+    use super::{default_pull_policy, qos_class, validate_spec, validate_spec_update};
+
+    fn container(name: &str, image: &str) -> Container {
+        Container { name: name.to_owned(), image: Some(image.to_owned()), ..Container::default() }
+    }
+
+    fn resources(
+        requests: &[(&str, &str)],
+        limits: &[(&str, &str)],
+    ) -> Option<ResourceRequirements> {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned()))).collect())
+        };
+        Some(ResourceRequirements { requests: map(requests), limits: map(limits), claims: None })
+    }
+
+    #[test]
+    fn pull_policy_follows_the_tag() {
+        assert_eq!(default_pull_policy("nginx"), "Always");
+        assert_eq!(default_pull_policy("nginx:latest"), "Always");
+        assert_eq!(default_pull_policy("nginx:1.27"), "IfNotPresent");
+        assert_eq!(default_pull_policy("registry:5000/nginx"), "Always");
+        assert_eq!(default_pull_policy("nginx@sha256:abcd"), "IfNotPresent");
+    }
+
+    #[test]
+    fn qos_classes() {
+        let mut spec = PodSpec { containers: vec![container("a", "x")], ..PodSpec::default() };
+        assert_eq!(qos_class(&spec), "BestEffort");
+        spec.containers[0].resources = resources(&[("cpu", "100m")], &[]);
+        assert_eq!(qos_class(&spec), "Burstable");
+        spec.containers[0].resources = resources(
+            &[("cpu", "1"), ("memory", "1Gi")],
+            &[("cpu", "1000m"), ("memory", "1024Mi")],
+        );
+        assert_eq!(qos_class(&spec), "Guaranteed", "equal quantities in other units");
+        spec.containers[0].resources = resources(&[], &[("cpu", "1"), ("memory", "1Gi")]);
+        assert_eq!(qos_class(&spec), "Guaranteed", "requests default to limits");
+        spec.containers.push(container("b", "y"));
+        assert_eq!(qos_class(&spec), "Burstable", "one container without limits");
+    }
+
+    #[test]
+    fn container_rules_name_their_field() {
+        let spec = PodSpec {
+            containers: vec![
+                container("web", "nginx"),
+                container("web", ""),
+                container("Bad", "x"),
+            ],
+            ..PodSpec::default()
+        };
+        let fields: Vec<String> = validate_spec(&spec).into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            ["spec.containers[1].name", "spec.containers[1].image", "spec.containers[2].name"]
+        );
+        let empty = PodSpec::default();
+        assert_eq!(validate_spec(&empty)[0].field, "spec.containers");
+    }
+
+    #[test]
+    fn only_images_deadline_and_added_tolerations_may_change() {
+        let toleration =
+            |key: &str| Toleration { key: Some(key.to_owned()), ..Toleration::default() };
+        let old = PodSpec {
+            containers: vec![container("web", "nginx:1")],
+            active_deadline_seconds: Some(100),
+            tolerations: Some(vec![toleration("a")]),
+            ..PodSpec::default()
+        };
+        let mut new = old.clone();
+        new.containers[0].image = Some("nginx:2".to_owned());
+        new.active_deadline_seconds = Some(50);
+        new.tolerations = Some(vec![toleration("a"), toleration("b")]);
+        assert!(validate_spec_update(&new, &old).is_empty());
+
+        let mut longer = old.clone();
+        longer.active_deadline_seconds = Some(200);
+        assert_eq!(validate_spec_update(&longer, &old)[0].field, "spec.activeDeadlineSeconds");
+
+        let mut fewer = old.clone();
+        fewer.tolerations = None;
+        assert_eq!(validate_spec_update(&fewer, &old)[0].field, "spec.tolerations");
+
+        let mut moved = old.clone();
+        moved.node_name = Some("elsewhere".to_owned());
+        assert_eq!(validate_spec_update(&moved, &old)[0].field, "spec");
+
+        let mut renamed = old.clone();
+        renamed.containers[0].name = "other".to_owned();
+        assert_eq!(validate_spec_update(&renamed, &old)[0].field, "spec");
+    }
+}

@@ -1,0 +1,251 @@
+//! The controller process: the store, the API server and NodeSync on the same listeners
+//! (HTTP/1.1 for kubectl, HTTP/2 prior knowledge for agents' gRPC), the scheduler and the
+//! controllers, all stopped together on shutdown.
+
+use std::{
+    future::Future,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    api::{
+        Registry,
+        error::ApiError,
+        http::{ApiState, router},
+    },
+    controllers::{
+        self, namespace::NamespaceController, node_ipam::PodCidrReconciler, shutdown_signalled,
+    },
+    ipam::{IpamError, PodCidrAllocator},
+    nodesync::NodeSyncService,
+    nodesync_proto::node_sync_server::SERVICE_NAME,
+    scheduler::Scheduler,
+    store::{RedbStore, RedbStoreOptions, SharedStore, StoreError},
+};
+
+/// The file of the embedded store inside the data directory.
+pub const STORE_FILE: &str = "strait.redb";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Where the store file lives (created if missing).
+    pub data_dir: PathBuf,
+    /// The range pod CIDRs are cut from.
+    pub cluster_cidr: IpNet,
+    /// The prefix length of each node's pod CIDR.
+    pub node_cidr_prefix: u8,
+    /// How many revisions of change history the store keeps for watch resume.
+    pub history_revisions: u64,
+    /// How often a watch that allows bookmarks receives one when nothing else happens.
+    pub watch_bookmark_interval: Duration,
+    /// How long shutdown waits for open connections before closing them.
+    pub shutdown_grace: Duration,
+}
+
+impl ControllerConfig {
+    /// The defaults: pod CIDRs are /24s of 10.244.0.0/16, 10,000 revisions of history.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            cluster_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(
+                std::net::Ipv4Addr::new(10, 244, 0, 0),
+                16,
+            )),
+            node_cidr_prefix: 24,
+            history_revisions: RedbStoreOptions::default().history_revisions,
+            watch_bookmark_interval: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("no listener to serve on")]
+    NoListeners,
+    #[error("creating the data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the store")]
+    Store(#[source] StoreError),
+    #[error("configuring pod CIDR allocation")]
+    PodCidrs(#[source] IpamError),
+    #[error("creating the system namespaces")]
+    Bootstrap(#[source] ApiError),
+    #[error("preparing the listener {address}")]
+    Listener {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving on {address}")]
+    Serve {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the controller task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Runs the controller on `listeners` (already bound: the caller may bind some inside other
+/// network namespaces) until `shutdown` resolves. Returns once everything has stopped and the
+/// store file is closed.
+pub async fn run(
+    config: ControllerConfig,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    if listeners.is_empty() {
+        return Err(ControllerError::NoListeners);
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ControllerError::DataDir { path: config.data_dir.clone(), source })?;
+    let options = RedbStoreOptions {
+        history_revisions: config.history_revisions,
+        ..RedbStoreOptions::default()
+    };
+    let store = RedbStore::open_async(config.data_dir.join(STORE_FILE), options)
+        .await
+        .map_err(ControllerError::Store)?;
+    let store: SharedStore = Arc::new(store);
+    let released = Arc::downgrade(&store);
+    let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
+        .map_err(ControllerError::PodCidrs)?;
+    let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::new(allocator)));
+    registry.ensure_system_namespaces().await.map_err(ControllerError::Bootstrap)?;
+
+    let (stop, stopped) = watch::channel(false);
+    let mut background = JoinSet::new();
+    background.spawn(controllers::run(Scheduler::new(Arc::clone(&registry)), stopped.clone()));
+    background
+        .spawn(controllers::run(NamespaceController::new(Arc::clone(&registry)), stopped.clone()));
+    background
+        .spawn(controllers::run(PodCidrReconciler::new(Arc::clone(&registry)), stopped.clone()));
+
+    let grpc = NodeSyncService::new(Arc::clone(&store), stopped.clone()).into_server();
+    let app = router(ApiState {
+        registry: Arc::clone(&registry),
+        shutdown: stopped.clone(),
+        bookmark_interval: config.watch_bookmark_interval,
+    })
+    .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc);
+    drop(registry);
+    drop(store);
+
+    let mut servers = JoinSet::new();
+    for listener in listeners {
+        let address = listener.local_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        let prepare = |source| ControllerError::Listener { address: address.clone(), source };
+        listener.set_nonblocking(true).map_err(prepare)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(prepare)?;
+        let app = app.clone();
+        let mut stopped = stopped.clone();
+        servers.spawn(async move {
+            tracing::info!(%address, "serving the API and NodeSync");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown_signalled(&mut stopped).await })
+                .await
+                .map_err(|source| ControllerError::Serve { address, source })
+        });
+    }
+    drop(app);
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => {}
+        Some(ended) = servers.join_next() => {
+            result = flatten(ended);
+        }
+    }
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while let Some(ended) = servers.join_next().await {
+            if let (Ok(()), Err(error)) = (&result, flatten(ended)) {
+                result = Err(error);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period; closing them");
+        servers.abort_all();
+    }
+    while background.join_next().await.is_some() {}
+    // Streams and connections hold the store; the file is closed when the last one is gone.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    while released.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if released.strong_count() > 0 {
+        tracing::warn!("the store is still in use after shutdown");
+    }
+    result
+}
+
+fn flatten(
+    ended: Result<Result<(), ControllerError>, tokio::task::JoinError>,
+) -> Result<(), ControllerError> {
+    ended.map_err(ControllerError::Task).and_then(|served| served)
+}
+
+/// A controller serving on `127.0.0.1:<ephemeral port>` in this process, for tests and for
+/// tools that embed one.
+pub struct LocalController {
+    address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ControllerError>>,
+}
+
+impl LocalController {
+    /// Binds a loopback listener and starts the controller on it.
+    pub fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| {
+            ControllerError::Listener { address: "127.0.0.1:0".to_owned(), source }
+        })?;
+        let address = listener.local_addr().map_err(|source| ControllerError::Listener {
+            address: "127.0.0.1:0".to_owned(),
+            source,
+        })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(config, vec![listener], async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self { address, stop: Some(stop), task })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops the controller and waits until its store is closed.
+    pub async fn stop(mut self) -> Result<(), ControllerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.map_err(ControllerError::Task)?
+    }
+}
+
+impl Drop for LocalController {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

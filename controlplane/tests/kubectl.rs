@@ -1,0 +1,314 @@
+//! Stock kubectl (1.27 and 1.33, unmodified) against a controller on loopback. The test plays
+//! the node agent's part with `ApiClient` where one is needed (pod status, the final delete).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::{Value, json};
+use strait_controlplane::{
+    client::ApiClient,
+    testing::{TestController, eventually, node, pod},
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+const KUBECTL_DIR: &str = "/usr/lib/google-cloud-sdk/bin";
+
+const POD_YAML: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  containers:
+  - name: web
+    image: registry.example/web:1.0
+    ports:
+    - containerPort: 8080
+";
+
+struct Kubectl {
+    binary: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Kubectl {
+    /// Writes a kubeconfig for `server` into `dir`.
+    fn new(version: &str, server: &str, dir: &Path) -> Self {
+        let binary = Path::new(KUBECTL_DIR).join(format!("kubectl.{version}"));
+        assert!(
+            binary.exists(),
+            "{} is missing: this test needs the real kubectl",
+            binary.display()
+        );
+        let kubeconfig = dir.join(format!("kubeconfig-{version}"));
+        let config = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: strait
+  cluster:
+    server: {server}
+contexts:
+- name: strait
+  context:
+    cluster: strait
+    user: tester
+    namespace: default
+current-context: strait
+users:
+- name: tester
+  user: {{}}
+"
+        );
+        std::fs::write(&kubeconfig, config).expect("writing the kubeconfig");
+        Self { binary, kubeconfig }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            // No discovery cache shared between tests or with the user's.
+            .env("KUBECACHEDIR", self.kubeconfig.with_extension("cache"))
+            .env("HOME", self.kubeconfig.parent().unwrap_or(Path::new("/tmp")))
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let output = tokio::time::timeout(Duration::from_secs(30), self.command(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within 30s"))
+            .expect("kubectl runs");
+        Output {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Runs kubectl and expects it to succeed.
+    async fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args).await;
+        assert!(output.ok, "kubectl {args:?} failed:\n{}\n{}", output.stdout, output.stderr);
+        output.stdout
+    }
+}
+
+/// The whitespace-separated cells of the line whose first cell is `name`.
+fn row<'a>(output: &'a str, name: &str) -> Vec<&'a str> {
+    output
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&name))
+        .unwrap_or_else(|| panic!("no row {name} in:\n{output}"))
+}
+
+fn header(output: &str) -> &str {
+    output.lines().next().unwrap_or_default()
+}
+
+async fn kubectl_drives_the_cluster(version: &str) {
+    let server = TestController::start(&format!("kubectl-{version}"));
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+
+    // The agent of node-1 registers it.
+    client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
+    let nodes = kubectl.ok(&["get", "nodes"]).await;
+    assert_eq!(
+        header(&nodes).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    );
+    assert_eq!(row(&nodes, "node-1")[1], "Ready");
+    let wide = kubectl.ok(&["get", "nodes", "-o", "wide"]).await;
+    assert!(
+        header(&wide).contains("INTERNAL-IP") && header(&wide).contains("CONTAINER-RUNTIME"),
+        "{wide}"
+    );
+    assert_eq!(row(&wide, "node-1")[5], "172.20.0.11");
+
+    let namespaces = kubectl.ok(&["get", "ns"]).await;
+    assert_eq!(
+        header(&namespaces).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "STATUS", "AGE"]
+    );
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert_eq!(row(&namespaces, name)[1], "Active");
+    }
+
+    let manifest = server.data_dir().join("pod.yaml");
+    std::fs::write(&manifest, POD_YAML).unwrap();
+    let manifest = manifest.to_string_lossy().into_owned();
+    let created = kubectl.ok(&["create", "-f", &manifest, "--validate=false"]).await;
+    assert_eq!(created.trim(), "pod/web created");
+
+    // The scheduler binds it; the agent starts it and reports its IP.
+    eventually("web to be scheduled", 10, || async {
+        let pod: Pod = client.get(Some("default"), "web").await.unwrap()?;
+        pod.spec?.node_name
+    })
+    .await;
+    client
+        .merge_patch::<Pod>(
+            Some("default"),
+            "web",
+            &json!({"status": {"phase": "Running", "podIP": "10.244.0.5"}}),
+            true,
+        )
+        .await
+        .unwrap();
+
+    let pods = kubectl.ok(&["get", "pods", "-o", "wide"]).await;
+    assert!(
+        header(&pods).starts_with("NAME")
+            && header(&pods).contains("IP")
+            && header(&pods).contains("NOMINATED NODE"),
+        "{pods}"
+    );
+    let web = row(&pods, "web");
+    // NAME READY STATUS RESTARTS AGE IP NODE NOMINATED-NODE READINESS-GATES
+    assert_eq!((web[1], web[2], web[3]), ("0/1", "Running", "0"));
+    assert_eq!((web[5], web[6]), ("10.244.0.5", "node-1"), "IP and NODE columns: {pods}");
+
+    let all = kubectl.ok(&["get", "pods", "-A"]).await;
+    assert!(header(&all).starts_with("NAMESPACE"), "{all}");
+    assert_eq!(row(&all, "default")[1], "web");
+    let labelled = kubectl.ok(&["get", "pods", "-l", "app=web"]).await;
+    assert_eq!(row(&labelled, "web")[2], "Running");
+    let none = kubectl.run(&["get", "pods", "-l", "app=db"]).await;
+    assert!(
+        none.ok && none.stdout.is_empty() && none.stderr.contains("No resources found"),
+        "{}",
+        none.stderr
+    );
+    let by_node = kubectl
+        .ok(&["get", "pods", "--field-selector", "spec.nodeName=node-1,status.phase!=Failed"])
+        .await;
+    assert_eq!(row(&by_node, "web")[0], "web");
+    let elsewhere = kubectl.run(&["get", "pods", "--field-selector", "spec.nodeName=node-2"]).await;
+    assert!(elsewhere.ok && elsewhere.stdout.is_empty(), "{}", elsewhere.stdout);
+
+    let json_out = kubectl.ok(&["get", "pod", "web", "-o", "json"]).await;
+    let object: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(object["metadata"]["name"], "web");
+    assert_eq!(object["spec"]["nodeName"], "node-1");
+    assert_eq!(object["status"]["podIP"], "10.244.0.5");
+    assert_eq!(object["spec"]["restartPolicy"], "Always");
+    let yaml_out = kubectl.ok(&["get", "pod", "web", "-o", "yaml"]).await;
+    assert!(yaml_out.contains("podIP: 10.244.0.5"), "{yaml_out}");
+
+    let described = kubectl.ok(&["describe", "pod", "web"]).await;
+    assert!(described.contains("node-1") && described.contains("10.244.0.5"), "{described}");
+    let described = kubectl.ok(&["describe", "node", "node-1"]).await;
+    assert!(described.contains("10.244.0.0/24"), "describe node shows the pod CIDR: {described}");
+
+    // `get pods -w` prints the current pods, then a row per change.
+    let mut watcher = kubectl
+        .command(&["get", "pods", "-w"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("kubectl get -w prints within 10s")
+            .expect("reading kubectl's output")
+            .expect("kubectl get -w is still running")
+    };
+    assert!(next_line().await.starts_with("NAME"));
+    assert!(next_line().await.starts_with("web "));
+    client.create::<Pod>(Some("default"), &pod("batch")).await.unwrap();
+    let added = next_line().await;
+    assert!(added.starts_with("batch "), "a watch event row for the new pod: {added}");
+    watcher.kill().await.unwrap();
+
+    // kubectl deletes and waits; the agent stops the pod and removes it with grace 0.
+    let deleter = kubectl
+        .command(&["delete", "pod", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("web to be marked for deletion", 10, || async {
+        let pod: Pod = client.get(Some("default"), "web").await.unwrap()?;
+        pod.metadata.deletion_timestamp.map(|_| ())
+    })
+    .await;
+    let pods = kubectl.ok(&["get", "pods"]).await;
+    assert_eq!(row(&pods, "web")[2], "Terminating");
+    assert!(client.delete::<Pod>(Some("default"), "web", Some(0)).await.unwrap());
+    let deleted = tokio::time::timeout(Duration::from_secs(20), deleter.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    assert_eq!(String::from_utf8_lossy(&deleted.stdout).trim(), "pod \"web\" deleted");
+    assert!(client.get::<Pod>(Some("default"), "web").await.unwrap().is_none());
+
+    // delete -f of a pod that never ran is immediate.
+    let mut unbound = pod("web");
+    unbound.spec.as_mut().unwrap().scheduler_name = Some("nobody".to_owned());
+    client.create::<Pod>(Some("default"), &unbound).await.unwrap();
+    let deleted = kubectl.ok(&["delete", "-f", &manifest]).await;
+    assert_eq!(deleted.trim(), "pod \"web\" deleted");
+    let missing = kubectl.run(&["get", "pod", "web"]).await;
+    assert!(!missing.ok);
+    assert!(
+        missing.stderr.contains("Error from server (NotFound): pods \"web\" not found"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_27_drives_the_cluster() {
+    kubectl_drives_the_cluster("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_33_drives_the_cluster() {
+    kubectl_drives_the_cluster("1.33").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_reports_validation_errors_with_their_fields() {
+    let server = TestController::start("kubectl-invalid");
+    let kubectl = Kubectl::new("1.33", &server.url(), server.data_dir());
+    let manifest = server.data_dir().join("bad.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: Web\n    image: x\n",
+    )
+    .unwrap();
+    let output =
+        kubectl.run(&["create", "-f", &manifest.to_string_lossy(), "--validate=false"]).await;
+    assert!(!output.ok);
+    assert!(
+        output.stderr.contains("spec.containers[0].name: Invalid value: \"Web\""),
+        "{}",
+        output.stderr
+    );
+    let client: ApiClient = server.client();
+    assert!(client.get::<Pod>(Some("default"), "bad").await.unwrap().is_none());
+}

@@ -1,0 +1,122 @@
+//! NodeSync as a node agent sees it: a real tonic client over loopback, on the same port as
+//! the REST API (HTTP/2 and HTTP/1.1 served together).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::json;
+use strait_controlplane::{
+    nodesync_proto::{NodeStateUpdate, WatchRequest, node_sync_client::NodeSyncClient},
+    testing::{TestController, node, pod_on},
+};
+use tonic::{Code, Streaming, transport::Channel};
+
+async fn connect(url: &str) -> NodeSyncClient<Channel> {
+    let channel =
+        Channel::from_shared(url.to_owned()).unwrap().connect().await.expect("h2c connects");
+    NodeSyncClient::new(channel)
+}
+
+async fn next(stream: &mut Streaming<NodeStateUpdate>) -> NodeStateUpdate {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an update within 5s")
+        .expect("the stream has no error")
+        .expect("the stream is open")
+}
+
+fn peers(update: &NodeStateUpdate) -> Vec<(String, String, String)> {
+    let mut peers: Vec<_> = update
+        .peers_upserted
+        .iter()
+        .map(|p| (p.name.clone(), p.internal_ip.clone(), p.pod_cidr.clone()))
+        .collect();
+    peers.sort();
+    peers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_gets_a_snapshot_then_deltas_on_the_api_port() {
+    let server = TestController::start("nodesync");
+    let client = server.client();
+    client.create::<Node>(None, &node("n1", "172.20.0.11", true)).await.unwrap();
+    client.create::<Node>(None, &node("n2", "172.20.0.12", true)).await.unwrap();
+    let mine: Pod = client.create(Some("default"), &pod_on("mine", "n1")).await.unwrap();
+    client.create::<Pod>(Some("default"), &pod_on("theirs", "n2")).await.unwrap();
+    let (_, revision) = client.list::<Pod>(None, "").await.unwrap();
+
+    // Same URL as the REST client: gRPC over HTTP/2 prior knowledge.
+    let mut agent = connect(&server.url()).await;
+    let mut stream =
+        agent.watch(WatchRequest { node_name: "n1".to_owned() }).await.unwrap().into_inner();
+    let snapshot = next(&mut stream).await;
+    assert!(snapshot.snapshot);
+    assert!(snapshot.revision >= revision.parse::<u64>().unwrap());
+    assert_eq!(
+        peers(&snapshot),
+        [
+            ("n1".to_owned(), "172.20.0.11".to_owned(), "10.244.0.0/24".to_owned()),
+            ("n2".to_owned(), "172.20.0.12".to_owned(), "10.244.1.0/24".to_owned())
+        ]
+    );
+    assert_eq!(snapshot.pods_upserted.len(), 1, "only pods bound to n1");
+    let assignment = &snapshot.pods_upserted[0];
+    assert_eq!((assignment.namespace.as_str(), assignment.name.as_str()), ("default", "mine"));
+    assert_eq!(Some(&assignment.uid), mine.metadata.uid.as_ref());
+    let stored: Pod = serde_json::from_slice(&assignment.pod_json).unwrap();
+    assert_eq!(stored.metadata.resource_version, mine.metadata.resource_version);
+
+    // A heartbeat that leaves n2's peer data unchanged sends nothing; a new node is a peer.
+    client
+        .merge_patch::<Node>(None, "n2", &json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "beat"}]}}), true)
+        .await
+        .unwrap();
+    client.create::<Node>(None, &node("n3", "172.20.0.13", true)).await.unwrap();
+    let added = next(&mut stream).await;
+    assert!(!added.snapshot);
+    assert!(added.revision > snapshot.revision);
+    assert_eq!(
+        peers(&added),
+        [("n3".to_owned(), "172.20.0.13".to_owned(), "10.244.2.0/24".to_owned())]
+    );
+
+    // A pod for n1 arrives; pods of other nodes do not.
+    client.create::<Pod>(Some("default"), &pod_on("elsewhere", "n2")).await.unwrap();
+    let new_pod: Pod = client.create(Some("default"), &pod_on("second", "n1")).await.unwrap();
+    let upsert = next(&mut stream).await;
+    assert!(upsert.revision > added.revision);
+    assert_eq!(upsert.pods_upserted.len(), 1);
+    assert_eq!(upsert.pods_upserted[0].name, "second");
+    assert_eq!(upsert.revision.to_string(), new_pod.metadata.resource_version.clone().unwrap());
+
+    // Graceful delete: an upsert with a deletionTimestamp, then removal by uid.
+    client.delete::<Pod>(Some("default"), "second", None).await.unwrap();
+    let stopping = next(&mut stream).await;
+    let pod: Pod = serde_json::from_slice(&stopping.pods_upserted[0].pod_json).unwrap();
+    assert!(pod.metadata.deletion_timestamp.is_some());
+    client.delete::<Pod>(Some("default"), "second", Some(0)).await.unwrap();
+    let removed = next(&mut stream).await;
+    assert_eq!(removed.pods_removed, [new_pod.metadata.uid.clone().unwrap()]);
+    assert!(removed.revision > stopping.revision);
+
+    client.delete::<Node>(None, "n3", None).await.unwrap();
+    let gone = next(&mut stream).await;
+    assert_eq!(gone.peers_removed, ["n3"]);
+
+    // A reconnect starts over with a snapshot of the current state.
+    let mut again =
+        agent.watch(WatchRequest { node_name: "n1".to_owned() }).await.unwrap().into_inner();
+    let fresh = next(&mut again).await;
+    assert!(fresh.snapshot);
+    assert_eq!(fresh.revision, gone.revision);
+    assert_eq!(peers(&fresh).len(), 2);
+    assert_eq!(fresh.pods_upserted.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["mine"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_without_a_node_name_is_refused() {
+    let server = TestController::start("nodesync-invalid");
+    let mut agent = connect(&server.url()).await;
+    let status = agent.watch(WatchRequest { node_name: String::new() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}

@@ -1,1 +1,407 @@
-fn main() {}
+//! `strait`: cluster networking in Rust. One binary: the controller, the node agent, the lab,
+//! the benchmarks, and the built-in `strait/netexec` workload.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::FromRawFd,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use strait::{bench, lab, netexec};
+
+#[derive(Parser)]
+#[command(
+    name = "strait",
+    version,
+    about = "Cluster networking in Rust: CNI, eBPF service load balancing, and the control plane that drives them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: API server, store, IPAM, scheduler, NodeSync.
+    Controller(ControllerArgs),
+    /// Run a node agent: registers the node, runs its pods, programs routes and eBPF.
+    Agent(AgentArgs),
+    /// A whole cluster on this machine, in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Measurements that strait ships, each against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// The built-in `strait/netexec` workload (what containers with that image run).
+    #[command(hide = true)]
+    Netexec(NetexecArgs),
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Directory of the embedded store.
+    #[arg(long, default_value = "/var/lib/strait/controller")]
+    data_dir: PathBuf,
+    /// Address to serve the API and NodeSync on (repeatable).
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// An already bound listening socket handed over as this file descriptor (repeatable).
+    #[arg(long)]
+    listen_fd: Vec<i32>,
+    /// Name of the cluster.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// The range pod CIDRs are cut from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: Ipv4Net,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_prefix: u8,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Name of this node (default: the hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// This node's address, where other nodes send traffic for its pods.
+    #[arg(long)]
+    node_ip: Ipv4Addr,
+    /// The controller's base URL.
+    #[arg(long)]
+    controller: String,
+    /// Name of the cluster (part of pin paths and namespace names).
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    #[arg(long, default_value = "/var/lib/strait/agent")]
+    state_dir: PathBuf,
+    /// Prefix of pod network namespace names (default: `strait-<cluster>_`).
+    #[arg(long)]
+    netns_prefix: Option<String>,
+    /// The agent's cgroup subtree below the cgroup2 mount (default: `strait/<cluster>/<node>`).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// The CNI plugin binary (default: `strait-cni` next to this binary).
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+    /// Where to write `10-strait.conflist` for other container runtimes.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Seconds between node heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build a lab and wait until every node is Ready.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Seconds to wait for every node to be Ready.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Remove every trace of a lab: processes, namespaces, links, pins, cgroups, state.
+    Down {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Show a lab's nodes and processes.
+    Status {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Kill a lab process with SIGKILL and start it again (what it set up stays).
+    Restart {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// `controller`, or a node name (`node-1`) for that node's agent.
+        process: lab::LabProcess,
+    },
+    /// Print the path of a lab's kubeconfig.
+    Kubeconfig {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Run a command in a pod's network namespace and cgroup.
+    Exec {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// `<namespace>/<pod>` (or just `<pod>` in `default`).
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run a command in a node's network namespace.
+    NodeExec {
+        #[arg(long, default_value = "default")]
+        name: String,
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time `lab up` and `lab down` of a lab of N nodes.
+    Lab {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// CNI ADD/DEL latency of strait-cni beside the reference bridge + host-local plugins.
+    Cni(bench::CniArgs),
+}
+
+#[derive(Args)]
+struct NetexecArgs {
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    #[arg(long, default_value_t = 8081)]
+    udp_port: u16,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("strait: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("strait: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Controller(args) => run_controller(args).await?,
+        Command::Agent(args) => run_agent(args).await?,
+        Command::Lab { command } => return run_lab(command).await,
+        Command::Bench { command } => match command {
+            BenchCommand::Lab { nodes, runs } => {
+                let report =
+                    bench::lab_up_down(nodes, runs, &sibling_binary("strait-cni")?).await?;
+                println!("{report}");
+            }
+            BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
+        },
+        Command::Netexec(args) => {
+            netexec::run(netexec::NetexecPorts { http: args.http_port, udp: args.udp_port }).await?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers the process still stops on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for address in &args.listen {
+        listeners.push(TcpListener::bind(address).with_context(|| format!("binding {address}"))?);
+    }
+    for fd in &args.listen_fd {
+        listeners.push(inherited_listener(*fd)?);
+    }
+    if listeners.is_empty() {
+        bail!("nothing to serve on: give --listen ADDRESS or --listen-fd FD");
+    }
+    let mut config = strait_controlplane::server::ControllerConfig::new(args.data_dir);
+    config.cluster_cidr = ipnet::IpNet::V4(args.cluster_cidr);
+    config.node_cidr_prefix = args.node_cidr_prefix;
+    tracing::info!(cluster = %args.cluster, "controller starting");
+    strait_controlplane::server::run(config, listeners, termination()).await?;
+    Ok(())
+}
+
+/// A listening TCP socket passed in by the process that started this one.
+fn inherited_listener(fd: i32) -> anyhow::Result<TcpListener> {
+    // SAFETY: fstat only fills the zeroed struct; an fd that is not open gives EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        bail!("--listen-fd {fd} is not open: {}", std::io::Error::last_os_error());
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--listen-fd {fd} is not a socket");
+    }
+    // SAFETY: fd is an open socket handed to this process, owned by nothing else here.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    listener.local_addr().with_context(|| format!("--listen-fd {fd} is not a TCP listener"))?;
+    Ok(listener)
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    let config = strait_dataplane::agent::AgentConfig {
+        netns_prefix: args.netns_prefix.unwrap_or_else(|| format!("strait-{}_", args.cluster)),
+        cgroup_root: args
+            .cgroup_root
+            .unwrap_or_else(|| PathBuf::from("strait").join(&args.cluster).join(&node_name)),
+        cni_plugin: match args.cni_plugin {
+            Some(path) => path,
+            None => sibling_binary("strait-cni")?,
+        },
+        cni_conf_dir: Some(args.cni_conf_dir),
+        strait_exe: std::env::current_exe().context("locating the strait binary")?,
+        node_name,
+        node_ip: args.node_ip,
+        controller: args.controller,
+        cluster: args.cluster,
+        state_dir: args.state_dir,
+        heartbeat: Duration::from_secs(args.heartbeat_seconds),
+    };
+    strait_dataplane::agent::run(config, termination()).await
+}
+
+/// A binary that ships next to this one.
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the strait binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to {}; build both with `cargo build --release`",
+            name,
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        LabCommand::Up { nodes, name, timeout } => {
+            let started = std::time::Instant::now();
+            let options = lab::UpOptions {
+                name,
+                nodes,
+                strait_exe: std::env::current_exe()?,
+                cni_plugin: sibling_binary("strait-cni")?,
+                ready_timeout: Duration::from_secs(timeout),
+            };
+            let state = lab::up(&options).await?;
+            println!(
+                "lab {} is up: {} nodes Ready in {:.1}s",
+                state.name,
+                state.nodes.len(),
+                started.elapsed().as_secs_f64()
+            );
+            println!("API server: {}", state.api_server);
+            println!("kubeconfig: {}", state.kubeconfig.display());
+            println!("try: KUBECONFIG={} kubectl get nodes -o wide", state.kubeconfig.display());
+        }
+        LabCommand::Down { name } => {
+            let report = lab::down(&name)?;
+            println!(
+                "lab {name} removed: {} processes stopped, {} namespaces deleted, pins {}, state {}",
+                report.processes_killed,
+                report.namespaces.len(),
+                if report.pins_removed { "removed" } else { "none" },
+                if report.state_removed { "removed" } else { "none" },
+            );
+        }
+        LabCommand::Status { name } => print!("{}", lab_status(&name).await?),
+        LabCommand::Restart { name, process } => {
+            let pid = lab::restart(&name, &process)?;
+            println!("{process:?} of lab {name} restarted as pid {pid}");
+        }
+        LabCommand::Kubeconfig { name } => {
+            println!("{}", lab::LabState::load(&name)?.kubeconfig.display())
+        }
+        LabCommand::Exec { name, pod, command } => {
+            let code = lab::exec_in_pod(&name, &pod, &command).await?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        LabCommand::NodeExec { name, node, command } => {
+            let code = lab::exec_in_node(&name, &node, &command)?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn lab_status(name: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let state = lab::LabState::load(name)?;
+    let api = strait_controlplane::client::ApiClient::new(&state.api_server)?;
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "lab {} — API {} — kubeconfig {}",
+        state.name,
+        state.api_server,
+        state.kubeconfig.display()
+    )?;
+    writeln!(
+        out,
+        "controller pid {} {}",
+        state.controller_pid,
+        if alive(state.controller_pid) { "running" } else { "NOT RUNNING" }
+    )?;
+    let nodes = api.list::<k8s_openapi::api::core::v1::Node>(None, "").await.map(|(n, _)| n);
+    writeln!(out, "{:<10} {:<14} {:<16} {:<8} AGENT", "NODE", "ADDRESS", "POD CIDR", "READY")?;
+    for node in &state.nodes {
+        let object = nodes
+            .as_ref()
+            .ok()
+            .and_then(|all| all.iter().find(|n| n.metadata.name.as_deref() == Some(&node.name)));
+        let cidr =
+            object.and_then(|n| n.spec.as_ref()?.pod_cidr.clone()).unwrap_or_else(|| "-".into());
+        let ready = object.map_or("?", |n| if lab::is_node_ready(n) { "True" } else { "False" });
+        let agent = if alive(node.agent_pid) {
+            format!("pid {} running", node.agent_pid)
+        } else {
+            format!("pid {} NOT RUNNING", node.agent_pid)
+        };
+        writeln!(out, "{:<10} {:<14} {:<16} {:<8} {agent}", node.name, node.address, cidr, ready)?;
+    }
+    if let Err(error) = nodes {
+        writeln!(out, "(the API did not answer: {error})")?;
+    }
+    Ok(out)
+}

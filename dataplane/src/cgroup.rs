@@ -79,7 +79,9 @@ impl Cgroup {
         let mut pids = Vec::new();
         self.walk(&mut |cgroup| {
             match fs::read_to_string(cgroup.join("cgroup.procs")) {
-                Ok(procs) => pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok())),
+                Ok(procs) => {
+                    pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()))
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
@@ -147,7 +149,12 @@ impl Cgroup {
             match fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io::Error::new(e.kind(), format!("removing cgroup {}: {e}", dir.display()))),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("removing cgroup {}: {e}", dir.display()),
+                    ));
+                }
             }
         }
         Ok(())

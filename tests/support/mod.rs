@@ -204,3 +204,5 @@ impl Drop for DirGuard {
         }
     }
 }
+
+pub mod lab;

@@ -83,7 +83,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         node_ip: config.node_ip,
         netns_prefix: config.netns_prefix.clone(),
         pods_cgroup,
-        records: RecordStore::open(&config.state_dir.join("pods")).context("opening the pod records")?,
+        records: RecordStore::open(&config.state_dir.join("pods"))
+            .context("opening the pod records")?,
         log_dir: config.state_dir.join("logs"),
         strait_exe: config.strait_exe.clone(),
         cni: cni_receiver,
@@ -92,7 +93,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     tracing::info!(adopted, "pods adopted from a previous run");
 
     let ready = Arc::new(AtomicBool::new(false));
-    let heartbeat = tokio::spawn(heartbeat_loop(api.clone(), identity.clone(), ready.clone(), config.heartbeat));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        api.clone(),
+        identity.clone(),
+        ready.clone(),
+        config.heartbeat,
+    ));
 
     let routing = rtnetlink::new_connection().context("opening a netlink socket")?;
     tokio::spawn(routing.0);
@@ -110,19 +116,30 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             if change.peers_changed {
                 let nodes = node_routes(state);
                 let cidr = nodes.get(&config.node_name).map(|n| n.pod_cidr);
-                if cidr != own_cidr && let Some(cidr) = cidr {
+                if cidr != own_cidr
+                    && let Some(cidr) = cidr
+                {
                     own_cidr = Some(cidr);
-                    let cni_config = CniInvoker::strait_config(cidr, &config.state_dir.join("cni"), Some(&pin_dir));
+                    let cni_config = CniInvoker::strait_config(
+                        cidr,
+                        &config.state_dir.join("cni"),
+                        Some(&pin_dir),
+                    );
                     write_conflist(config.cni_conf_dir.as_deref(), &cni_config);
                     tracing::info!(pod_cidr = %cidr, "this node's podCIDR is known; pods can start");
-                    cni_sender.send_replace(Some(CniInvoker::new(config.cni_plugin.clone(), cni_config)));
+                    cni_sender
+                        .send_replace(Some(CniInvoker::new(config.cni_plugin.clone(), cni_config)));
                 }
                 routes_sender.send_replace(nodes);
             }
             if change.snapshot {
                 runtime.apply(&state.pods, true);
                 if !ready.swap(true, Ordering::SeqCst) {
-                    tracing::info!(revision = state.revision, pods = state.pods.len(), "first snapshot applied; node is Ready");
+                    tracing::info!(
+                        revision = state.revision,
+                        pods = state.pods.len(),
+                        "first snapshot applied; node is Ready"
+                    );
                 }
             } else {
                 let upserted = change
@@ -162,7 +179,12 @@ async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) {
     }
 }
 
-async fn heartbeat_loop(api: ApiClient, identity: NodeIdentity, ready: Arc<AtomicBool>, interval: Duration) {
+async fn heartbeat_loop(
+    api: ApiClient,
+    identity: NodeIdentity,
+    ready: Arc<AtomicBool>,
+    interval: Duration,
+) {
     let mut reported_ready = None;
     loop {
         let is_ready = ready.load(Ordering::SeqCst);
@@ -194,13 +216,19 @@ fn node_routes(state: &sync::DesiredState) -> BTreeMap<String, NodeRoute> {
             (Ok(address), Ok(pod_cidr)) => {
                 nodes.insert(peer.name.clone(), NodeRoute { address, pod_cidr });
             }
-            _ => tracing::warn!(peer = %peer.name, ip = %peer.internal_ip, cidr = %peer.pod_cidr, "peer without a usable address or podCIDR; no route to it"),
+            _ => {
+                tracing::warn!(peer = %peer.name, ip = %peer.internal_ip, cidr = %peer.pod_cidr, "peer without a usable address or podCIDR; no route to it")
+            }
         }
     }
     nodes
 }
 
-async fn route_loop(handle: rtnetlink::Handle, own_name: String, mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>) {
+async fn route_loop(
+    handle: rtnetlink::Handle,
+    own_name: String,
+    mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>,
+) {
     loop {
         let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update());
         match routes::reconcile_routes(&handle, &desired).await {
@@ -208,7 +236,9 @@ async fn route_loop(handle: rtnetlink::Handle, own_name: String, mut nodes: watc
                 tracing::info!(installed = ?changes.installed, removed = ?changes.removed, "routes reconciled");
             }
             Ok(_) => {}
-            Err(error) => tracing::error!(error = %format!("{error:#}"), "cannot reconcile routes; retrying"),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "cannot reconcile routes; retrying")
+            }
         }
         // Level-triggered: also re-check periodically in case someone removed a route.
         tokio::select! {
@@ -226,7 +256,8 @@ fn write_conflist(dir: Option<&std::path::Path>, plugin_config: &serde_json::Val
         object.remove("cniVersion");
         object.remove("name");
     }
-    let conflist = serde_json::json!({ "cniVersion": "1.1.0", "name": "strait", "plugins": [plugin] });
+    let conflist =
+        serde_json::json!({ "cniVersion": "1.1.0", "name": "strait", "plugins": [plugin] });
     let path = dir.join("10-strait.conflist");
     let written = std::fs::create_dir_all(dir).and_then(|()| {
         std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap_or_default())

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo},
-    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::{ObjectMeta, Time}},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, Time},
+    },
     jiff::Timestamp,
 };
 use strait_controlplane::client::{ApiClient, ClientError};
@@ -27,17 +30,23 @@ fn system_info() -> NodeSystemInfo {
     let os_image = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|release| {
-            release.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_owned()))
+            release.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_owned())
+            })
         })
         .unwrap_or_else(|| "Linux".to_owned());
-    let machine_id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default().trim().to_owned();
+    let machine_id =
+        std::fs::read_to_string("/etc/machine-id").unwrap_or_default().trim().to_owned();
     NodeSystemInfo {
         architecture: match std::env::consts::ARCH {
             "x86_64" => "amd64".to_owned(),
             "aarch64" => "arm64".to_owned(),
             other => other.to_owned(),
         },
-        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
         container_runtime_version: format!("strait://{}", env!("CARGO_PKG_VERSION")),
         kernel_version: field(nix::sys::utsname::UtsName::release),
         kube_proxy_version: String::new(),
@@ -70,7 +79,12 @@ fn capacity() -> BTreeMap<String, Quantity> {
 
 /// Merges the agent's own view (addresses, capacity, system info, Ready) into a status,
 /// keeping conditions that others own and transition times that did not change.
-fn merge_status(identity: &NodeIdentity, current: Option<NodeStatus>, ready: bool, message: &str) -> NodeStatus {
+fn merge_status(
+    identity: &NodeIdentity,
+    current: Option<NodeStatus>,
+    ready: bool,
+    message: &str,
+) -> NodeStatus {
     let now = Time(Timestamp::now());
     let mut status = current.unwrap_or_default();
     status.addresses = Some(vec![
@@ -134,7 +148,12 @@ pub async fn register(api: &ApiClient, identity: &NodeIdentity) -> Result<Node, 
 
 /// Writes the node's status with the Ready condition, read-modify-write with optimistic
 /// concurrency so conditions written by the controller are kept.
-pub async fn report_status(api: &ApiClient, identity: &NodeIdentity, ready: bool, message: &str) -> Result<(), ClientError> {
+pub async fn report_status(
+    api: &ApiClient,
+    identity: &NodeIdentity,
+    ready: bool,
+    message: &str,
+) -> Result<(), ClientError> {
     for _attempt in 0..5 {
         let Some(mut node) = api.get::<Node>(None, &identity.name).await? else {
             register(api, identity).await?;
@@ -143,7 +162,9 @@ pub async fn report_status(api: &ApiClient, identity: &NodeIdentity, ready: bool
         node.status = Some(merge_status(identity, node.status.take(), ready, message));
         match api.replace_status(None, &identity.name, &node).await {
             Ok(_) => return Ok(()),
-            Err(error) if error.code() == Some(409) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) if error.code() == Some(409) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(error) => return Err(error),
         }
     }

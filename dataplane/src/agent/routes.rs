@@ -89,13 +89,19 @@ mod tests {
             ("node-3", "172.20.0.13", "10.244.2.0/24"),
         ]
         .into_iter()
-        .map(|(n, a, c)| (n.to_owned(), NodeRoute { address: a.parse().unwrap(), pod_cidr: c.parse().unwrap() }))
+        .map(|(n, a, c)| {
+            (n.to_owned(), NodeRoute { address: a.parse().unwrap(), pod_cidr: c.parse().unwrap() })
+        })
         .collect();
         let routes = desired_routes("node-2", &nodes);
         assert_eq!(routes.len(), 3);
-        let own = routes.iter().find(|r| r.destination.to_string() == "10.244.1.0/24").expect("own range");
+        let own = routes
+            .iter()
+            .find(|r| r.destination.to_string() == "10.244.1.0/24")
+            .expect("own range");
         assert_eq!(own.kind, RouteKind::Unreachable);
-        let other = routes.iter().find(|r| r.destination.to_string() == "10.244.2.0/24").expect("node-3");
+        let other =
+            routes.iter().find(|r| r.destination.to_string() == "10.244.2.0/24").expect("node-3");
         assert_eq!(other.gateway, Some("172.20.0.13".parse().unwrap()));
         assert_eq!(other.kind, RouteKind::Unicast);
     }

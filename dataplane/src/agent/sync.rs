@@ -111,7 +111,9 @@ async fn stream_once(
     on_change: &mut impl FnMut(&DesiredState, &Change),
 ) -> Result<(), tonic::Status> {
     let endpoint = Endpoint::from_shared(controller.to_owned())
-        .map_err(|e| tonic::Status::invalid_argument(format!("controller address {controller}: {e}")))?
+        .map_err(|e| {
+            tonic::Status::invalid_argument(format!("controller address {controller}: {e}"))
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Notice a controller that vanished without closing the connection.
@@ -123,7 +125,8 @@ async fn stream_once(
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connecting to {controller}: {e}")))?;
     let mut client = NodeSyncClient::new(channel);
-    let mut stream = client.watch(WatchRequest { node_name: node_name.to_owned() }).await?.into_inner();
+    let mut stream =
+        client.watch(WatchRequest { node_name: node_name.to_owned() }).await?.into_inner();
     *connected = true;
     while let Some(update) = stream.message().await? {
         if let Some(change) = state.apply(update) {
@@ -140,8 +143,14 @@ mod tests {
     use super::DesiredState;
 
     fn pod(uid: &str) -> PodAssignment {
-        let json = serde_json::json!({"metadata": {"name": uid, "namespace": "default", "uid": uid}});
-        PodAssignment { uid: uid.into(), namespace: "default".into(), name: uid.into(), pod_json: serde_json::to_vec(&json).unwrap() }
+        let json =
+            serde_json::json!({"metadata": {"name": uid, "namespace": "default", "uid": uid}});
+        PodAssignment {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: uid.into(),
+            pod_json: serde_json::to_vec(&json).unwrap(),
+        }
     }
 
     fn peer(name: &str, cidr: &str) -> Peer {
@@ -151,9 +160,20 @@ mod tests {
     #[test]
     fn a_snapshot_replaces_everything_and_reports_what_disappeared() {
         let mut state = DesiredState::default();
-        state.apply(NodeStateUpdate { revision: 5, snapshot: true, pods_upserted: vec![pod("a"), pod("b")], peers_upserted: vec![peer("n1", "10.244.0.0/24")], ..Default::default() });
+        state.apply(NodeStateUpdate {
+            revision: 5,
+            snapshot: true,
+            pods_upserted: vec![pod("a"), pod("b")],
+            peers_upserted: vec![peer("n1", "10.244.0.0/24")],
+            ..Default::default()
+        });
         let change = state
-            .apply(NodeStateUpdate { revision: 9, snapshot: true, pods_upserted: vec![pod("b")], ..Default::default() })
+            .apply(NodeStateUpdate {
+                revision: 9,
+                snapshot: true,
+                pods_upserted: vec![pod("b")],
+                ..Default::default()
+            })
             .expect("applied");
         assert!(change.snapshot && change.peers_changed);
         assert_eq!(change.pods_removed, ["a"]);
@@ -164,13 +184,31 @@ mod tests {
     #[test]
     fn deltas_apply_in_order_and_older_ones_are_ignored() {
         let mut state = DesiredState::default();
-        state.apply(NodeStateUpdate { revision: 5, snapshot: true, pods_upserted: vec![pod("a")], ..Default::default() });
+        state.apply(NodeStateUpdate {
+            revision: 5,
+            snapshot: true,
+            pods_upserted: vec![pod("a")],
+            ..Default::default()
+        });
         let change = state
-            .apply(NodeStateUpdate { revision: 6, pods_removed: vec!["a".into()], peers_upserted: vec![peer("n2", "10.244.1.0/24")], ..Default::default() })
+            .apply(NodeStateUpdate {
+                revision: 6,
+                pods_removed: vec!["a".into()],
+                peers_upserted: vec![peer("n2", "10.244.1.0/24")],
+                ..Default::default()
+            })
             .expect("applied");
         assert_eq!(change.pods_removed, ["a"]);
         assert!(change.peers_changed);
-        assert!(state.apply(NodeStateUpdate { revision: 4, pods_upserted: vec![pod("z")], ..Default::default() }).is_none());
+        assert!(
+            state
+                .apply(NodeStateUpdate {
+                    revision: 4,
+                    pods_upserted: vec![pod("z")],
+                    ..Default::default()
+                })
+                .is_none()
+        );
         assert!(state.pods.is_empty());
     }
 }

@@ -10,8 +10,24 @@ use std::path::{Path, PathBuf};
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/strait";
 
 /// `/sys/fs/bpf/strait/<cluster>/<node>`: the pins of one node agent.
+///
+/// bpffs refuses names with a dot (EPERM), and node names are often DNS names
+/// (`worker-1.example.net`): dots become `_`, which a DNS name cannot contain, so two nodes
+/// never map to the same directory.
 pub fn node_pin_dir(cluster: &str, node: &str) -> PathBuf {
-    Path::new(BPFFS_ROOT).join(cluster).join(node)
+    Path::new(BPFFS_ROOT).join(cluster.replace('.', "_")).join(node.replace('.', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_pin_dir;
+
+    #[test]
+    fn pin_directories_of_dns_named_nodes_have_no_dots() {
+        let dir = node_pin_dir("prod", "worker-1.example.net");
+        assert_eq!(dir.to_str(), Some("/sys/fs/bpf/strait/prod/worker-1_example_net"));
+        assert_ne!(node_pin_dir("c", "a.b"), node_pin_dir("c", "a-b"));
+    }
 }
 
 /// The embedded object of the anti-spoofing program, built by `build.rs` from `ebpf/`.

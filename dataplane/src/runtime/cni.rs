@@ -68,7 +68,11 @@ impl CniInvoker {
     }
 
     /// The network configuration strait's agent gives its plugin for a node.
-    pub fn strait_config(pod_cidr: Ipv4Net, data_dir: &Path, pin_dir: Option<&Path>) -> serde_json::Value {
+    pub fn strait_config(
+        pod_cidr: Ipv4Net,
+        data_dir: &Path,
+        pin_dir: Option<&Path>,
+    ) -> serde_json::Value {
         let mut config = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "strait",
@@ -101,7 +105,11 @@ impl CniInvoker {
     }
 
     /// DEL is idempotent on the plugin's side: calling it for something already gone succeeds.
-    pub async fn del(&self, attachment: &Attachment, prev_result: Option<&serde_json::Value>) -> Result<(), CniError> {
+    pub async fn del(
+        &self,
+        attachment: &Attachment,
+        prev_result: Option<&serde_json::Value>,
+    ) -> Result<(), CniError> {
         let mut config = self.config.clone();
         if let Some(prev) = prev_result {
             config["prevResult"] = prev.clone();
@@ -109,7 +117,11 @@ impl CniInvoker {
         self.exec("DEL", attachment, &config).await.map(drop)
     }
 
-    pub async fn check(&self, attachment: &Attachment, prev_result: &serde_json::Value) -> Result<(), CniError> {
+    pub async fn check(
+        &self,
+        attachment: &Attachment,
+        prev_result: &serde_json::Value,
+    ) -> Result<(), CniError> {
         let mut config = self.config.clone();
         config["prevResult"] = prev_result.clone();
         self.exec("CHECK", attachment, &config).await.map(drop)
@@ -123,12 +135,8 @@ impl CniInvoker {
     ) -> Result<Vec<u8>, CniError> {
         let exec_error = |source| CniError::Exec { verb, plugin: self.plugin.clone(), source };
         let cni_path = self.plugin.parent().map(Path::to_path_buf).unwrap_or_default();
-        let args = attachment
-            .args
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(";");
+        let args =
+            attachment.args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";");
         let mut child = tokio::process::Command::new(&self.plugin)
             .env_clear()
             .env("CNI_COMMAND", verb)
@@ -156,7 +164,11 @@ impl CniInvoker {
                 verb,
                 code: error.code,
                 message: error.msg,
-                details: if error.details.is_empty() { String::new() } else { format!(" ({})", error.details) },
+                details: if error.details.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", error.details)
+                },
             }),
             Err(_) => Err(CniError::Malformed { verb, output: lossy(&output.stdout) }),
         }

@@ -24,9 +24,14 @@ pub struct NotRunnable {
 }
 
 /// The program and arguments a container runs.
-pub fn executable(container: &Container, strait_exe: &Path, path_var: Option<&str>) -> Result<(PathBuf, Vec<String>), NotRunnable> {
+pub fn executable(
+    container: &Container,
+    strait_exe: &Path,
+    path_var: Option<&str>,
+) -> Result<(PathBuf, Vec<String>), NotRunnable> {
     let args = container.args.clone().unwrap_or_default();
-    if let Some((program, leading)) = container.command.as_deref().and_then(<[String]>::split_first) {
+    if let Some((program, leading)) = container.command.as_deref().and_then(<[String]>::split_first)
+    {
         let resolved = resolve_program(program, path_var).ok_or_else(|| NotRunnable {
             reason: "CommandNotFound",
             message: format!("{program:?} is not an executable on this node (searched PATH)"),
@@ -81,29 +86,48 @@ mod tests {
     #[test]
     fn netexec_image_runs_the_builtin_workload_with_its_args() {
         let exe = Path::new("/opt/strait");
-        let (program, args) = executable(&container("strait/netexec:1.2", None, Some(&["--udp-port", "9"])), exe, None).expect("runnable");
+        let (program, args) = executable(
+            &container("strait/netexec:1.2", None, Some(&["--udp-port", "9"])),
+            exe,
+            None,
+        )
+        .expect("runnable");
         assert_eq!(program, exe);
         assert_eq!(args, ["netexec", "--udp-port", "9"]);
     }
 
     #[test]
     fn a_command_runs_the_host_executable_whatever_the_image() {
-        let (program, args) = executable(&container("busybox", Some(&["sh", "-c"]), Some(&["sleep 1"])), Path::new("/x"), Some("/bin:/usr/bin")).expect("runnable");
+        let (program, args) = executable(
+            &container("busybox", Some(&["sh", "-c"]), Some(&["sleep 1"])),
+            Path::new("/x"),
+            Some("/bin:/usr/bin"),
+        )
+        .expect("runnable");
         assert!(program.ends_with("sh"));
         assert_eq!(args, ["-c", "sleep 1"]);
     }
 
     #[test]
     fn other_images_without_command_are_refused_with_a_reason() {
-        let refused = executable(&container("nginx:1.27", None, None), Path::new("/x"), None).expect_err("not runnable");
+        let refused = executable(&container("nginx:1.27", None, None), Path::new("/x"), None)
+            .expect_err("not runnable");
         assert_eq!(refused.reason, "UnsupportedImage");
-        let missing = executable(&container("x", Some(&["no-such-binary-strait"]), None), Path::new("/x"), Some("/bin")).expect_err("missing");
+        let missing = executable(
+            &container("x", Some(&["no-such-binary-strait"]), None),
+            Path::new("/x"),
+            Some("/bin"),
+        )
+        .expect_err("missing");
         assert_eq!(missing.reason, "CommandNotFound");
     }
 
     #[test]
     fn repository_ignores_tag_digest_and_default_registry() {
         assert_eq!(image_repository("docker.io/strait/netexec:v1@sha256:ab"), "strait/netexec");
-        assert_eq!(image_repository("registry:5000/strait/netexec"), "registry:5000/strait/netexec");
+        assert_eq!(
+            image_repository("registry:5000/strait/netexec"),
+            "registry:5000/strait/netexec"
+        );
     }
 }

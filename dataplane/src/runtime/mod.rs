@@ -93,7 +93,12 @@ impl PodRuntime {
         for record in records {
             let uid = record.uid.clone();
             let (target, receiver) = watch::channel(PodTarget::Hold);
-            let task = tokio::spawn(worker::run(self.context.clone(), uid.clone(), receiver, Some(record)));
+            let task = tokio::spawn(worker::run(
+                self.context.clone(),
+                uid.clone(),
+                receiver,
+                Some(record),
+            ));
             workers.insert(uid, WorkerHandle { target, task });
         }
         Ok(count)
@@ -117,7 +122,12 @@ impl PodRuntime {
                 }
                 None => {
                     let (sender, receiver) = watch::channel(target);
-                    let task = tokio::spawn(worker::run(self.context.clone(), uid.clone(), receiver, None));
+                    let task = tokio::spawn(worker::run(
+                        self.context.clone(),
+                        uid.clone(),
+                        receiver,
+                        None,
+                    ));
                     workers.insert(uid.clone(), WorkerHandle { target: sender, task });
                 }
             }

@@ -63,9 +63,7 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
     // calls (open, write, close, setsid, setns, unshare, sethostname) on data prepared above.
     unsafe {
-        command.pre_exec(move || {
-            enter_container(&procs, netns_fd, &hostname)
-        });
+        command.pre_exec(move || enter_container(&procs, netns_fd, &hostname));
     }
     let child = command.spawn().map_err(|e| {
         io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))
@@ -150,7 +148,8 @@ pub fn resolve_program(program: &str, path_var: Option<&str>) -> Option<PathBuf>
     if program.contains('/') {
         return Some(PathBuf::from(program));
     }
-    let default_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let default_path =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let search = path_var.map(str::to_owned).unwrap_or(default_path);
     search
         .split(':')
@@ -172,7 +171,10 @@ mod tests {
         let pid = std::process::id();
         let ticks = process_start_ticks(pid).expect("own stat is readable");
         assert!(is_same_process_alive(pid, ticks));
-        assert!(!is_same_process_alive(pid, ticks + 1), "a different start time is another process");
+        assert!(
+            !is_same_process_alive(pid, ticks + 1),
+            "a different start time is another process"
+        );
     }
 
     #[test]

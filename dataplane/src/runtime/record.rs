@@ -114,7 +114,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("strait-records-{}", std::process::id()));
         let store = RecordStore::open(&dir).expect("open");
         let mut record = PodRecord { uid: "u1".into(), name: "web".into(), ..Default::default() };
-        record.containers.insert("c".into(), ContainerRecord { pid: Some(42), ..Default::default() });
+        record
+            .containers
+            .insert("c".into(), ContainerRecord { pid: Some(42), ..Default::default() });
         store.save(&record).expect("save");
         assert_eq!(store.load_all().expect("load"), vec![record]);
         store.remove("u1").expect("remove");

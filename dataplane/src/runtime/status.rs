@@ -62,7 +62,8 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
     for container in &spec.containers {
         let record = input.record.and_then(|r| r.containers.get(&container.name));
         let last_exit = record.and_then(|r| r.last_exit.as_ref());
-        let terminated = |exit: &ExitRecord| ContainerStateTerminated {
+        let terminated = |exit: &ExitRecord| {
+            ContainerStateTerminated {
             exit_code: exit.exit_code.unwrap_or(-1),
             signal: exit.signal,
             reason: Some(match exit.exit_code {
@@ -76,6 +77,7 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
             started_at: time(&exit.started_at),
             finished_at: time(&exit.finished_at),
             container_id: None,
+        }
         };
         let (state, is_running) = match (record, input.waiting.get(&container.name)) {
             (Some(r), _) if r.pid.is_some() => (
@@ -96,7 +98,10 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
                 false,
             ),
             (_, None) => match last_exit {
-                Some(exit) => (ContainerState { terminated: Some(terminated(exit)), ..Default::default() }, false),
+                Some(exit) => (
+                    ContainerState { terminated: Some(terminated(exit)), ..Default::default() },
+                    false,
+                ),
                 None => (
                     ContainerState {
                         waiting: Some(ContainerStateWaiting {
@@ -115,23 +120,30 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
         if record.is_some_and(|r| r.pid.is_some() || r.last_exit.is_some()) {
             ever_started += 1;
         }
-        if !is_running && let Some(exit) = last_exit && !restarts(restart_policy, exit) {
+        if !is_running
+            && let Some(exit) = last_exit
+            && !restarts(restart_policy, exit)
+        {
             finished_for_good += 1;
             if exit.exit_code != Some(0) {
                 failed += 1;
             }
         }
         // The last termination is shown as lastState while the container runs or waits again.
-        let last_state = last_exit
-            .filter(|_| state.terminated.is_none())
-            .map(|exit| ContainerState { terminated: Some(terminated(exit)), ..Default::default() });
+        let last_state = last_exit.filter(|_| state.terminated.is_none()).map(|exit| {
+            ContainerState { terminated: Some(terminated(exit)), ..Default::default() }
+        });
         statuses.push(ContainerStatus {
             name: container.name.clone(),
             image: container.image.clone().unwrap_or_default(),
             image_id: String::new(),
-            container_id: record
-                .and_then(|r| r.pid)
-                .map(|pid| format!("strait://{}/{}/{pid}", input.pod.metadata.uid.as_deref().unwrap_or(""), container.name)),
+            container_id: record.and_then(|r| r.pid).map(|pid| {
+                format!(
+                    "strait://{}/{}/{pid}",
+                    input.pod.metadata.uid.as_deref().unwrap_or(""),
+                    container.name
+                )
+            }),
             ready: is_running,
             started: Some(is_running),
             restart_count: record.map_or(0, |r| r.restart_count),
@@ -163,7 +175,7 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
             status,
             last_transition_time: unchanged
                 .and_then(|c| c.last_transition_time.clone())
-                .or_else(|| Some(Time(now))),
+                .or(Some(Time(now))),
             reason: reason.map(str::to_owned),
             message,
             ..Default::default()
@@ -243,16 +255,35 @@ mod tests {
     }
 
     fn exited(code: i32) -> ContainerRecord {
-        ContainerRecord { last_exit: Some(ExitRecord { exit_code: Some(code), ..Default::default() }), ..Default::default() }
+        ContainerRecord {
+            last_exit: Some(ExitRecord { exit_code: Some(code), ..Default::default() }),
+            ..Default::default()
+        }
     }
 
-    fn status(pod: &Pod, record: Option<&PodRecord>, waiting: &BTreeMap<String, Waiting>) -> k8s_openapi::api::core::v1::PodStatus {
-        let input = StatusInput { pod, node_ip: Ipv4Addr::new(172, 20, 0, 11), record, waiting, sandbox_error: None };
+    fn status(
+        pod: &Pod,
+        record: Option<&PodRecord>,
+        waiting: &BTreeMap<String, Waiting>,
+    ) -> k8s_openapi::api::core::v1::PodStatus {
+        let input = StatusInput {
+            pod,
+            node_ip: Ipv4Addr::new(172, 20, 0, 11),
+            record,
+            waiting,
+            sandbox_error: None,
+        };
         pod_status(&input, Timestamp::UNIX_EPOCH)
     }
 
     fn condition(status: &k8s_openapi::api::core::v1::PodStatus, kind: &str) -> String {
-        status.conditions.iter().flatten().find(|c| c.type_ == kind).map(|c| c.status.clone()).unwrap_or_default()
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == kind)
+            .map(|c| c.status.clone())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -279,12 +310,19 @@ mod tests {
     fn one_container_backing_off_keeps_the_pod_running_but_not_ready() {
         let pod = pod("Always");
         let rec = record(running(10), exited(1));
-        let waiting = [("b".to_owned(), Waiting { reason: "CrashLoopBackOff".into(), message: String::new() })].into();
+        let waiting = [(
+            "b".to_owned(),
+            Waiting { reason: "CrashLoopBackOff".into(), message: String::new() },
+        )]
+        .into();
         let s = status(&pod, Some(&rec), &waiting);
         assert_eq!(s.phase.as_deref(), Some("Running"));
         assert_eq!(condition(&s, "Ready"), "False");
         let b = &s.container_statuses.as_ref().expect("statuses")[1];
-        assert_eq!(b.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()), Some("CrashLoopBackOff"));
+        assert_eq!(
+            b.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()),
+            Some("CrashLoopBackOff")
+        );
         assert!(b.last_state.as_ref().is_some_and(|s| s.terminated.is_some()));
     }
 
@@ -296,7 +334,11 @@ mod tests {
         let bad = record(exited(0), exited(3));
         assert_eq!(status(&pod, Some(&bad), &BTreeMap::new()).phase.as_deref(), Some("Failed"));
         let pod = pod_with_policy_on_failure();
-        assert_eq!(status(&pod, Some(&bad), &BTreeMap::new()).phase.as_deref(), Some("Running"), "OnFailure restarts the failed one");
+        assert_eq!(
+            status(&pod, Some(&bad), &BTreeMap::new()).phase.as_deref(),
+            Some("Running"),
+            "OnFailure restarts the failed one"
+        );
     }
 
     fn pod_with_policy_on_failure() -> Pod {

@@ -158,7 +158,8 @@ impl Worker {
                     if let Err(error) = process::wait_for_exit_of(pid).await {
                         tracing::warn!(pid, %error, "cannot watch an adopted container; treating it as exited");
                     }
-                    let _ = exits.send(Exit { container: name, pid, exit_code: None, signal: None });
+                    let _ =
+                        exits.send(Exit { container: name, pid, exit_code: None, signal: None });
                 });
             } else {
                 container.pid = None;
@@ -208,8 +209,12 @@ impl Worker {
                 Err(error) => {
                     tracing::warn!(uid = %self.uid, %error, "cannot create the pod sandbox");
                     self.sandbox_error = Some(error);
-                    let delay = self.sandbox_retry.as_ref().map_or(INITIAL_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
-                    self.sandbox_retry = Some(Backoff { delay, next_start: Instant::now() + delay });
+                    let delay = self
+                        .sandbox_retry
+                        .as_ref()
+                        .map_or(INITIAL_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
+                    self.sandbox_retry =
+                        Some(Backoff { delay, next_start: Instant::now() + delay });
                     return;
                 }
             }
@@ -250,8 +255,11 @@ impl Worker {
         self.save();
         let attachment = self.attachment(&record, namespace.path());
         let made = async {
-            cgroup.create().map_err(|e| format!("creating cgroup {}: {e}", cgroup.path().display()))?;
-            std::fs::create_dir_all(self.pod_log_dir(&record)).map_err(|e| format!("creating the log directory: {e}"))?;
+            cgroup
+                .create()
+                .map_err(|e| format!("creating cgroup {}: {e}", cgroup.path().display()))?;
+            std::fs::create_dir_all(self.pod_log_dir(&record))
+                .map_err(|e| format!("creating the log directory: {e}"))?;
             cni.add(&attachment).await.map_err(|e| format!("{e:#}"))
         }
         .await;
@@ -310,10 +318,18 @@ impl Worker {
             }
             _ => {}
         }
-        self.context.records.remove(&record.uid).map_err(|e| format!("removing the pod record: {e}"))
+        self.context
+            .records
+            .remove(&record.uid)
+            .map_err(|e| format!("removing the pod record: {e}"))
     }
 
-    async fn sync_container(&mut self, pod: &Pod, container: &Container, restart_policy: Option<&str>) {
+    async fn sync_container(
+        &mut self,
+        pod: &Pod,
+        container: &Container,
+        restart_policy: Option<&str>,
+    ) {
         let name = container.name.clone();
         let Some(record) = self.record.as_ref() else { return };
         let existing = record.containers.get(&name).cloned().unwrap_or_default();
@@ -329,7 +345,10 @@ impl Worker {
         if let Some(backoff) = self.backoff.get(&name)
             && Instant::now() < backoff.next_start
         {
-            let message = format!("back-off {:?} restarting failed container={name} pod={}", backoff.delay, record.name);
+            let message = format!(
+                "back-off {:?} restarting failed container={name} pod={}",
+                backoff.delay, record.name
+            );
             self.set_waiting(&name, "CrashLoopBackOff", message);
             return;
         }
@@ -341,7 +360,8 @@ impl Worker {
             }
         };
         let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
-        let (program, args) = match image::executable(container, &self.context.strait_exe, path_var) {
+        let (program, args) = match image::executable(container, &self.context.strait_exe, path_var)
+        {
             Ok(executable) => executable,
             Err(refused) => {
                 self.set_waiting(&name, refused.reason, refused.message);
@@ -350,7 +370,11 @@ impl Worker {
         };
         let cgroup = self.context.pods_cgroup.child(&self.uid).child(&name);
         if let Err(error) = cgroup.create() {
-            self.set_waiting(&name, "RunContainerError", format!("creating cgroup {}: {error}", cgroup.path().display()));
+            self.set_waiting(
+                &name,
+                "RunContainerError",
+                format!("creating cgroup {}: {error}", cgroup.path().display()),
+            );
             return;
         }
         let launch = Launch {
@@ -372,7 +396,11 @@ impl Worker {
             }
         };
         let Some(pid) = child.id() else {
-            self.set_waiting(&name, "RunContainerError", "the process exited before it could be watched".to_owned());
+            self.set_waiting(
+                &name,
+                "RunContainerError",
+                "the process exited before it could be watched".to_owned(),
+            );
             return;
         };
         let exits = self.exits.clone();
@@ -478,7 +506,11 @@ impl Worker {
 
     /// Stops every process of the pod (SIGTERM, then SIGKILL after `grace`) and undoes the
     /// sandbox. Returns false if something could not be undone (it is retried later).
-    async fn terminate(&mut self, grace: Duration, exits: &mut mpsc::UnboundedReceiver<Exit>) -> bool {
+    async fn terminate(
+        &mut self,
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<Exit>,
+    ) -> bool {
         let Some(record) = self.record.clone() else { return true };
         let cgroup = self.context.pods_cgroup.child(&self.uid);
         if let Err(error) = cgroup.signal_all(nix::sys::signal::Signal::SIGTERM) {
@@ -517,11 +549,18 @@ impl Worker {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let mut delay = INITIAL_BACKOFF;
         loop {
-            match self.context.api.delete_with_uid::<Pod>(namespace, name, Some(0), pod.metadata.uid.as_deref()).await {
+            match self
+                .context
+                .api
+                .delete_with_uid::<Pod>(namespace, name, Some(0), pod.metadata.uid.as_deref())
+                .await
+            {
                 Ok(_) => return,
                 // 409: the name now belongs to another pod; this one is gone already.
                 Err(error) if error.code() == Some(409) => return,
-                Err(error) => tracing::warn!(uid = %self.uid, %error, "cannot remove the pod object; will retry"),
+                Err(error) => {
+                    tracing::warn!(uid = %self.uid, %error, "cannot remove the pod object; will retry")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -537,9 +576,16 @@ impl Worker {
 
 /// The environment of a container: defaults, then its `env` with `value` and the `fieldRef`s
 /// that the node knows.
-fn container_env(pod: &Pod, container: &Container, record: &PodRecord) -> Result<Vec<(String, String)>, String> {
+fn container_env(
+    pod: &Pod,
+    container: &Container,
+    record: &PodRecord,
+) -> Result<Vec<(String, String)>, String> {
     let mut env = vec![
-        ("PATH".to_owned(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        (
+            "PATH".to_owned(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        ),
         ("HOSTNAME".to_owned(), record.name.clone()),
     ];
     for var in container.env.iter().flatten() {
@@ -550,11 +596,21 @@ fn container_env(pod: &Pod, container: &Container, record: &PodRecord) -> Result
                 "metadata.name" => record.name.clone(),
                 "metadata.namespace" => record.namespace.clone(),
                 "metadata.uid" => record.uid.clone(),
-                "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
-                "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+                "spec.nodeName" => {
+                    pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+                }
+                "spec.serviceAccountName" => pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_default(),
                 "status.podIP" => record.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-                "status.hostIP" => pod.status.as_ref().and_then(|s| s.host_ip.clone()).unwrap_or_default(),
-                other => return Err(format!("env {}: fieldRef {other} is not supported", var.name)),
+                "status.hostIP" => {
+                    pod.status.as_ref().and_then(|s| s.host_ip.clone()).unwrap_or_default()
+                }
+                other => {
+                    return Err(format!("env {}: fieldRef {other} is not supported", var.name));
+                }
             }
         } else if var.value_from.is_some() {
             return Err(format!("env {}: only value and fieldRef are supported so far", var.name));

@@ -1,0 +1,88 @@
+//! `strait lab exec` and `strait lab node-exec`: run a command inside a pod's or a node's
+//! network namespace (and, for a pod, its cgroup), the way `kubectl exec` and `ssh node` would.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    path::Path,
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Pod;
+use strait_controlplane::client::ApiClient;
+use strait_dataplane::{cgroup::Cgroup, netns};
+
+use super::{LabState, lab_cgroup, netns_prefix, node_netns};
+
+/// Runs `command` in the pod `namespace/name` of `lab` and returns its exit code.
+pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Result<i32> {
+    let state = LabState::load(lab)?;
+    let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let api = ApiClient::new(&state.api_server)?;
+    let Some(object) = api.get::<Pod>(Some(namespace), name).await? else {
+        bail!("pod {namespace}/{name} not found in lab {lab}");
+    };
+    let uid = object.metadata.uid.clone().context("the pod has no uid")?;
+    let node = object.spec.as_ref().and_then(|s| s.node_name.clone());
+    let Some(node) = node else {
+        bail!("pod {namespace}/{name} is not scheduled to a node yet");
+    };
+    let netns_name = format!("{}pod-{uid}", netns_prefix(lab));
+    if !netns::NetNs::exists(&netns_name) {
+        bail!("pod {namespace}/{name} has no network namespace yet (is it running?)");
+    }
+    let cgroup = Cgroup::new(&lab_cgroup(lab).join(&node).join("pods").join(&uid))?;
+    run_inside(&netns::named_path(&netns_name), Some(&cgroup), command)
+}
+
+/// Runs `command` in the network namespace of `node` of `lab` and returns its exit code.
+pub fn exec_in_node(lab: &str, node: &str, command: &[String]) -> anyhow::Result<i32> {
+    let state = LabState::load(lab)?;
+    if !state.nodes.iter().any(|n| n.name == node) {
+        let names: Vec<_> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+        bail!("lab {lab} has no node {node:?}; its nodes are {}", names.join(", "));
+    }
+    let cgroup = Cgroup::new(&lab_cgroup(lab).join(node).join("exec"))?;
+    cgroup.create()?;
+    run_inside(&netns::named_path(&node_netns(lab, node)), Some(&cgroup), command)
+}
+
+fn run_inside(
+    netns_path: &Path,
+    cgroup: Option<&Cgroup>,
+    command: &[String],
+) -> anyhow::Result<i32> {
+    let Some((program, args)) = command.split_first() else {
+        bail!("give a command to run after --");
+    };
+    let netns_file =
+        File::open(netns_path).with_context(|| format!("opening {}", netns_path.display()))?;
+    let netns_fd = netns_file.as_raw_fd();
+    let procs = cgroup.map(|c| CString::new(c.procs_file().as_os_str().as_bytes())).transpose()?;
+    let mut child = Command::new(program);
+    child.args(args);
+    // SAFETY: runs between fork and exec; only async-signal-safe calls on prepared data.
+    unsafe {
+        child.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = child.status().with_context(|| format!("running {program}"))?;
+    drop(netns_file);
+    Ok(status.code().unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        128 + status.signal().unwrap_or(0)
+    }))
+}

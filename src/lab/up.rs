@@ -1,0 +1,454 @@
+//! `strait lab up`: builds the lab's namespaces and fabric, starts the controller and one agent
+//! per node, and returns once every node is Ready.
+
+use std::{
+    ffi::CString,
+    fs::{self, File, OpenOptions},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use strait_controlplane::client::ApiClient;
+use strait_dataplane::{cgroup::Cgroup, ebpf, netlink, netns::NetNs};
+
+use super::{
+    CONTROLLER_ADDRESS, CONTROLLER_PORT, FABRIC_PREFIX_LEN, LabNode, LabState, MAX_NODES, down,
+    fabric_netns, kubeconfig_text, lab_cgroup, lab_dir, netns_prefix, node_address, node_name,
+    node_netns, validate_lab_name,
+};
+
+/// The bridge in the fabric namespace that all nodes are plugged into.
+const FABRIC_BRIDGE: &str = "fabric0";
+
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub name: String,
+    pub nodes: usize,
+    /// The `strait` binary the lab's processes run (normally the running one).
+    pub strait_exe: PathBuf,
+    /// The `strait-cni` binary the agents exec.
+    pub cni_plugin: PathBuf,
+    /// How long to wait for every node to be Ready.
+    pub ready_timeout: Duration,
+}
+
+/// Brings a lab up. If anything fails, everything made so far is removed again.
+pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
+    validate_lab_name(&options.name)?;
+    if options.nodes == 0 || options.nodes > MAX_NODES {
+        bail!("a lab has 1 to {MAX_NODES} nodes, not {}", options.nodes);
+    }
+    for binary in [&options.strait_exe, &options.cni_plugin] {
+        if !binary.is_file() {
+            bail!("{} does not exist; build it with `cargo build --release`", binary.display());
+        }
+    }
+    if LabState::path(&options.name).exists() || lab_dir(&options.name).exists() {
+        bail!(
+            "a lab named {:?} already exists; remove it with `strait lab down --name {}`",
+            options.name,
+            options.name
+        );
+    }
+    match build(options).await {
+        Ok(state) => Ok(state),
+        Err(error) => {
+            let logs = log_tails(&options.name);
+            let cleanup = down(&options.name);
+            match cleanup {
+                Ok(_) => Err(error.context(format!("bringing lab {} up (everything made was removed){logs}", options.name))),
+                Err(cleanup_error) => Err(error.context(format!(
+                    "bringing lab {} up; removing what was made also failed: {cleanup_error:#}{logs}",
+                    options.name
+                ))),
+            }
+        }
+    }
+}
+
+async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
+    let lab = &options.name;
+    let dir = lab_dir(lab);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    ebpf::ensure_bpffs().context("mounting the bpf filesystem")?;
+    let cgroup = Cgroup::new(&lab_cgroup(lab)).context("locating the lab's cgroup")?;
+    cgroup.create().with_context(|| format!("creating cgroup {}", cgroup.path().display()))?;
+
+    // The fabric: a bridge with the controller's address.
+    let fabric = NetNs::create(&fabric_netns(lab)).context("creating the fabric namespace")?;
+    let fabric_nl = fabric.netlink()?;
+    bring_loopback_up(&fabric_nl).await?;
+    let bridge = netlink::ensure_bridge(&fabric_nl, FABRIC_BRIDGE).await?;
+    netlink::replace_address(
+        &fabric_nl,
+        bridge,
+        Ipv4Net::new(CONTROLLER_ADDRESS, FABRIC_PREFIX_LEN)?,
+    )
+    .await?;
+    netlink::set_link_up(&fabric_nl, bridge).await?;
+
+    // Nodes: a namespace each, plugged into the fabric by a veth pair.
+    let mut node_namespaces = Vec::new();
+    for index in 1..=options.nodes {
+        let name = node_name(index);
+        let namespace = NetNs::create(&node_netns(lab, &name))
+            .with_context(|| format!("creating the namespace of {name}"))?;
+        netlink::create_veth(&fabric_nl, &name, "eth0", namespace.fd(), None).await?;
+        let fabric_end = netlink::link_index(&fabric_nl, &name)
+            .await?
+            .with_context(|| format!("finding the fabric end of {name}"))?;
+        netlink::set_master(&fabric_nl, fabric_end, bridge).await?;
+        netlink::set_link_up(&fabric_nl, fabric_end).await?;
+
+        let node_nl = namespace.netlink()?;
+        bring_loopback_up(&node_nl).await?;
+        let eth0 = netlink::link_index(&node_nl, "eth0")
+            .await?
+            .with_context(|| format!("finding eth0 of {name}"))?;
+        netlink::replace_address(
+            &node_nl,
+            eth0,
+            Ipv4Net::new(node_address(index), FABRIC_PREFIX_LEN)?,
+        )
+        .await?;
+        netlink::set_link_up(&node_nl, eth0).await?;
+        // A node routes for its pods. Per-namespace sysctl: the root namespace is untouched.
+        namespace.write_net_sysctl("ipv4/ip_forward", "1")?;
+        node_namespaces.push((index, name, namespace));
+    }
+
+    // The controller's two ways in: loopback in the root namespace (kubectl), and the fabric
+    // address inside the lab (agents). Both sockets are made here and handed over, so the port
+    // printed in the kubeconfig is the one actually served.
+    let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding a loopback port for the API")?;
+    let api_port = loopback.local_addr()?.port();
+    let controller_pid = start_controller(lab, &options.strait_exe, loopback)?;
+
+    let mut nodes = Vec::new();
+    for (index, name, namespace) in &node_namespaces {
+        let agent_pid = start_agent(lab, name, node_address(*index), options)?;
+        nodes.push(LabNode {
+            name: name.clone(),
+            address: node_address(*index),
+            netns: namespace.name().to_owned(),
+            agent_pid,
+        });
+    }
+
+    let api_server = format!("http://127.0.0.1:{api_port}");
+    let kubeconfig = dir.join("kubeconfig");
+    fs::write(&kubeconfig, kubeconfig_text(lab, &api_server))?;
+    let state = LabState {
+        name: lab.clone(),
+        nodes,
+        api_server,
+        kubeconfig,
+        controller_pid,
+        strait_exe: options.strait_exe.clone(),
+        cni_plugin: options.cni_plugin.clone(),
+    };
+    state.save()?;
+    wait_until_ready(&state, options.ready_timeout).await?;
+    Ok(state)
+}
+
+/// Starts the lab's controller with `loopback` (a socket bound in the root namespace) and a
+/// socket bound to the controller's address inside the fabric namespace.
+fn start_controller(lab: &str, strait_exe: &Path, loopback: TcpListener) -> anyhow::Result<u32> {
+    let dir = lab_dir(lab);
+    let fabric = NetNs::open(&fabric_netns(lab))?;
+    let fabric_address = SocketAddr::from((CONTROLLER_ADDRESS, CONTROLLER_PORT));
+    let in_fabric = fabric
+        .run(|| TcpListener::bind(fabric_address))?
+        .with_context(|| format!("binding {fabric_address} in the fabric"))?;
+    let cgroup = Cgroup::new(&lab_cgroup(lab).join("controller"))?;
+    cgroup.create()?;
+    let data_dir = dir.join("controller");
+    fs::create_dir_all(&data_dir)?;
+    let mut controller = Command::new(strait_exe);
+    controller.args(["controller", "--cluster", lab, "--data-dir"]).arg(&data_dir).args([
+        "--listen-fd",
+        "3",
+        "--listen-fd",
+        "4",
+    ]);
+    spawn_daemon(
+        controller,
+        &cgroup,
+        None,
+        &[loopback.as_raw_fd(), in_fabric.as_raw_fd()],
+        &dir.join("controller.log"),
+    )
+    .context("starting the controller")
+}
+
+/// Starts the agent of one node inside that node's namespace.
+fn start_agent(
+    lab: &str,
+    node: &str,
+    address: Ipv4Addr,
+    binaries: &impl LabBinaries,
+) -> anyhow::Result<u32> {
+    let node_dir = lab_dir(lab).join("nodes").join(node);
+    fs::create_dir_all(&node_dir)?;
+    let cgroup_root = lab_cgroup(lab).join(node);
+    let cgroup = Cgroup::new(&cgroup_root.join("agent"))?;
+    cgroup.create()?;
+    let controller_url =
+        format!("http://{}", SocketAddr::from((CONTROLLER_ADDRESS, CONTROLLER_PORT)));
+    let mut agent = Command::new(binaries.strait_exe());
+    agent
+        .args(["agent", "--node-name", node, "--node-ip", &address.to_string()])
+        .args(["--controller", &controller_url, "--cluster", lab])
+        .arg("--state-dir")
+        .arg(&node_dir)
+        .args(["--netns-prefix", &netns_prefix(lab)])
+        .arg("--cgroup-root")
+        .arg(&cgroup_root)
+        .arg("--cni-plugin")
+        .arg(binaries.cni_plugin())
+        .arg("--cni-conf-dir")
+        .arg(node_dir.join("net.d"));
+    spawn_daemon(
+        agent,
+        &cgroup,
+        Some(&node_netns_path(lab, node)),
+        &[],
+        &node_dir.join("agent.log"),
+    )
+    .with_context(|| format!("starting the agent of {node}"))
+}
+
+fn node_netns_path(lab: &str, node: &str) -> PathBuf {
+    strait_dataplane::netns::named_path(&node_netns(lab, node))
+}
+
+/// Where the binaries of a lab's processes are.
+trait LabBinaries {
+    fn strait_exe(&self) -> &Path;
+    fn cni_plugin(&self) -> &Path;
+}
+
+impl LabBinaries for UpOptions {
+    fn strait_exe(&self) -> &Path {
+        &self.strait_exe
+    }
+    fn cni_plugin(&self) -> &Path {
+        &self.cni_plugin
+    }
+}
+
+impl LabBinaries for LabState {
+    fn strait_exe(&self) -> &Path {
+        &self.strait_exe
+    }
+    fn cni_plugin(&self) -> &Path {
+        &self.cni_plugin
+    }
+}
+
+/// A process of a lab that `strait lab restart` can restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabProcess {
+    Controller,
+    Agent(String),
+}
+
+impl std::str::FromStr for LabProcess {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        match text {
+            "controller" => Ok(Self::Controller),
+            node if node.starts_with("node-") => Ok(Self::Agent(node.to_owned())),
+            other => bail!("{other:?} is neither `controller` nor a node name like `node-1`"),
+        }
+    }
+}
+
+/// Kills a lab process with SIGKILL (the harshest way it can die) and waits until it is gone.
+/// What it set up (pods, routes, pins, the store) stays.
+pub fn kill(lab: &str, process: &LabProcess) -> anyhow::Result<()> {
+    let state = LabState::load(lab)?;
+    let cgroup = process_cgroup(&state, process)?;
+    cgroup.kill_all(Duration::from_secs(10)).with_context(|| format!("killing {process:?}"))
+}
+
+/// Starts a lab process again after [`kill`] (or kills and restarts it if it runs), on the
+/// same addresses, and records its new pid.
+pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
+    let mut state = LabState::load(lab)?;
+    kill(lab, process)?;
+    let pid = match process {
+        LabProcess::Controller => {
+            let port = state
+                .api_server
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .context("reading the API port from the lab state")?;
+            let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .with_context(|| format!("binding 127.0.0.1:{port} again"))?;
+            let pid = start_controller(lab, &state.strait_exe, loopback)?;
+            state.controller_pid = pid;
+            pid
+        }
+        LabProcess::Agent(node) => {
+            let address = state
+                .nodes
+                .iter()
+                .find(|n| &n.name == node)
+                .map(|n| n.address)
+                .context("no such node")?;
+            let pid = start_agent(lab, node, address, &state)?;
+            if let Some(entry) = state.nodes.iter_mut().find(|n| &n.name == node) {
+                entry.agent_pid = pid;
+            }
+            pid
+        }
+    };
+    state.save()?;
+    Ok(pid)
+}
+
+fn process_cgroup(state: &LabState, process: &LabProcess) -> anyhow::Result<Cgroup> {
+    let relative = match process {
+        LabProcess::Controller => lab_cgroup(&state.name).join("controller"),
+        LabProcess::Agent(node) => {
+            if !state.nodes.iter().any(|n| &n.name == node) {
+                bail!("lab {} has no node {node}", state.name);
+            }
+            lab_cgroup(&state.name).join(node).join("agent")
+        }
+    };
+    Ok(Cgroup::new(&relative)?)
+}
+
+async fn bring_loopback_up(handle: &rtnetlink::Handle) -> anyhow::Result<()> {
+    let lo = netlink::link_index(handle, "lo").await?.context("a namespace without lo")?;
+    netlink::set_link_up(handle, lo).await?;
+    Ok(())
+}
+
+/// Starts a long-running lab process, detached from this one: its own session, its own cgroup,
+/// optionally inside a network namespace, stdout and stderr to `log`, and `inherited` file
+/// descriptors handed over as fds 3, 4, … (systemd-style socket passing).
+fn spawn_daemon(
+    mut command: Command,
+    cgroup: &Cgroup,
+    netns: Option<&Path>,
+    inherited: &[i32],
+    log: &Path,
+) -> anyhow::Result<u32> {
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
+    let netns_file = netns.map(File::open).transpose().context("opening the node namespace")?;
+    let netns_fd = netns_file.as_ref().map(|f| f.as_raw_fd());
+    let inherited = inherited.to_vec();
+    command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()));
+    // SAFETY: runs between fork and exec; only async-signal-safe calls on prepared data.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(netns_fd) = netns_fd
+                && libc::setns(netns_fd, libc::CLONE_NEWNET) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Move the sockets out of the way first, so that placing one on fd 3 cannot close
+            // another that happens to sit there; dup2 leaves the targets without CLOEXEC.
+            let mut high = [0i32; 8];
+            for (slot, fd) in inherited.iter().enumerate().take(high.len()) {
+                high[slot] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high[slot] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (slot, _) in inherited.iter().enumerate().take(high.len()) {
+                if libc::dup2(high[slot], 3 + slot as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("spawning")?;
+    let pid = child.id();
+    // Reap it when it ends, so a long-lived parent (a test, a benchmark) keeps no zombie. When
+    // this process exits first, the daemon is re-parented and keeps running.
+    std::thread::spawn(move || child.wait());
+    Ok(pid)
+}
+
+async fn wait_until_ready(state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+    let api = ApiClient::new(&state.api_server)?;
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("the API server did not answer");
+    while Instant::now() < deadline {
+        match api.list::<Node>(None, "").await {
+            Ok((nodes, _)) => {
+                let ready = nodes.iter().filter(|node| is_node_ready(node)).count();
+                if ready == state.nodes.len() {
+                    return Ok(());
+                }
+                last = format!(
+                    "{ready} of {} nodes Ready ({} registered)",
+                    state.nodes.len(),
+                    nodes.len()
+                );
+            }
+            Err(error) => last = format!("{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the lab was not ready within {timeout:?}: {last}")
+}
+
+/// Whether a Node reports `Ready=True`.
+pub fn is_node_ready(node: &Node) -> bool {
+    node.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|conditions| {
+        conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// The last lines of every log of a lab, for an error message.
+fn log_tails(lab: &str) -> String {
+    let dir = lab_dir(lab);
+    let mut logs = vec![dir.join("controller.log")];
+    if let Ok(nodes) = fs::read_dir(dir.join("nodes")) {
+        logs.extend(nodes.flatten().map(|entry| entry.path().join("agent.log")));
+    }
+    let mut text = String::new();
+    for log in logs {
+        if let Ok(content) = fs::read_to_string(&log) {
+            let tail: Vec<_> = content.lines().rev().take(8).collect();
+            text.push_str(&format!("\n--- {} ---\n", log.display()));
+            for line in tail.iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    text
+}

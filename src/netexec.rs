@@ -1,0 +1,75 @@
+//! `strait/netexec`, the built-in test workload: small network services that answer with what
+//! they see, so tests can tell which pod answered and from which address it was reached.
+//!
+//! - HTTP (default port 8080): `/hostname` → the pod's name, `/clientip` → the peer address as
+//!   seen (`ip:port`), `/echo?msg=…` → `msg`, `/healthz` → `ok`.
+//! - UDP (default port 8081): `hostname` → the pod's name, `clientip` → the peer address as seen
+//!   (`ip:port`), anything else is echoed back unchanged.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::Context as _;
+use axum::{
+    Router,
+    extract::{ConnectInfo, Query},
+    routing::get,
+};
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug)]
+pub struct NetexecPorts {
+    pub http: u16,
+    pub udp: u16,
+}
+
+/// The pod's name: the hostname of its UTS namespace, which the runtime sets to the pod name.
+fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct EchoQuery {
+    #[serde(default)]
+    msg: String,
+}
+
+/// Serves HTTP and UDP until the process is stopped.
+pub async fn run(ports: NetexecPorts) -> anyhow::Result<()> {
+    let http = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, ports.http))
+        .await
+        .with_context(|| format!("binding HTTP port {}", ports.http))?;
+    let udp = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ports.udp))
+        .await
+        .with_context(|| format!("binding UDP port {}", ports.udp))?;
+    let app = Router::new()
+        .route("/hostname", get(|| async { hostname() }))
+        .route(
+            "/clientip",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+        )
+        .route("/echo", get(|Query(query): Query<EchoQuery>| async move { query.msg }))
+        .route("/healthz", get(|| async { "ok" }));
+    let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>());
+    let udp_server = async move {
+        let mut buffer = vec![0u8; 65_536];
+        loop {
+            let (len, peer) = udp.recv_from(&mut buffer).await.context("receiving UDP")?;
+            let request = &buffer[..len];
+            let reply = match std::str::from_utf8(request).map(str::trim) {
+                Ok("hostname") => hostname().into_bytes(),
+                Ok("clientip") => peer.to_string().into_bytes(),
+                _ => request.to_vec(),
+            };
+            // A peer that went away is its problem, not the server's.
+            if let Err(error) = udp.send_to(&reply, peer).await {
+                eprintln!("netexec: replying to {peer}: {error}");
+            }
+        }
+        #[expect(unreachable_code, reason = "gives the async block its Result type")]
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        served = http_server => served.context("serving HTTP"),
+        served = udp_server => served,
+    }
+}

@@ -1,0 +1,304 @@
+//! A lab for one test, removed when the test ends (also when it panics), and the ways a test
+//! talks to it: kubectl, the API, and sockets opened inside its namespaces after checking where
+//! their traffic goes.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use strait::lab::{self, LabState, UpOptions};
+use strait_controlplane::client::ApiClient;
+use strait_dataplane::netns::NetNs;
+
+/// A running lab that is brought down when dropped.
+pub struct TestLab {
+    pub state: LabState,
+    pub api: ApiClient,
+}
+
+/// kubectl for tests: the newest real client on the machine, or `STRAIT_KUBECTL`.
+pub fn kubectl_binary() -> String {
+    if let Ok(path) = std::env::var("STRAIT_KUBECTL") {
+        return path;
+    }
+    let pinned = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33";
+    if std::path::Path::new(pinned).exists() { pinned.to_owned() } else { "kubectl".to_owned() }
+}
+
+impl TestLab {
+    /// Brings up a lab named `e2e-<tag>-<pid>` with `nodes` nodes.
+    pub async fn up(tag: &str, nodes: usize) -> Self {
+        let name = format!("e2e-{tag}-{}", std::process::id() % 100_000);
+        assert!(name.len() <= 20, "lab name {name} too long; shorten the tag");
+        // A lab of this name left by a crashed earlier run of this same test is removed first.
+        lab::down(&name).expect("removing a stale lab of the same name");
+        let options = UpOptions {
+            name: name.clone(),
+            nodes,
+            strait_exe: env!("CARGO_BIN_EXE_strait").into(),
+            cni_plugin: env!("CARGO_BIN_EXE_strait-cni").into(),
+            ready_timeout: Duration::from_secs(90),
+        };
+        let state = lab::up(&options).await.unwrap_or_else(|e| panic!("lab up {name}: {e:#}"));
+        let api = ApiClient::new(&state.api_server).expect("API client");
+        Self { state, api }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// Runs kubectl against this lab.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with_input(args, None)
+    }
+
+    pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut child = Command::new(kubectl_binary())
+            .arg("--kubeconfig")
+            .arg(&self.state.kubeconfig)
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("writing to kubectl");
+        }
+        child.wait_with_output().expect("waiting for kubectl")
+    }
+
+    /// Runs kubectl and returns its stdout, failing the test on a non-zero exit.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Creates a `strait/netexec` pod with kubectl, pinned to `node` when given.
+    pub fn create_netexec_pod(&self, name: &str, node: Option<&str>) {
+        let node_line = node.map(|n| format!("  nodeName: {n}\n")).unwrap_or_default();
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: netexec\nspec:\n{node_line}  containers:\n  - name: netexec\n    image: strait/netexec\n    ports:\n    - containerPort: 8080\n"
+        );
+        let output =
+            self.kubectl_with_input(&["create", "--validate=false", "-f", "-"], Some(&manifest));
+        assert!(
+            output.status.success(),
+            "kubectl create pod {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Waits until the pod is Running and Ready with an IP, and returns it.
+    pub async fn wait_running(&self, name: &str) -> Pod {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.api.get::<Pod>(Some("default"), name).await {
+                Ok(Some(pod)) => {
+                    let status = pod.status.clone().unwrap_or_default();
+                    let ready = status
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    if status.phase.as_deref() == Some("Running")
+                        && ready
+                        && status.pod_ip.is_some()
+                    {
+                        return pod;
+                    }
+                    last = format!("{status:?}");
+                }
+                Ok(None) => last = "not found".to_owned(),
+                Err(error) => last = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("pod {name} not running and ready in time; last seen: {last}\n{}", self.logs());
+    }
+
+    /// The namespace of a node of this lab.
+    pub fn node_netns(&self, node: &str) -> NetNs {
+        NetNs::open(&lab::node_netns(self.name(), node)).expect("opening the node namespace")
+    }
+
+    /// The namespace of a running pod of this lab.
+    pub fn pod_netns(&self, pod: &Pod) -> NetNs {
+        let uid = pod.metadata.uid.as_deref().expect("pod uid");
+        NetNs::open(&format!("{}pod-{uid}", lab::netns_prefix(self.name())))
+            .expect("opening the pod namespace")
+    }
+
+    /// The last lines of every log of the lab, for failure messages.
+    pub fn logs(&self) -> String {
+        let dir = lab::lab_dir(self.name());
+        let mut text = String::new();
+        let mut files = vec![dir.join("controller.log")];
+        for node in &self.state.nodes {
+            files.push(dir.join("nodes").join(&node.name).join("agent.log"));
+        }
+        for file in files {
+            if let Ok(content) = std::fs::read_to_string(&file) {
+                let lines: Vec<_> = content.lines().rev().take(15).collect();
+                text.push_str(&format!("--- {} ---\n", file.display()));
+                for line in lines.iter().rev() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(error) = lab::down(self.name()) {
+            // Never hide a leak: make the test fail loudly (unless it is already failing).
+            if !std::thread::panicking() {
+                panic!("lab down {}: {error:#}", self.name());
+            }
+            eprintln!("lab down {} failed while the test was failing: {error:#}", self.name());
+        }
+    }
+}
+
+pub fn pod_ip(pod: &Pod) -> Ipv4Addr {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .expect("pod IP")
+        .parse()
+        .expect("IPv4 pod IP")
+}
+
+/// Asserts that traffic from `netns` to `destination` leaves through an interface the lab made
+/// (a veth or a bridge in that namespace), never through a real one (DESIGN.md, Network safety).
+pub fn assert_route_stays_in_lab(netns: &NetNs, destination: Ipv4Addr) {
+    let route = Command::new("ip")
+        .args(["-n", netns.name(), "-o", "route", "get", &destination.to_string()])
+        .output()
+        .expect("running ip route get");
+    let text = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.status.success(),
+        "no route from {} to {destination}: {}",
+        netns.name(),
+        String::from_utf8_lossy(&route.stderr)
+    );
+    let device =
+        text.split_whitespace().skip_while(|word| *word != "dev").nth(1).unwrap_or_else(|| {
+            panic!("route from {} to {destination} has no device: {text}", netns.name())
+        });
+    let link = Command::new("ip")
+        .args(["-n", netns.name(), "-d", "-o", "link", "show", device])
+        .output()
+        .expect("ip link");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains(" veth ") || link.contains(" bridge "),
+        "traffic from {} to {destination} would leave through {device}, which is not a lab link: {link}",
+        netns.name()
+    );
+}
+
+/// `GET path` over HTTP/1.0 from inside `netns`, after checking the route. Returns the body.
+pub fn http_get(
+    netns: &NetNs,
+    destination: Ipv4Addr,
+    port: u16,
+    path: &str,
+) -> Result<String, String> {
+    assert_route_stays_in_lab(netns, destination);
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {destination}\r\n\r\n");
+    netns
+        .run(|| -> std::io::Result<String> {
+            let address = SocketAddr::from((destination, port));
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("HTTP to {destination}:{port}{path} from {}: {e}", netns.name()))
+        .and_then(|response| {
+            let (head, body) =
+                response.split_once("\r\n\r\n").ok_or_else(|| format!("not HTTP: {response}"))?;
+            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+                return Err(format!("HTTP answer {head}"));
+            }
+            Ok(body.to_owned())
+        })
+}
+
+/// Sends one UDP datagram from inside `netns` (from `source` when given) and returns the reply,
+/// or `None` when none came within `wait`.
+pub fn udp_request(
+    netns: &NetNs,
+    source: Option<Ipv4Addr>,
+    destination: Ipv4Addr,
+    port: u16,
+    payload: &str,
+    wait: Duration,
+) -> Option<String> {
+    assert_route_stays_in_lab(netns, destination);
+    netns
+        .run(|| -> std::io::Result<Option<String>> {
+            let socket = UdpSocket::bind((source.unwrap_or(Ipv4Addr::UNSPECIFIED), 0))?;
+            socket.set_read_timeout(Some(wait))?;
+            socket.send_to(payload.as_bytes(), (destination, port))?;
+            let mut buffer = [0u8; 2048];
+            match socket.recv_from(&mut buffer) {
+                Ok((len, _)) => Ok(Some(String::from_utf8_lossy(&buffer[..len]).into_owned())),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .expect("entering the namespace")
+        .expect("sending UDP")
+}
+
+/// Retries `attempt` for up to `timeout` until it returns `Ok`, then returns that value; on
+/// timeout panics with the last error. For things that become true shortly (routes, status).
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(error) if Instant::now() >= deadline => {
+                panic!("{what}: still failing after {timeout:?}: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -395,3 +395,48 @@ async fn lab_down_leaves_no_namespace_link_pin_cgroup_or_process() {
     // Running it again on a lab that is gone is fine.
     lab::down(&name).expect("a second lab down");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_to_a_node_that_leaves_are_removed_and_the_others_stay() {
+    if !support::privileged("routes_to_a_node_that_leaves_are_removed_and_the_others_stay") {
+        return;
+    }
+    let lab = TestLab::up("leave", 3).await;
+    let (nodes, _) = lab.api.list::<Node>(None, "").await.expect("nodes");
+    let cidr_of = |name: &str| -> ipnet::Ipv4Net {
+        nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.spec.as_ref()?.pod_cidr.as_deref()?.parse().ok())
+            .expect("podCIDR")
+    };
+    let (leaving, staying) = (cidr_of("node-3"), cidr_of("node-2"));
+    let node_1 = lab.node_netns("node-1");
+    let routes = || {
+        let handle = node_1.netlink().expect("netlink in node-1");
+        async move {
+            strait_dataplane::netlink::routes_with_protocol(&handle, strait_dataplane::netlink::ROUTE_PROTOCOL_STRAIT)
+                .await
+                .expect("routes")
+                .into_iter()
+                .map(|r| r.destination)
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = routes().await;
+    assert!(before.contains(&leaving) && before.contains(&staying), "{before:?}");
+
+    // The node's agent is gone for good (otherwise it would register again), then the Node.
+    lab::kill(lab.name(), &LabProcess::Agent("node-3".into())).expect("stopping node-3's agent");
+    assert!(lab.api.delete::<Node>(None, "node-3", None).await.expect("delete node-3"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = routes().await;
+        if !now.contains(&leaving) {
+            assert!(now.contains(&staying), "the route to node-2 stays: {now:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "route to {leaving} still there: {now:?}\n{}", lab.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -833,3 +833,70 @@ async fn discovery_lists_the_served_resources() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap()["kind"], "EventList");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_ends_its_initial_events_with_a_bookmark() {
+    let server = TestController::start("api-streaming-list");
+    let client = server.client();
+    client.create::<Pod>(Some("default"), &pod_on("a", "node-1")).await.unwrap();
+    let mut watch = client
+        .watch::<Pod>(
+            Some("default"),
+            "sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true",
+        )
+        .await
+        .unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap()
+    };
+    match next().await {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("a")),
+        other => panic!("expected the current pod first, got {other:?}"),
+    }
+    match next().await {
+        WatchEvent::Bookmark { annotations, resource_version } => {
+            assert_eq!(
+                annotations.get("k8s.io/initial-events-end").map(String::as_str),
+                Some("true")
+            );
+            assert!(resource_version.parse::<u64>().is_ok());
+        }
+        other => panic!("expected the end-of-initial-events bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_level_errors_are_status_objects_too() {
+    let server = TestController::start("api-transport-errors");
+    let client = server.client();
+    let huge = format!(
+        "{{\"metadata\":{{\"name\":\"x\",\"annotations\":{{\"a\":\"{}\"}}}}}}",
+        "x".repeat(4 << 20)
+    );
+    let (code, status) = status_of(
+        &client,
+        Method::POST,
+        "/api/v1/namespaces/default/pods",
+        "application/json",
+        &huge,
+    )
+    .await;
+    assert_eq!(
+        (code, status.reason.as_deref()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("RequestEntityTooLarge"))
+    );
+    let (code, status) =
+        status_of(&client, Method::POST, "/version", "application/json", "{}").await;
+    assert_eq!(
+        (code, status.reason.as_deref()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("MethodNotAllowed"))
+    );
+    let (code, status) = status_of(&client, Method::GET, "/api/v1/widgets", "", "").await;
+    assert_eq!((code, status.reason.as_deref()), (StatusCode::NOT_FOUND, Some("NotFound")));
+    let (code, _) = status_of(&client, Method::GET, "/openapi/v2", "", "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "no OpenAPI document yet");
+    let (code, status) =
+        status_of(&client, Method::GET, "/api/v1/pods?watch=true&timeoutSeconds=soon", "", "")
+            .await;
+    assert_eq!((code, status.reason.as_deref()), (StatusCode::BAD_REQUEST, Some("BadRequest")));
+}

@@ -7,7 +7,10 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{DefaultBodyLimit, Query, State},
+    extract::{
+        DefaultBodyLimit, Query, State,
+        rejection::{BytesRejection, QueryRejection},
+    },
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -58,6 +61,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/livez", get(healthy))
         .route("/readyz", get(healthy))
         .fallback(dispatch)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -250,6 +254,7 @@ struct Params {
     timeout_seconds: Option<String>,
     allow_watch_bookmarks: Option<String>,
     include_object: Option<String>,
+    send_initial_events: Option<String>,
     dry_run: Option<String>,
     field_validation: Option<String>,
     grace_period_seconds: Option<String>,
@@ -341,15 +346,27 @@ fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiErro
     })
 }
 
-/// Every request under `/api` and `/apis` that is not a fixed route.
+/// Every request under `/api` and `/apis` that is not a fixed route. Malformed query strings
+/// and oversized bodies are answered as Status objects too.
 async fn dispatch(
     State(state): State<ApiState>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    Query(params): Query<Params>,
-    body: Bytes,
+    params: Result<Query<Params>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::RequestEntityTooLarge { limit: MAX_BODY_BYTES }.into_response();
+        }
+        Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
+    };
     match route(&state, &method, &uri, &headers, &params, &body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -518,6 +535,8 @@ async fn watch(
     format: ResponseFormat,
 ) -> Result<Response, ApiError> {
     let start = match params.resource_version.as_deref() {
+        // Streaming lists (KEP-3157): the current state, then a bookmark marking its end.
+        _ if flag(params.send_initial_events.as_deref()) => WatchStart::NowThenBookmark,
         None | Some("" | "0") => WatchStart::Now,
         Some(text) => WatchStart::After(parse_resource_version(text)?),
     };

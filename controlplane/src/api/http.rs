@@ -26,6 +26,7 @@ use super::{
     error::ApiError,
     handler::{KindHandler, WatchEventOut, WriteOptions},
     kind::DeleteRequest,
+    openapi,
     selectors::{FieldSelector, LabelSelector},
     table::{self, ResponseFormat},
     typed::{ListFilter, WatchStart, parse_resource_version},
@@ -57,6 +58,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/version", get(version))
         .route("/api", get(core_versions))
         .route("/apis", get(group_list))
+        .route("/openapi/v2", get(openapi_v2))
+        .route("/openapi/v3", get(openapi_v3_index))
+        .route("/openapi/v3/{*group_version}", get(openapi_v3_group_version))
         .route("/healthz", get(healthy))
         .route("/livez", get(healthy))
         .route("/readyz", get(healthy))
@@ -133,6 +137,31 @@ async fn group_list(State(state): State<ApiState>) -> Response {
         StatusCode::OK,
         &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
     )
+}
+
+async fn openapi_v3_index(State(state): State<ApiState>) -> Response {
+    json_response(StatusCode::OK, &openapi::v3_index(&state.registry))
+}
+
+async fn openapi_v3_group_version(
+    State(state): State<ApiState>,
+    axum::extract::Path(group_version): axum::extract::Path<String>,
+) -> Response {
+    let segments: Vec<&str> = group_version.split('/').collect();
+    let document = match segments.as_slice() {
+        ["api", version] => openapi::v3_document(&state.registry, "", version),
+        ["apis", group, version] => openapi::v3_document(&state.registry, group, version),
+        _ => None,
+    };
+    match document {
+        Some(document) => json_response(StatusCode::OK, &document),
+        None => ApiError::UnknownPath.into_response(),
+    }
+}
+
+async fn openapi_v2(State(state): State<ApiState>) -> Response {
+    let body = openapi::v2_protobuf(&state.registry);
+    (StatusCode::OK, [(header::CONTENT_TYPE, openapi::OPENAPI_V2_PROTOBUF)], body).into_response()
 }
 
 /// `APIResourceList` of one group version: resources and their subresources.

@@ -127,7 +127,7 @@ fn header(output: &str) -> &str {
 }
 
 async fn kubectl_drives_the_cluster(version: &str) {
-    let server = TestController::start(&format!("kubectl-{version}"));
+    let server = TestController::start(&format!("kubectl-{version}")).await;
     let client = server.client();
     let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
 
@@ -292,7 +292,7 @@ async fn kubectl_1_33_drives_the_cluster() {
 }
 
 async fn kubectl_validation_is_left_to_the_server(version: &str) {
-    let server = TestController::start(&format!("kubectl-validation-{version}"));
+    let server = TestController::start(&format!("kubectl-validation-{version}")).await;
     let client: ApiClient = server.client();
     let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
     let write = |name: &str, text: &str| {

@@ -151,6 +151,19 @@ fn delta(node: &str, batch: &WatchBatch) -> Result<Option<NodeStateUpdate>, Stat
     Ok((!empty).then_some(update))
 }
 
+/// Hands one message to the agent's stream; false when the agent is gone or the server is
+/// shutting down (an agent that stops reading must not hold up shutdown).
+async fn deliver(
+    updates: &mpsc::Sender<Result<NodeStateUpdate, Status>>,
+    message: Result<NodeStateUpdate, Status>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        sent = updates.send(message) => sent.is_ok(),
+        () = shutdown_signalled(shutdown) => false,
+    }
+}
+
 /// Feeds one agent until it disconnects or the server shuts down: a snapshot, then deltas;
 /// a fresh snapshot whenever the watch's history was compacted.
 async fn stream_node_state(
@@ -163,21 +176,20 @@ async fn stream_node_state(
         let first = match snapshot(&store, &node).await {
             Ok(first) => first,
             Err(status) => {
-                let _ = updates.send(Err(status)).await;
+                deliver(&updates, Err(status), &mut shutdown).await;
                 return;
             }
         };
         let revision: Revision = first.revision;
-        if updates.send(Ok(first)).await.is_err() {
+        if !deliver(&updates, Ok(first), &mut shutdown).await {
             return;
         }
         let mut changes = match store.watch(REGISTRY_PREFIX, revision).await {
             Ok(changes) => changes,
             Err(StoreError::Compacted { .. }) => continue,
             Err(error) => {
-                let _ = updates
-                    .send(Err(Status::unavailable(format!("watching the cluster state: {error}"))))
-                    .await;
+                let status = Status::unavailable(format!("watching the cluster state: {error}"));
+                deliver(&updates, Err(status), &mut shutdown).await;
                 return;
             }
         };
@@ -193,19 +205,19 @@ async fn stream_node_state(
                 Some(Err(error)) => {
                     let status =
                         Status::unavailable(format!("watching the cluster state: {error}"));
-                    let _ = updates.send(Err(status)).await;
+                    deliver(&updates, Err(status), &mut shutdown).await;
                     return;
                 }
                 Some(Ok(batch)) => match delta(&node, &batch) {
                     Ok(Some(update)) => update,
                     Ok(None) => continue,
                     Err(status) => {
-                        let _ = updates.send(Err(status)).await;
+                        deliver(&updates, Err(status), &mut shutdown).await;
                         return;
                     }
                 },
             };
-            if updates.send(Ok(update)).await.is_err() {
+            if !deliver(&updates, Ok(update), &mut shutdown).await {
                 return;
             }
         }

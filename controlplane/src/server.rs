@@ -94,6 +94,8 @@ pub enum ControllerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the controller stopped before it served")]
+    StoppedEarly,
     #[error("the controller task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -105,6 +107,16 @@ pub async fn run(
     config: ControllerConfig,
     listeners: Vec<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    serve(config, listeners, shutdown, None).await
+}
+
+/// [`run`], telling `ready` once the store is open and the listeners are served.
+async fn serve(
+    config: ControllerConfig,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), ControllerError> {
     if listeners.is_empty() {
         return Err(ControllerError::NoListeners);
@@ -118,8 +130,8 @@ pub async fn run(
     let store = RedbStore::open_async(config.data_dir.join(STORE_FILE), options)
         .await
         .map_err(ControllerError::Store)?;
+    let closed = store.closed();
     let store: SharedStore = Arc::new(store);
-    let released = Arc::downgrade(&store);
     let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
         .map_err(ControllerError::PodCidrs)?;
     let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::new(allocator)));
@@ -160,6 +172,9 @@ pub async fn run(
         });
     }
     drop(app);
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
 
     let mut result = Ok(());
     tokio::select! {
@@ -182,13 +197,10 @@ pub async fn run(
         servers.abort_all();
     }
     while background.join_next().await.is_some() {}
-    // Streams and connections hold the store; the file is closed when the last one is gone.
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    while released.strong_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if released.strong_count() > 0 {
-        tracing::warn!("the store is still in use after shutdown");
+    // Streams, connections and blocking reads still running hold the store; the file is
+    // closed when the last of them is gone, and only then may it be opened again.
+    if tokio::time::timeout(config.shutdown_grace, closed.wait()).await.is_err() {
+        tracing::warn!("the store is still in use after the shutdown grace period");
     }
     result
 }
@@ -208,20 +220,33 @@ pub struct LocalController {
 }
 
 impl LocalController {
-    /// Binds a loopback listener and starts the controller on it.
-    pub fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| {
-            ControllerError::Listener { address: "127.0.0.1:0".to_owned(), source }
-        })?;
-        let address = listener.local_addr().map_err(|source| ControllerError::Listener {
-            address: "127.0.0.1:0".to_owned(),
-            source,
-        })?;
+    /// Binds a loopback listener, starts the controller on it as a task of the current Tokio
+    /// runtime, and returns once it serves (or with the error that stopped it).
+    pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
+        let listener_error =
+            |source| ControllerError::Listener { address: "127.0.0.1:0".to_owned(), source };
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(listener_error)?;
+        let address = listener.local_addr().map_err(listener_error)?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, vec![listener], async move {
+        let (ready, serving) = tokio::sync::oneshot::channel();
+        let shutdown = async move {
             let _ = stopped.await;
-        }));
-        Ok(Self { address, stop: Some(stop), task })
+        };
+        let mut task = tokio::spawn(serve(config, vec![listener], shutdown, Some(ready)));
+        tokio::select! {
+            started = serving => {
+                if started.is_ok() {
+                    return Ok(Self { address, stop: Some(stop), task });
+                }
+                // The sender was dropped: the controller failed before serving.
+                (&mut task).await.map_err(ControllerError::Task)??;
+                Err(ControllerError::StoppedEarly)
+            }
+            ended = &mut task => {
+                ended.map_err(ControllerError::Task)??;
+                Err(ControllerError::StoppedEarly)
+            }
+        }
     }
 
     pub fn address(&self) -> SocketAddr {

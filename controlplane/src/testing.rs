@@ -64,19 +64,19 @@ impl TestController {
     ///
     /// # Panics
     /// When the controller cannot start (a test helper: the test cannot go on).
-    pub fn start(label: &str) -> Self {
-        Self::start_with(label, |_| {})
+    pub async fn start(label: &str) -> Self {
+        Self::start_with(label, |_| {}).await
     }
 
     /// Like [`TestController::start`], with the configuration adjusted by `configure`.
-    pub fn start_with(
+    pub async fn start_with(
         label: &str,
         configure: impl FnOnce(&mut crate::server::ControllerConfig),
     ) -> Self {
         let dir = TempDataDir::new(label);
         let mut config = crate::server::ControllerConfig::new(dir.path());
         configure(&mut config);
-        let controller = match crate::server::LocalController::start(config.clone()) {
+        let controller = match crate::server::LocalController::start(config.clone()).await {
             Ok(controller) => controller,
             Err(error) => panic!("starting a test controller: {error}"),
         };
@@ -116,7 +116,7 @@ impl TestController {
     /// When stopping or starting fails.
     pub async fn restart(&mut self) {
         self.stop().await;
-        match crate::server::LocalController::start(self.config.clone()) {
+        match crate::server::LocalController::start(self.config.clone()).await {
             Ok(controller) => self.controller = Some(controller),
             Err(error) => panic!("restarting the test controller: {error}"),
         }

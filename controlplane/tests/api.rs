@@ -37,7 +37,7 @@ fn condition<'a>(pod: &'a Pod, kind: &str) -> Option<&'a k8s_openapi::api::core:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_pod_gets_server_fields_and_defaults() {
-    let server = TestController::start("api-create");
+    let server = TestController::start("api-create").await;
     let client = server.client();
     let created: Pod = client.create(Some("default"), &pod("web")).await.unwrap();
     let meta = &created.metadata;
@@ -70,7 +70,7 @@ async fn created_pod_gets_server_fields_and_defaults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_name_gets_a_random_suffix() {
-    let server = TestController::start("api-generate");
+    let server = TestController::start("api-generate").await;
     let client = server.client();
     let mut template = pod("");
     template.metadata.name = None;
@@ -84,7 +84,7 @@ async fn generate_name_gets_a_random_suffix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_twice_is_already_exists_and_unknown_names_are_not_found() {
-    let server = TestController::start("api-exists");
+    let server = TestController::start("api-exists").await;
     let client = server.client();
     client.create::<Pod>(Some("default"), &pod("web")).await.unwrap();
     let again = client.create::<Pod>(Some("default"), &pod("web")).await.unwrap_err();
@@ -104,7 +104,7 @@ async fn creating_twice_is_already_exists_and_unknown_names_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_resource_version_update_is_a_conflict() {
-    let server = TestController::start("api-conflict");
+    let server = TestController::start("api-conflict").await;
     let client = server.client();
     // Assigned at creation, so that no scheduler write races the test's writes.
     let created: Pod = client.create(Some("default"), &pod_on("web", "node-1")).await.unwrap();
@@ -130,7 +130,7 @@ async fn stale_resource_version_update_is_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_spec_is_immutable_except_images() {
-    let server = TestController::start("api-immutable");
+    let server = TestController::start("api-immutable").await;
     let client = server.client();
     let created: Pod = client.create(Some("default"), &pod_on("web", "node-1")).await.unwrap();
 
@@ -167,7 +167,7 @@ async fn pod_spec_is_immutable_except_images() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_objects_are_422_with_the_field_path() {
-    let server = TestController::start("api-invalid");
+    let server = TestController::start("api-invalid").await;
     let client = server.client();
     let body = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -215,7 +215,7 @@ async fn invalid_objects_are_422_with_the_field_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_a_bad_request_and_other_patch_types_are_unsupported() {
-    let server = TestController::start("api-malformed");
+    let server = TestController::start("api-malformed").await;
     let client = server.client();
     let (code, status) = status_of(
         &client,
@@ -266,7 +266,7 @@ async fn malformed_json_is_a_bad_request_and_other_patch_types_are_unsupported()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_patch_changes_the_object_and_status_separately() {
-    let server = TestController::start("api-patch");
+    let server = TestController::start("api-patch").await;
     let client = server.client();
     client.create::<Pod>(Some("default"), &pod_on("web", "node-1")).await.unwrap();
 
@@ -315,7 +315,7 @@ async fn merge_patch_changes_the_object_and_status_separately() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binding_sets_the_node_once() {
-    let server = TestController::start("api-binding");
+    let server = TestController::start("api-binding").await;
     let client = server.client();
     // A pod for another scheduler, so that only the explicit binding places it.
     let mut custom = pod("web");
@@ -339,7 +339,7 @@ async fn binding_sets_the_node_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_pod_is_deleted_gracefully_and_removed_by_the_agent() {
-    let server = TestController::start("api-graceful");
+    let server = TestController::start("api-graceful").await;
     let client = server.client();
     client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
     client.create::<Pod>(Some("default"), &pod_on("web", "node-1")).await.unwrap();
@@ -380,7 +380,7 @@ async fn bound_pod_is_deleted_gracefully_and_removed_by_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbound_pods_and_pods_of_missing_nodes_are_removed_at_once() {
-    let server = TestController::start("api-immediate");
+    let server = TestController::start("api-immediate").await;
     let client = server.client();
     let mut unscheduled = pod("pending");
     unscheduled.spec.as_mut().unwrap().scheduler_name = Some("elsewhere".to_owned());
@@ -394,7 +394,7 @@ async fn unbound_pods_and_pods_of_missing_nodes_are_removed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn label_and_field_selectors_filter_lists() {
-    let server = TestController::start("api-selectors");
+    let server = TestController::start("api-selectors").await;
     let client = server.client();
     let mut a = pod_on("a", "node-1");
     a.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
@@ -430,7 +430,7 @@ async fn label_and_field_selectors_filter_lists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_changes_and_resumes_from_a_resource_version() {
-    let server = TestController::start("api-watch");
+    let server = TestController::start("api-watch").await;
     let client = server.client();
     let first: Pod = client.create(Some("default"), &pod_on("a", "node-1")).await.unwrap();
     let mut watch = client
@@ -485,7 +485,7 @@ async fn watch_streams_changes_and_resumes_from_a_resource_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_with_a_selector_reports_objects_leaving_it_as_deleted() {
-    let server = TestController::start("api-watch-selector");
+    let server = TestController::start("api-watch-selector").await;
     let client = server.client();
     let mut labelled = pod_on("a", "node-1");
     labelled.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
@@ -516,7 +516,8 @@ async fn watch_with_a_selector_reports_objects_leaving_it_as_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_compacted_history_is_expired_and_timeouts_end_watches() {
     let server =
-        TestController::start_with("api-watch-expired", |config| config.history_revisions = 5);
+        TestController::start_with("api-watch-expired", |config| config.history_revisions = 5)
+            .await;
     let client = server.client();
     let first: Pod = client.create(Some("default"), &pod_on("a", "node-1")).await.unwrap();
     for i in 0..10 {
@@ -564,7 +565,8 @@ async fn watch_from_compacted_history_is_expired_and_timeouts_end_watches() {
 async fn watch_sends_bookmarks_when_allowed() {
     let server = TestController::start_with("api-bookmarks", |config| {
         config.watch_bookmark_interval = Duration::from_millis(200)
-    });
+    })
+    .await;
     let client = server.client();
     let created: Pod = client.create(Some("default"), &pod_on("a", "node-1")).await.unwrap();
     let rv = created.metadata.resource_version.unwrap();
@@ -593,7 +595,7 @@ async fn watch_sends_bookmarks_when_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_get_distinct_pod_cidrs_and_agents_write_status() {
-    let server = TestController::start("api-nodes");
+    let server = TestController::start("api-nodes").await;
     let client = server.client();
     let one: Node = client.create(None, &node("node-1", "172.20.0.11", false)).await.unwrap();
     let two: Node = client.create(None, &node("node-2", "172.20.0.12", false)).await.unwrap();
@@ -631,7 +633,8 @@ async fn exhausted_pod_cidrs_leave_the_node_unavailable_until_one_frees_up() {
     // A /23 holds two /24s.
     let server = TestController::start_with("api-exhausted", |config| {
         config.cluster_cidr = "10.250.0.0/23".parse().unwrap();
-    });
+    })
+    .await;
     let client = server.client();
     client.create::<Node>(None, &node("a", "172.20.0.1", true)).await.unwrap();
     client.create::<Node>(None, &node("b", "172.20.0.2", true)).await.unwrap();
@@ -660,7 +663,7 @@ async fn exhausted_pod_cidrs_leave_the_node_unavailable_until_one_frees_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_node_registrations_never_share_a_pod_cidr() {
-    let server = TestController::start("api-concurrent-nodes");
+    let server = TestController::start("api-concurrent-nodes").await;
     let client = server.client();
     let mut tasks = Vec::new();
     for i in 0..12 {
@@ -687,7 +690,7 @@ async fn concurrent_node_registrations_never_share_a_pod_cidr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_binds_pending_pods_to_the_least_loaded_ready_node() {
-    let server = TestController::start("api-scheduler");
+    let server = TestController::start("api-scheduler").await;
     let client = server.client();
     client.create::<Pod>(Some("default"), &pod("early")).await.unwrap();
     let unschedulable = eventually("the pod to be marked unschedulable", 10, || async {
@@ -750,7 +753,7 @@ async fn scheduler_binds_pending_pods_to_the_least_loaded_ready_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_namespace_deletes_its_pods_then_itself() {
-    let server = TestController::start("api-namespace");
+    let server = TestController::start("api-namespace").await;
     let client = server.client();
     let (namespaces, _) = client.list::<Namespace>(None, "").await.unwrap();
     let names: Vec<String> = namespaces.into_iter().filter_map(|n| n.metadata.name).collect();
@@ -789,7 +792,7 @@ async fn deleting_a_namespace_deletes_its_pods_then_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_lists_the_served_resources() {
-    let server = TestController::start("api-discovery");
+    let server = TestController::start("api-discovery").await;
     let client = server.client();
     let (_, bytes) = client.send(Method::GET, "/api/v1", "", None).await.unwrap();
     let list: Value = serde_json::from_slice(&bytes).unwrap();
@@ -832,4 +835,73 @@ async fn discovery_lists_the_served_resources() {
         .unwrap();
     assert_eq!(code, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap()["kind"], "EventList");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_ends_its_initial_events_with_a_bookmark() {
+    let server = TestController::start("api-streaming-list").await;
+    let client = server.client();
+    client.create::<Pod>(Some("default"), &pod_on("a", "node-1")).await.unwrap();
+    let mut watch = client
+        .watch::<Pod>(
+            Some("default"),
+            "sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true",
+        )
+        .await
+        .unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap()
+    };
+    match next().await {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("a")),
+        other => panic!("expected the current pod first, got {other:?}"),
+    }
+    match next().await {
+        WatchEvent::Bookmark { annotations, resource_version } => {
+            assert_eq!(
+                annotations.get("k8s.io/initial-events-end").map(String::as_str),
+                Some("true")
+            );
+            assert!(resource_version.parse::<u64>().is_ok());
+        }
+        other => panic!("expected the end-of-initial-events bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_level_errors_are_status_objects_too() {
+    let server = TestController::start("api-transport-errors").await;
+    let client = server.client();
+    let huge = format!(
+        "{{\"metadata\":{{\"name\":\"x\",\"annotations\":{{\"a\":\"{}\"}}}}}}",
+        "x".repeat(4 << 20)
+    );
+    // Its own connection: the server closes one whose body it refused to read.
+    let (code, status) = status_of(
+        &ApiClient::new(&server.url()).unwrap(),
+        Method::POST,
+        "/api/v1/namespaces/default/pods",
+        "application/json",
+        &huge,
+    )
+    .await;
+    assert_eq!(
+        (code, status.reason.as_deref()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("RequestEntityTooLarge"))
+    );
+    let (code, status) =
+        status_of(&client, Method::POST, "/version", "application/json", "{}").await;
+    assert_eq!(
+        (code, status.reason.as_deref()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("MethodNotAllowed"))
+    );
+    let (code, status) = status_of(&client, Method::GET, "/api/v1/widgets", "", "").await;
+    assert_eq!((code, status.reason.as_deref()), (StatusCode::NOT_FOUND, Some("NotFound")));
+    let (code, document) = client.send(Method::GET, "/openapi/v2", "", None).await.unwrap();
+    assert_eq!(code, StatusCode::OK);
+    assert!(!document.is_empty(), "a protobuf OpenAPI v2 document");
+    let (code, status) =
+        status_of(&client, Method::GET, "/api/v1/pods?watch=true&timeoutSeconds=soon", "", "")
+            .await;
+    assert_eq!((code, status.reason.as_deref()), (StatusCode::BAD_REQUEST, Some("BadRequest")));
 }

@@ -17,7 +17,7 @@ fn pod_cidr(node: &Node) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_objects_revisions_and_pod_cidrs() {
-    let mut server = TestController::start("durability");
+    let mut server = TestController::start("durability").await;
     let client = server.client();
     client.create::<Namespace>(None, &namespace("team")).await.unwrap();
     let n1: Node = client.create(None, &node("n1", "172.20.0.1", true)).await.unwrap();

@@ -127,7 +127,7 @@ fn header(output: &str) -> &str {
 }
 
 async fn kubectl_drives_the_cluster(version: &str) {
-    let server = TestController::start(&format!("kubectl-{version}"));
+    let server = TestController::start(&format!("kubectl-{version}")).await;
     let client = server.client();
     let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
 
@@ -291,24 +291,53 @@ async fn kubectl_1_33_drives_the_cluster() {
     kubectl_drives_the_cluster("1.33").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_reports_validation_errors_with_their_fields() {
-    let server = TestController::start("kubectl-invalid");
-    let kubectl = Kubectl::new("1.33", &server.url(), server.data_dir());
-    let manifest = server.data_dir().join("bad.yaml");
-    std::fs::write(
-        &manifest,
+async fn kubectl_validation_is_left_to_the_server(version: &str) {
+    let server = TestController::start(&format!("kubectl-validation-{version}")).await;
+    let client: ApiClient = server.client();
+    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let write = |name: &str, text: &str| {
+        let path = server.data_dir().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+
+    // Default (strict) validation: kubectl finds fieldValidation in the OpenAPI document and
+    // asks the server to validate instead of refusing for want of a schema.
+    let good = write("good.yaml", POD_YAML);
+    assert_eq!(kubectl.ok(&["create", "-f", &good]).await.trim(), "pod/web created");
+    let unknown = write(
+        "unknown.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: odd\nspec:\n  containers:\n  - name: web\n    image: x\n    colour: red\n",
+    );
+    let output = kubectl.run(&["create", "-f", &unknown]).await;
+    assert!(!output.ok);
+    assert!(
+        output.stderr.contains("unknown field \"spec.containers[0].colour\""),
+        "{}",
+        output.stderr
+    );
+    assert!(client.get::<Pod>(Some("default"), "odd").await.unwrap().is_none());
+
+    let bad = write(
+        "bad.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\nspec:\n  containers:\n  - name: Web\n    image: x\n",
-    )
-    .unwrap();
-    let output =
-        kubectl.run(&["create", "-f", &manifest.to_string_lossy(), "--validate=false"]).await;
+    );
+    let output = kubectl.run(&["create", "-f", &bad, "--validate=false"]).await;
     assert!(!output.ok);
     assert!(
         output.stderr.contains("spec.containers[0].name: Invalid value: \"Web\""),
         "{}",
         output.stderr
     );
-    let client: ApiClient = server.client();
     assert!(client.get::<Pod>(Some("default"), "bad").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_27_leaves_validation_to_the_server() {
+    kubectl_validation_is_left_to_the_server("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_33_leaves_validation_to_the_server() {
+    kubectl_validation_is_left_to_the_server("1.33").await;
 }

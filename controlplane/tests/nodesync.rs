@@ -37,7 +37,7 @@ fn peers(update: &NodeStateUpdate) -> Vec<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_gets_a_snapshot_then_deltas_on_the_api_port() {
-    let server = TestController::start("nodesync");
+    let server = TestController::start("nodesync").await;
     let client = server.client();
     client.create::<Node>(None, &node("n1", "172.20.0.11", true)).await.unwrap();
     client.create::<Node>(None, &node("n2", "172.20.0.12", true)).await.unwrap();
@@ -115,7 +115,7 @@ async fn agent_gets_a_snapshot_then_deltas_on_the_api_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_without_a_node_name_is_refused() {
-    let server = TestController::start("nodesync-invalid");
+    let server = TestController::start("nodesync-invalid").await;
     let mut agent = connect(&server.url()).await;
     let status = agent.watch(WatchRequest { node_name: String::new() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

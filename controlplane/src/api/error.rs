@@ -130,6 +130,8 @@ pub enum ApiError {
     UnsupportedMediaType { accepted: String },
     #[error("only the following media types are accepted: {accepted}")]
     NotAcceptable { accepted: String },
+    #[error("the request is larger than the {limit} bytes allowed")]
+    RequestEntityTooLarge { limit: usize },
     #[error("too old resource version: {requested} ({compacted})")]
     Expired { requested: u64, compacted: u64 },
     #[error("the server could not find the requested resource")]
@@ -171,6 +173,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
+            Self::RequestEntityTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Expired { .. } => StatusCode::GONE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -187,6 +190,7 @@ impl ApiError {
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             Self::NotAcceptable { .. } => "NotAcceptable",
+            Self::RequestEntityTooLarge { .. } => "RequestEntityTooLarge",
             Self::Expired { .. } => "Expired",
             Self::Internal { .. } => "InternalError",
         }

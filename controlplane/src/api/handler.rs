@@ -20,6 +20,9 @@ use super::{
 };
 use crate::store::Revision;
 
+/// The annotation of the bookmark that ends the initial events of a streaming list.
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
+
 /// Options of a write request (query parameters).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WriteOptions {
@@ -237,6 +240,11 @@ impl<S: Strategy> Handler<S> {
             }
             WatchItem::Error(error) => {
                 return WatchEventOut { event_type, object: error.to_status(), revision: None };
+            }
+            WatchItem::InitialEventsEnd(revision) => {
+                let mut object = self.bookmark(revision, format);
+                object["metadata"]["annotations"] = json!({INITIAL_EVENTS_END: "true"});
+                return WatchEventOut { event_type, object, revision: Some(revision) };
             }
         };
         let revision =

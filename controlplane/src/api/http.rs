@@ -7,7 +7,10 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{DefaultBodyLimit, Query, State},
+    extract::{
+        DefaultBodyLimit, Query, State,
+        rejection::{BytesRejection, QueryRejection},
+    },
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,6 +26,7 @@ use super::{
     error::ApiError,
     handler::{KindHandler, WatchEventOut, WriteOptions},
     kind::DeleteRequest,
+    openapi,
     selectors::{FieldSelector, LabelSelector},
     table::{self, ResponseFormat},
     typed::{ListFilter, WatchStart, parse_resource_version},
@@ -54,10 +58,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/version", get(version))
         .route("/api", get(core_versions))
         .route("/apis", get(group_list))
+        .route("/openapi/v2", get(openapi_v2))
+        .route("/openapi/v3", get(openapi_v3_index))
+        .route("/openapi/v3/{*group_version}", get(openapi_v3_group_version))
         .route("/healthz", get(healthy))
         .route("/livez", get(healthy))
         .route("/readyz", get(healthy))
         .fallback(dispatch)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -129,6 +137,31 @@ async fn group_list(State(state): State<ApiState>) -> Response {
         StatusCode::OK,
         &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
     )
+}
+
+async fn openapi_v3_index(State(state): State<ApiState>) -> Response {
+    json_response(StatusCode::OK, &openapi::v3_index(&state.registry))
+}
+
+async fn openapi_v3_group_version(
+    State(state): State<ApiState>,
+    axum::extract::Path(group_version): axum::extract::Path<String>,
+) -> Response {
+    let segments: Vec<&str> = group_version.split('/').collect();
+    let document = match segments.as_slice() {
+        ["api", version] => openapi::v3_document(&state.registry, "", version),
+        ["apis", group, version] => openapi::v3_document(&state.registry, group, version),
+        _ => None,
+    };
+    match document {
+        Some(document) => json_response(StatusCode::OK, &document),
+        None => ApiError::UnknownPath.into_response(),
+    }
+}
+
+async fn openapi_v2(State(state): State<ApiState>) -> Response {
+    let body = openapi::v2_protobuf(&state.registry);
+    (StatusCode::OK, [(header::CONTENT_TYPE, openapi::OPENAPI_V2_PROTOBUF)], body).into_response()
 }
 
 /// `APIResourceList` of one group version: resources and their subresources.
@@ -250,6 +283,7 @@ struct Params {
     timeout_seconds: Option<String>,
     allow_watch_bookmarks: Option<String>,
     include_object: Option<String>,
+    send_initial_events: Option<String>,
     dry_run: Option<String>,
     field_validation: Option<String>,
     grace_period_seconds: Option<String>,
@@ -341,15 +375,27 @@ fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiErro
     })
 }
 
-/// Every request under `/api` and `/apis` that is not a fixed route.
+/// Every request under `/api` and `/apis` that is not a fixed route. Malformed query strings
+/// and oversized bodies are answered as Status objects too.
 async fn dispatch(
     State(state): State<ApiState>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    Query(params): Query<Params>,
-    body: Bytes,
+    params: Result<Query<Params>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::RequestEntityTooLarge { limit: MAX_BODY_BYTES }.into_response();
+        }
+        Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
+    };
     match route(&state, &method, &uri, &headers, &params, &body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -518,6 +564,8 @@ async fn watch(
     format: ResponseFormat,
 ) -> Result<Response, ApiError> {
     let start = match params.resource_version.as_deref() {
+        // Streaming lists (KEP-3157): the current state, then a bookmark marking its end.
+        _ if flag(params.send_initial_events.as_deref()) => WatchStart::NowThenBookmark,
         None | Some("" | "0") => WatchStart::Now,
         Some(text) => WatchStart::After(parse_resource_version(text)?),
     };

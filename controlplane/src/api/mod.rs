@@ -7,6 +7,7 @@ pub mod http;
 pub mod kind;
 pub mod kinds;
 pub mod merge_patch;
+pub mod openapi;
 pub mod selectors;
 pub mod table;
 pub mod typed;

@@ -58,6 +58,9 @@ pub struct ListFilter {
 pub enum WatchStart {
     /// Send the current objects as ADDED, then changes (`resourceVersion` unset or "0").
     Now,
+    /// As `Now`, with [`WatchItem::InitialEventsEnd`] after the current objects
+    /// (`sendInitialEvents=true`).
+    NowThenBookmark,
     /// Send the changes after this revision.
     After(Revision),
 }
@@ -68,6 +71,8 @@ pub enum WatchItem<K> {
     Added(K),
     Modified(K),
     Deleted(K),
+    /// Every current object has been sent; the watch is at this revision.
+    InitialEventsEnd(Revision),
     /// The watch cannot continue (history compacted, store failure); the stream ends.
     Error(ApiError),
 }
@@ -78,6 +83,7 @@ impl<K> WatchItem<K> {
             Self::Added(_) => "ADDED",
             Self::Modified(_) => "MODIFIED",
             Self::Deleted(_) => "DELETED",
+            Self::InitialEventsEnd(_) => "BOOKMARK",
             Self::Error(_) => "ERROR",
         }
     }
@@ -598,13 +604,17 @@ impl<S: Strategy> TypedKind<S> {
     ) -> Result<(Revision, BoxStream<'static, WatchItem<S::Object>>), ApiError> {
         let prefix = self.strategy.info().collection_prefix(self.namespace_of(namespace));
         let (initial, after) = match start {
-            WatchStart::Now => {
+            WatchStart::Now | WatchStart::NowThenBookmark => {
                 let (items, revision) = self.list(namespace, &filter).await?;
-                (items, revision)
+                let mut initial: Vec<_> = items.into_iter().map(WatchItem::Added).collect();
+                if start == WatchStart::NowThenBookmark {
+                    initial.push(WatchItem::InitialEventsEnd(revision));
+                }
+                (initial, revision)
             }
             WatchStart::After(revision) => (Vec::new(), revision),
         };
-        let initial = futures::stream::iter(initial.into_iter().map(WatchItem::Added));
+        let initial = futures::stream::iter(initial);
         let changes = match self.store.watch(&prefix, after).await {
             Ok(stream) => stream,
             Err(StoreError::Compacted { requested, compacted }) => {

@@ -20,7 +20,7 @@ pub mod redb;
 #[cfg(test)]
 mod tests;
 
-pub use self::redb::{RedbStore, RedbStoreOptions};
+pub use self::redb::{RedbStore, RedbStoreOptions, StoreClosed};
 
 /// A store revision. Revision 1 is the empty store; every committed change adds one.
 pub type Revision = u64;

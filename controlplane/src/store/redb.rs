@@ -70,6 +70,20 @@ struct Inner {
     writer: Mutex<broadcast::Sender<Arc<WatchBatch>>>,
     /// A clone of the sender, to subscribe without waiting for a commit in progress.
     subscriptions: broadcast::Sender<Arc<WatchBatch>>,
+    /// Dropped with the file: its receivers learn that the file is closed.
+    open_signal: tokio::sync::watch::Sender<()>,
+}
+
+/// Resolves once a store's file is closed: every clone, every watch and every blocking
+/// operation still running is gone, so the file can be opened again.
+pub struct StoreClosed {
+    open: tokio::sync::watch::Receiver<()>,
+}
+
+impl StoreClosed {
+    pub async fn wait(mut self) {
+        while self.open.changed().await.is_ok() {}
+    }
 }
 
 struct Record {
@@ -93,7 +107,9 @@ impl RedbStore {
         let action = format!("opening the store at {}", path.display());
         let db = Database::create(path).map_err(backend(action.clone()))?;
         let (sender, _) = broadcast::channel(options.watch_buffer.max(1));
+        let (open, _) = tokio::sync::watch::channel(());
         let inner = Inner {
+            open_signal: open,
             db,
             path: path.to_owned(),
             history_revisions: options.history_revisions.max(1),
@@ -118,6 +134,12 @@ impl RedbStore {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// A signal that resolves when the file is closed (operations still running in blocking
+    /// threads hold it open after the last clone is dropped).
+    pub fn closed(&self) -> StoreClosed {
+        StoreClosed { open: self.inner.open_signal.subscribe() }
     }
 
     async fn blocking<T, F>(&self, action: &str, work: F) -> Result<T, StoreError>

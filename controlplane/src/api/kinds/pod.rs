@@ -1,7 +1,7 @@
 //! Pods: namespaced; defaults, validation, the spec fields that may change after creation,
 //! binding to a node, and graceful deletion, as Kubernetes defines them.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, net::IpAddr};
 
 use async_trait::async_trait;
 use k8s_openapi::{
@@ -44,6 +44,7 @@ const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
 const DNS_POLICIES: [&str; 4] = ["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"];
 const PROTOCOLS: [&str; 3] = ["TCP", "UDP", "SCTP"];
 const PULL_POLICIES: [&str; 3] = ["Always", "Never", "IfNotPresent"];
+const PHASES: [&str; 5] = [PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, "Unknown"];
 
 /// Where pods live in the store.
 pub fn key_prefix() -> String {
@@ -340,6 +341,41 @@ fn validate_spec(spec: &PodSpec) -> Vec<FieldError> {
     errors
 }
 
+/// What node agents report: a known phase and well-formed addresses.
+fn validate_status(status: &PodStatus) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if let Some(phase) = status.phase.as_deref()
+        && !PHASES.contains(&phase)
+    {
+        errors.push(FieldError::not_supported("status.phase", phase, &PHASES));
+    }
+    let mut check_ip = |field: String, value: &str| {
+        if value.parse::<IpAddr>().is_err() {
+            errors.push(FieldError::invalid(field, value, "must be a valid IP address"));
+        }
+    };
+    for (field, value) in [("status.podIP", &status.pod_ip), ("status.hostIP", &status.host_ip)] {
+        if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+            check_ip(field.to_owned(), value);
+        }
+    }
+    for (index, ip) in status.pod_ips.iter().flatten().enumerate() {
+        check_ip(format!("status.podIPs[{index}].ip"), &ip.ip);
+    }
+    if let (Some(first), Some(pod_ip)) = (
+        status.pod_ips.as_ref().and_then(|ips| ips.first()),
+        status.pod_ip.as_deref().filter(|ip| !ip.is_empty()),
+    ) && first.ip != pod_ip
+    {
+        errors.push(FieldError::invalid(
+            "status.podIPs[0].ip",
+            first.ip.as_str(),
+            "must equal status.podIP",
+        ));
+    }
+    errors
+}
+
 /// The spec changes Kubernetes allows on a running pod: container images, a lower (or a
 /// first) active deadline, and added tolerations (`ValidatePodUpdate`).
 fn validate_spec_update(new: &PodSpec, old: &PodSpec) -> Vec<FieldError> {
@@ -528,10 +564,14 @@ impl Strategy for PodStrategy {
     }
 
     fn validate(&self, pod: &Pod) -> Vec<FieldError> {
-        match &pod.spec {
+        let mut errors = match &pod.spec {
             Some(spec) => validate_spec(spec),
             None => vec![FieldError::required("spec", "")],
+        };
+        if let Some(status) = &pod.status {
+            errors.extend(validate_status(status));
         }
+        errors
     }
 
     fn validate_update(&self, new: &Pod, old: &Pod) -> Vec<FieldError> {
@@ -747,11 +787,13 @@ pub async fn bind_pod(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{Container, PodSpec, ResourceRequirements, Toleration},
+        api::core::v1::{Container, PodIP, PodSpec, PodStatus, ResourceRequirements, Toleration},
         apimachinery::pkg::api::resource::Quantity,
     };
 
-    use super::{default_pull_policy, qos_class, validate_spec, validate_spec_update};
+    use super::{
+        default_pull_policy, qos_class, validate_spec, validate_spec_update, validate_status,
+    };
 
     fn container(name: &str, image: &str) -> Container {
         Container { name: name.to_owned(), image: Some(image.to_owned()), ..Container::default() }
@@ -810,6 +852,24 @@ mod tests {
         );
         let empty = PodSpec::default();
         assert_eq!(validate_spec(&empty)[0].field, "spec.containers");
+    }
+
+    #[test]
+    fn agents_must_report_known_phases_and_valid_addresses() {
+        let status = |phase: &str, ip: &str| PodStatus {
+            phase: Some(phase.to_owned()),
+            pod_ip: Some(ip.to_owned()),
+            ..PodStatus::default()
+        };
+        assert!(validate_status(&status("Running", "10.244.1.5")).is_empty());
+        assert!(validate_status(&status("Running", "fd00::5")).is_empty());
+        assert_eq!(validate_status(&status("Sleeping", "10.244.1.5"))[0].field, "status.phase");
+        assert_eq!(validate_status(&status("Running", "10.244.1.300"))[0].field, "status.podIP");
+        let mismatch = PodStatus {
+            pod_ips: Some(vec![PodIP { ip: "10.244.1.6".to_owned() }]),
+            ..status("Running", "10.244.1.5")
+        };
+        assert_eq!(validate_status(&mismatch)[0].field, "status.podIPs[0].ip");
     }
 
     #[test]

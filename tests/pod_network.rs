@@ -415,12 +415,15 @@ async fn routes_to_a_node_that_leaves_are_removed_and_the_others_stay() {
     let routes = || {
         let handle = node_1.netlink().expect("netlink in node-1");
         async move {
-            strait_dataplane::netlink::routes_with_protocol(&handle, strait_dataplane::netlink::ROUTE_PROTOCOL_STRAIT)
-                .await
-                .expect("routes")
-                .into_iter()
-                .map(|r| r.destination)
-                .collect::<Vec<_>>()
+            strait_dataplane::netlink::routes_with_protocol(
+                &handle,
+                strait_dataplane::netlink::ROUTE_PROTOCOL_STRAIT,
+            )
+            .await
+            .expect("routes")
+            .into_iter()
+            .map(|r| r.destination)
+            .collect::<Vec<_>>()
         }
     };
     let before = routes().await;
@@ -436,7 +439,11 @@ async fn routes_to_a_node_that_leaves_are_removed_and_the_others_stay() {
             assert!(now.contains(&staying), "the route to node-2 stays: {now:?}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "route to {leaving} still there: {now:?}\n{}", lab.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "route to {leaving} still there: {now:?}\n{}",
+            lab.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -9,12 +9,21 @@ use std::{
 
 use anyhow::Context as _;
 
-/// Timings of bringing a lab up (until every node is Ready) and down again.
+/// Timings of bringing a lab up (until every node is Ready) and down again, beside the floor:
+/// the same namespaces, bridge, veths and addresses made with iproute2 and nothing else.
 #[derive(Debug)]
 pub struct LabUpDownReport {
     pub nodes: usize,
     pub up: Vec<Duration>,
     pub down: Vec<Duration>,
+    pub plumbing_up: Vec<Duration>,
+    pub plumbing_down: Vec<Duration>,
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
 }
 
 fn summary(samples: &[Duration]) -> String {
@@ -33,8 +42,19 @@ fn summary(samples: &[Duration]) -> String {
 impl fmt::Display for LabUpDownReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "lab of {} nodes, {} runs", self.nodes, self.up.len())?;
-        writeln!(f, "  lab up (until every node is Ready): {}", summary(&self.up))?;
-        write!(f, "  lab down (every trace removed):     {}", summary(&self.down))
+        writeln!(f, "  lab up (until every node is Ready):     {}", summary(&self.up))?;
+        writeln!(f, "  floor: same plumbing with iproute2:     {}", summary(&self.plumbing_up))?;
+        writeln!(
+            f,
+            "  lab up / floor (median):                {:.2}",
+            median(&self.up).as_secs_f64() / median(&self.plumbing_up).as_secs_f64()
+        )?;
+        writeln!(f, "  lab down (processes, names, pins, state): {}", summary(&self.down))?;
+        writeln!(f, "  floor: ip netns del of the same:        {}", summary(&self.plumbing_down))?;
+        write!(
+            f,
+            "  (namespaces are freed by the kernel after their names are gone, in both cases)"
+        )
     }
 }
 
@@ -52,8 +72,17 @@ pub async fn lab_up_down(
         cni_plugin: cni_plugin.to_owned(),
         ready_timeout: Duration::from_secs(120),
     };
-    let mut report = LabUpDownReport { nodes, up: Vec::new(), down: Vec::new() };
+    let mut report = LabUpDownReport {
+        nodes,
+        up: Vec::new(),
+        down: Vec::new(),
+        plumbing_up: Vec::new(),
+        plumbing_down: Vec::new(),
+    };
     for run in 0..runs.max(1) {
+        let (up, down) = plumbing_floor(&name, nodes)?;
+        report.plumbing_up.push(up);
+        report.plumbing_down.push(down);
         let started = Instant::now();
         let up = crate::lab::up(&options).await;
         report.up.push(started.elapsed());
@@ -63,14 +92,71 @@ pub async fn lab_up_down(
         up.with_context(|| format!("run {run}: lab up"))?;
         down.with_context(|| format!("run {run}: lab down"))?;
         eprintln!(
-            "run {}/{}: up {:.3}s, down {:.3}s",
+            "run {}/{}: up {:.3}s (floor {:.3}s), down {:.3}s (floor {:.3}s)",
             run + 1,
             runs,
             report.up[run].as_secs_f64(),
-            report.down[run].as_secs_f64()
+            report.plumbing_up[run].as_secs_f64(),
+            report.down[run].as_secs_f64(),
+            report.plumbing_down[run].as_secs_f64()
         );
     }
     Ok(report)
+}
+
+/// The lab's plumbing alone, the way an operator would make it by hand with iproute2: fabric
+/// namespace and bridge, a namespace per node plugged in by a veth, addresses, links up,
+/// forwarding on inside the nodes. Every name carries the bench lab's prefix and is removed.
+fn plumbing_floor(lab: &str, nodes: usize) -> anyhow::Result<(Duration, Duration)> {
+    let prefix = format!("{}floor-", crate::lab::netns_prefix(lab));
+    let fabric = format!("{prefix}fabric");
+    let node_ns = |i: usize| format!("{prefix}node-{i}");
+    let mut commands: Vec<Vec<String>> = vec![
+        split(&format!("netns add {fabric}")),
+        split(&format!("-n {fabric} link set lo up")),
+        split(&format!("-n {fabric} link add fabric0 type bridge")),
+        split(&format!("-n {fabric} addr add 172.20.0.1/24 dev fabric0")),
+        split(&format!("-n {fabric} link set fabric0 up")),
+    ];
+    for i in 1..=nodes {
+        let ns = node_ns(i);
+        let address = crate::lab::node_address(i);
+        commands.push(split(&format!("netns add {ns}")));
+        commands.push(split(&format!(
+            "-n {fabric} link add node-{i} type veth peer name eth0 netns {ns}"
+        )));
+        commands.push(split(&format!("-n {fabric} link set node-{i} master fabric0 up")));
+        commands.push(split(&format!("-n {ns} link set lo up")));
+        commands.push(split(&format!("-n {ns} addr add {address}/24 dev eth0")));
+        commands.push(split(&format!("-n {ns} link set eth0 up")));
+        commands.push(split(&format!("netns exec {ns} sysctl -qw net.ipv4.ip_forward=1")));
+    }
+    let started = Instant::now();
+    let built = commands.iter().try_for_each(|args| ip(args));
+    let up = started.elapsed();
+    let started = Instant::now();
+    let removed: anyhow::Result<()> = (1..=nodes)
+        .map(node_ns)
+        .chain(std::iter::once(fabric))
+        .map(|ns| ip(&split(&format!("netns del {ns}"))))
+        .fold(Ok(()), |all, one| all.and(one));
+    let down = started.elapsed();
+    built?;
+    removed?;
+    Ok((up, down))
+}
+
+fn split(command: &str) -> Vec<String> {
+    command.split_whitespace().map(str::to_owned).collect()
+}
+
+fn ip(args: &[String]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    anyhow::ensure!(status.success(), "ip {} failed", args.join(" "));
+    Ok(())
 }
 
 /// Options of `strait bench cni`.

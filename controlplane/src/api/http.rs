@@ -476,8 +476,15 @@ async fn route(
     if info.namespaced && namespace.is_none() {
         return Err(ApiError::UnknownPath);
     }
-    match path.subresource.as_deref() {
-        None => match *method {
+    // The object and its `/status` subresource are read and written alike; `status` says which
+    // half of the object a write may change. Only the object itself can be deleted.
+    let status = match path.subresource.as_deref() {
+        None => Some(false),
+        Some("status") if info.has_status => Some(true),
+        _ => None,
+    };
+    if let Some(status) = status {
+        return match *method {
             Method::GET => {
                 let format = table::negotiate(accept, params.include_object.as_deref())?;
                 Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
@@ -485,44 +492,26 @@ async fn route(
             Method::PUT => {
                 require_json(headers)?;
                 let updated =
-                    handler.replace(namespace, name, body, false, params.write_options()?).await?;
+                    handler.replace(namespace, name, body, status, params.write_options()?).await?;
                 Ok(json_response(StatusCode::OK, &updated))
             }
             Method::PATCH => {
                 let patch = merge_patch_body(headers, body)?;
                 let patched = handler
-                    .merge_patch(namespace, name, &patch, false, params.write_options()?)
+                    .merge_patch(namespace, name, &patch, status, params.write_options()?)
                     .await?;
                 Ok(json_response(StatusCode::OK, &patched))
             }
-            Method::DELETE => {
+            Method::DELETE if !status => {
                 let request = delete_request(params, body)?;
                 let deleted =
                     handler.delete(namespace, name, &request, params.write_options()?).await?;
                 Ok(json_response(StatusCode::OK, &deleted))
             }
             _ => Err(ApiError::MethodNotAllowed),
-        },
-        Some("status") if info.has_status => match *method {
-            Method::GET => {
-                let format = table::negotiate(accept, params.include_object.as_deref())?;
-                Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
-            }
-            Method::PUT => {
-                require_json(headers)?;
-                let updated =
-                    handler.replace(namespace, name, body, true, params.write_options()?).await?;
-                Ok(json_response(StatusCode::OK, &updated))
-            }
-            Method::PATCH => {
-                let patch = merge_patch_body(headers, body)?;
-                let patched = handler
-                    .merge_patch(namespace, name, &patch, true, params.write_options()?)
-                    .await?;
-                Ok(json_response(StatusCode::OK, &patched))
-            }
-            _ => Err(ApiError::MethodNotAllowed),
-        },
+        };
+    }
+    match path.subresource.as_deref() {
         Some(subresource) if info.post_subresources.iter().any(|(s, _)| *s == subresource) => {
             if *method != Method::POST {
                 return Err(ApiError::MethodNotAllowed);
@@ -531,7 +520,8 @@ async fn route(
             let answer = handler.post_subresource(namespace, name, subresource, body).await?;
             Ok(json_response(StatusCode::CREATED, &answer))
         }
-        Some(_) => Err(ApiError::UnknownPath),
+        // `None` and `status` were answered above.
+        _ => Err(ApiError::UnknownPath),
     }
 }
 

@@ -135,11 +135,14 @@ fn plumbing_floor(lab: &str, nodes: usize) -> anyhow::Result<(Duration, Duration
     let built = commands.iter().try_for_each(|args| ip(args));
     let up = started.elapsed();
     let started = Instant::now();
-    let removed: anyhow::Result<()> = (1..=nodes)
-        .map(node_ns)
-        .chain(std::iter::once(fabric))
-        .map(|ns| ip(&split(&format!("netns del {ns}"))))
-        .fold(Ok(()), |all, one| all.and(one));
+    // Every namespace is deleted even if one deletion fails; the first failure is reported.
+    let mut removed = Ok(());
+    for ns in (1..=nodes).map(node_ns).chain(std::iter::once(fabric)) {
+        let result = ip(&split(&format!("netns del {ns}")));
+        if removed.is_ok() {
+            removed = result;
+        }
+    }
     let down = started.elapsed();
     built?;
     removed?;

@@ -59,7 +59,7 @@ pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
     match build(options).await {
         Ok(state) => Ok(state),
         Err(error) => {
-            let logs = log_tails(&options.name);
+            let logs = log_tails(&options.name, 8);
             let cleanup = down(&options.name);
             match cleanup {
                 Ok(_) => Err(error.context(format!("bringing lab {} up (everything made was removed){logs}", options.name))),
@@ -432,8 +432,8 @@ pub fn is_node_ready(node: &Node) -> bool {
     })
 }
 
-/// The last lines of every log of a lab, for an error message.
-fn log_tails(lab: &str) -> String {
+/// The last `lines` lines of every log of a lab (controller and agents), for error messages.
+pub fn log_tails(lab: &str, lines: usize) -> String {
     let dir = lab_dir(lab);
     let mut logs = vec![dir.join("controller.log")];
     if let Ok(nodes) = fs::read_dir(dir.join("nodes")) {
@@ -442,7 +442,7 @@ fn log_tails(lab: &str) -> String {
     let mut text = String::new();
     for log in logs {
         if let Ok(content) = fs::read_to_string(&log) {
-            let tail: Vec<_> = content.lines().rev().take(8).collect();
+            let tail: Vec<_> = content.lines().rev().take(lines).collect();
             text.push_str(&format!("\n--- {} ---\n", log.display()));
             for line in tail.iter().rev() {
                 text.push_str(line);

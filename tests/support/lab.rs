@@ -148,23 +148,7 @@ impl TestLab {
 
     /// The last lines of every log of the lab, for failure messages.
     pub fn logs(&self) -> String {
-        let dir = lab::lab_dir(self.name());
-        let mut text = String::new();
-        let mut files = vec![dir.join("controller.log")];
-        for node in &self.state.nodes {
-            files.push(dir.join("nodes").join(&node.name).join("agent.log"));
-        }
-        for file in files {
-            if let Ok(content) = std::fs::read_to_string(&file) {
-                let lines: Vec<_> = content.lines().rev().take(15).collect();
-                text.push_str(&format!("--- {} ---\n", file.display()));
-                for line in lines.iter().rev() {
-                    text.push_str(line);
-                    text.push('\n');
-                }
-            }
-        }
-        text
+        lab::log_tails(self.name(), 15)
     }
 }
 

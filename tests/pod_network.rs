@@ -158,6 +158,53 @@ async fn pods_reach_each_other_and_nodes_reach_pods_without_nat() {
         );
     }
 
+    // The lab's own commands: exec in a pod (its namespace and cgroup), exec in a node, status.
+    let strait = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(args)
+            .output()
+            .expect("strait");
+        assert!(
+            output.status.success(),
+            "strait {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let in_pod = strait(&[
+        "lab",
+        "exec",
+        "--name",
+        lab.name(),
+        "default/a1",
+        "--",
+        "ip",
+        "-o",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    assert!(
+        in_pod.contains(&format!("inet {}/32", ips["a1"])),
+        "lab exec runs in a1's namespace: {in_pod}"
+    );
+    let cgroup =
+        strait(&["lab", "exec", "--name", lab.name(), "a1", "--", "cat", "/proc/self/cgroup"]);
+    let a1_uid = pods["a1"].metadata.uid.clone().expect("uid");
+    assert!(
+        cgroup.contains(&format!("/strait/{}/node-1/pods/{a1_uid}", lab.name())),
+        "lab exec joins a1's cgroup: {cgroup}"
+    );
+    let node_routes =
+        strait(&["lab", "node-exec", "--name", lab.name(), "node-2", "--", "ip", "route"]);
+    assert!(
+        node_routes.contains(&format!("{} dev st", ips["b"])),
+        "node-2 routes b locally: {node_routes}"
+    );
+    let status = strait(&["lab", "status", "--name", lab.name()]);
+    assert_eq!(status.matches(" True ").count(), 3, "three Ready nodes in lab status: {status}");
+
     // Deleting a pod stops it and releases its namespace (CNI DEL ran).
     let a2_netns = lab.pod_netns(&pods["a2"]).name().to_owned();
     lab.kubectl_ok(&["delete", "pod", "a2", "--timeout=60s"]);

@@ -61,7 +61,7 @@ impl Cgroup {
     }
 
     pub fn create(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.path)
+        crate::dirs::create_dir_all_shared(&self.path)
     }
 
     /// `cgroup.procs`, the file a process writes to in order to join.

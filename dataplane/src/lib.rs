@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod dirs;
 pub mod ebpf;
 pub mod netlink;
 pub mod netns;

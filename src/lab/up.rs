@@ -75,7 +75,8 @@ pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
 async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
     let lab = &options.name;
     let dir = lab_dir(lab);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    strait_dataplane::dirs::create_dir_all_shared(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     ebpf::ensure_bpffs().context("mounting the bpf filesystem")?;
     let cgroup = Cgroup::new(&lab_cgroup(lab)).context("locating the lab's cgroup")?;
     cgroup.create().with_context(|| format!("creating cgroup {}", cgroup.path().display()))?;

@@ -259,9 +259,9 @@ fn write_conflist(dir: Option<&std::path::Path>, plugin_config: &serde_json::Val
     let conflist =
         serde_json::json!({ "cniVersion": "1.1.0", "name": "strait", "plugins": [plugin] });
     let path = dir.join("10-strait.conflist");
-    let written = std::fs::create_dir_all(dir).and_then(|()| {
-        std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap_or_default())
-    });
+    let written = serde_json::to_vec_pretty(&conflist)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, bytes)));
     if let Err(error) = written {
         tracing::error!(path = %path.display(), %error, "cannot write the CNI configuration");
     }

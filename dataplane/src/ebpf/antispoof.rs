@@ -39,7 +39,7 @@ impl AntiSpoof {
     /// Loads the program, re-adopting maps already pinned in `pin_dir` (agent restart) or pinning
     /// new ones, then pins the program, replacing an older pin atomically with rename(2).
     pub fn load_and_pin(pin_dir: &Path) -> Result<Self, EbpfError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::Io {
+        crate::dirs::create_dir_all_shared(pin_dir).map_err(|source| EbpfError::Io {
             action: format!("creating pin directory {}", pin_dir.display()),
             source,
         })?;

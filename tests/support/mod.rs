@@ -19,8 +19,13 @@ pub fn privileged(test: &str) -> bool {
         return false;
     }
     assert!(
-        Path::new("/sys/fs/bpf").exists(),
-        "{test}: /sys/fs/bpf is missing; the test command mounts it"
+        std::fs::read_to_string("/proc/self/mounts")
+            .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))),
+        "{test}: no bpf filesystem at /sys/fs/bpf; the test command mounts it"
+    );
+    assert!(
+        std::process::Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()),
+        "{test}: the ip tool (iproute2) is missing; the test command installs it"
     );
     assert!(
         std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| m.contains(" - cgroup2 ")),

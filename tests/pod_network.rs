@@ -45,13 +45,9 @@ async fn pods_reach_each_other_and_nodes_reach_pods_without_nat() {
     assert_eq!(distinct.len(), ips.len(), "every pod has its own IP: {ips:?}");
 
     // Every pod's IP lies in the podCIDR of its node.
-    let (nodes, _) = lab.api.list::<Node>(None, "").await.expect("list nodes");
+    let cidrs = lab.pod_cidrs().await;
     for (name, node) in placement {
-        let cidr: ipnet::Ipv4Net = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(node))
-            .and_then(|n| n.spec.as_ref()?.pod_cidr.as_deref()?.parse().ok())
-            .expect("node podCIDR");
+        let cidr = cidrs[node];
         assert!(cidr.contains(&ips[name]), "{name} ({}) is outside {node}'s {cidr}", ips[name]);
     }
 
@@ -290,23 +286,13 @@ async fn a_controller_restart_keeps_every_allocation() {
     let lab = TestLab::up("ctl", 2).await;
     lab.create_netexec_pod("before", Some("node-1"));
     let before = lab.wait_running("before").await;
-    let cidrs = |nodes: &[Node]| -> BTreeMap<String, String> {
-        nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.metadata.name.clone().unwrap_or_default(),
-                    n.spec.as_ref().and_then(|s| s.pod_cidr.clone()).unwrap_or_default(),
-                )
-            })
-            .collect()
-    };
-    let (nodes, _) = lab.api.list::<Node>(None, "").await.expect("nodes");
-    let cidrs_before = cidrs(&nodes);
+    let cidrs_before = lab.pod_cidrs().await;
 
     lab::restart(lab.name(), &LabProcess::Controller).expect("restarting the controller");
-    let nodes = eventually_async_nodes(&lab).await;
-    assert_eq!(cidrs(&nodes), cidrs_before, "podCIDRs survive the restart");
+    lab::wait_until_ready(&lab.state, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the API is not back with Ready nodes: {e:#}\n{}", lab.logs()));
+    assert_eq!(lab.pod_cidrs().await, cidrs_before, "podCIDRs survive the restart");
     let still =
         lab.api.get::<Pod>(Some("default"), "before").await.expect("get").expect("pod kept");
     assert_eq!(still.metadata.uid, before.metadata.uid);
@@ -319,21 +305,6 @@ async fn a_controller_restart_keeps_every_allocation() {
     let netns = lab.pod_netns(&after);
     let seen = http_get(&netns, pod_ip(&before), 8080, "/clientip").expect("after → before");
     assert_eq!(client_ip(&seen), pod_ip(&after));
-}
-
-async fn eventually_async_nodes(lab: &TestLab) -> Vec<Node> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match lab.api.list::<Node>(None, "").await {
-            Ok((nodes, _)) if nodes.iter().all(lab::is_node_ready) && !nodes.is_empty() => {
-                return nodes;
-            }
-            other if std::time::Instant::now() > deadline => {
-                panic!("API not back with Ready nodes: {other:?}\n{}", lab.logs())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -449,15 +420,8 @@ async fn routes_to_a_node_that_leaves_are_removed_and_the_others_stay() {
         return;
     }
     let lab = TestLab::up("leave", 3).await;
-    let (nodes, _) = lab.api.list::<Node>(None, "").await.expect("nodes");
-    let cidr_of = |name: &str| -> ipnet::Ipv4Net {
-        nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(name))
-            .and_then(|n| n.spec.as_ref()?.pod_cidr.as_deref()?.parse().ok())
-            .expect("podCIDR")
-    };
-    let (leaving, staying) = (cidr_of("node-3"), cidr_of("node-2"));
+    let cidrs = lab.pod_cidrs().await;
+    let (leaving, staying) = (cidrs["node-3"], cidrs["node-2"]);
     let node_1 = lab.node_netns("node-1");
     let routes = || {
         let handle = node_1.netlink().expect("netlink in node-1");

@@ -1,18 +1,12 @@
 //! `strait lab exec` and `strait lab node-exec`: run a command inside a pod's or a node's
 //! network namespace (and, for a pod, its cgroup), the way `kubectl exec` and `ssh node` would.
 
-use std::{
-    ffi::CString,
-    fs::File,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
-    path::Path,
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Pod;
 use strait_controlplane::client::ApiClient;
-use strait_dataplane::{cgroup::Cgroup, netns};
+use strait_dataplane::{cgroup::Cgroup, netns, runtime::process::ChildSetup};
 
 use super::{LabState, lab_cgroup, netns_prefix, node_netns};
 
@@ -57,30 +51,15 @@ fn run_inside(
     let Some((program, args)) = command.split_first() else {
         bail!("give a command to run after --");
     };
-    let netns_file =
-        File::open(netns_path).with_context(|| format!("opening {}", netns_path.display()))?;
-    let netns_fd = netns_file.as_raw_fd();
-    let procs = cgroup.map(|c| CString::new(c.procs_file().as_os_str().as_bytes())).transpose()?;
+    let mut setup = ChildSetup::new();
+    if let Some(cgroup) = cgroup {
+        setup = setup.join_cgroup(&cgroup.procs_file())?;
+    }
+    let setup = setup.enter_netns(netns_path)?;
     let mut child = Command::new(program);
     child.args(args);
-    // SAFETY: runs between fork and exec; only async-signal-safe calls on prepared data.
-    unsafe {
-        child.pre_exec(move || {
-            if let Some(procs) = &procs {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-            }
-            if libc::setns(netns_fd, libc::CLONE_NEWNET) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    setup.install(&mut child);
     let status = child.status().with_context(|| format!("running {program}"))?;
-    drop(netns_file);
     Ok(status.code().unwrap_or_else(|| {
         use std::os::unix::process::ExitStatusExt;
         128 + status.signal().unwrap_or(0)

@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 use strait_dataplane::{cgroup::Cgroup, ebpf::BPFFS_ROOT, netns::NetNs};
 
 pub use exec::{exec_in_node, exec_in_pod};
-pub use up::{LabProcess, UpOptions, is_node_ready, kill, log_tails, restart, up};
+pub use up::{
+    LabProcess, UpOptions, is_node_ready, kill, log_tails, restart, up, wait_until_ready,
+};
 
 /// Where labs keep their state (store, logs, kubeconfig, CNI allocations). Under /run: a lab
 /// does not survive a reboot (its namespaces do not either), and neither does its state.

@@ -2,10 +2,9 @@
 //! per node, and returns once every node is Ready.
 
 use std::{
-    ffi::CString,
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -15,7 +14,7 @@ use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use strait_controlplane::client::ApiClient;
-use strait_dataplane::{cgroup::Cgroup, ebpf, netlink, netns::NetNs};
+use strait_dataplane::{cgroup::Cgroup, ebpf, netlink, netns::NetNs, runtime::process::ChildSetup};
 
 use super::{
     CONTROLLER_ADDRESS, CONTROLLER_PORT, FABRIC_PREFIX_LEN, LabNode, LabState, MAX_NODES, down,
@@ -352,9 +351,14 @@ fn spawn_daemon(
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
-    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
-    let netns_file = netns.map(File::open).transpose().context("opening the node namespace")?;
-    let netns_fd = netns_file.as_ref().map(|f| f.as_raw_fd());
+    let mut setup = ChildSetup::new().join_cgroup(&cgroup.procs_file())?.new_session();
+    if let Some(netns) = netns {
+        setup = setup.enter_netns(netns).context("opening the node namespace")?;
+    }
+    const MAX_INHERITED: usize = 8;
+    if inherited.len() > MAX_INHERITED {
+        bail!("at most {MAX_INHERITED} sockets can be handed over, not {}", inherited.len());
+    }
     let inherited = inherited.to_vec();
     command
         .stdin(Stdio::null())
@@ -364,30 +368,18 @@ fn spawn_daemon(
     // SAFETY: runs between fork and exec; only async-signal-safe calls on prepared data.
     unsafe {
         command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(netns_fd) = netns_fd
-                && libc::setns(netns_fd, libc::CLONE_NEWNET) < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            setup.apply()?;
             // Move the sockets out of the way first, so that placing one on fd 3 cannot close
             // another that happens to sit there; dup2 leaves the targets without CLOEXEC.
-            let mut high = [0i32; 8];
-            for (slot, fd) in inherited.iter().enumerate().take(high.len()) {
+            let mut high = [0i32; MAX_INHERITED];
+            for (slot, fd) in inherited.iter().enumerate() {
                 high[slot] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
                 if high[slot] < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for (slot, _) in inherited.iter().enumerate().take(high.len()) {
-                if libc::dup2(high[slot], 3 + slot as i32) < 0 {
+            for (slot, moved) in high.iter().take(inherited.len()).enumerate() {
+                if libc::dup2(*moved, 3 + slot as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -402,7 +394,8 @@ fn spawn_daemon(
     Ok(pid)
 }
 
-async fn wait_until_ready(state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until every node of the lab is registered and Ready, and returns the nodes.
+pub async fn wait_until_ready(state: &LabState, timeout: Duration) -> anyhow::Result<Vec<Node>> {
     let api = ApiClient::new(&state.api_server)?;
     let deadline = Instant::now() + timeout;
     let mut last = String::from("the API server did not answer");
@@ -411,7 +404,7 @@ async fn wait_until_ready(state: &LabState, timeout: Duration) -> anyhow::Result
             Ok((nodes, _)) => {
                 let ready = nodes.iter().filter(|node| is_node_ready(node)).count();
                 if ready == state.nodes.len() {
-                    return Ok(());
+                    return Ok(nodes);
                 }
                 last = format!(
                     "{ready} of {} nodes Ready ({} registered)",

@@ -3,13 +3,15 @@
 //! their traffic goes.
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use strait::lab::{self, LabState, UpOptions};
 use strait_controlplane::client::ApiClient;
 use strait_dataplane::netns::NetNs;
@@ -132,6 +134,22 @@ impl TestLab {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("pod {name} not running and ready in time; last seen: {last}\n{}", self.logs());
+    }
+
+    /// Every node's podCIDR, by node name. Fails the test if a node has none.
+    pub async fn pod_cidrs(&self) -> BTreeMap<String, Ipv4Net> {
+        let (nodes, _) = self.api.list::<Node>(None, "").await.expect("listing nodes");
+        nodes
+            .iter()
+            .map(|node| {
+                let name = node.metadata.name.clone().expect("node name");
+                let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()).map(str::parse);
+                match cidr {
+                    Some(Ok(cidr)) => (name, cidr),
+                    other => panic!("node {name} has no usable podCIDR: {other:?}"),
+                }
+            })
+            .collect()
     }
 
     /// The namespace of a node of this lab.

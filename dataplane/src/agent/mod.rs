@@ -10,15 +10,7 @@ pub mod routes;
 pub mod sync;
 
 use std::{
-    collections::BTreeMap,
-    future::Future,
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+    collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration,
 };
 
 use anyhow::Context as _;
@@ -92,11 +84,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");
 
-    let ready = Arc::new(AtomicBool::new(false));
+    let (ready, ready_receiver) = watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat_loop(
         api.clone(),
         identity.clone(),
-        ready.clone(),
+        ready_receiver,
         config.heartbeat,
     ));
 
@@ -110,7 +102,6 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let follow = {
         let runtime = runtime.clone();
         let config = config.clone();
-        let ready = ready.clone();
         let mut own_cidr: Option<Ipv4Net> = None;
         sync::follow(&controller, &node_name, move |state, change| {
             if change.peers_changed {
@@ -134,7 +125,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
             if change.snapshot {
                 runtime.apply(&state.pods, true);
-                if !ready.swap(true, Ordering::SeqCst) {
+                if !ready.send_replace(true) {
                     tracing::info!(
                         revision = state.revision,
                         pods = state.pods.len(),
@@ -182,28 +173,23 @@ async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) {
 async fn heartbeat_loop(
     api: ApiClient,
     identity: NodeIdentity,
-    ready: Arc<AtomicBool>,
+    mut ready: watch::Receiver<bool>,
     interval: Duration,
 ) {
-    let mut reported_ready = None;
     loop {
-        let is_ready = ready.load(Ordering::SeqCst);
+        let is_ready = *ready.borrow_and_update();
         let message = if is_ready {
             "the node agent is running and its network is programmed"
         } else {
             "waiting for the first state snapshot from the controller"
         };
-        match node::report_status(&api, &identity, is_ready, message).await {
-            Ok(()) => reported_ready = Some(is_ready),
-            Err(error) => tracing::warn!(%error, "cannot report the node status"),
+        if let Err(error) = node::report_status(&api, &identity, is_ready, message).await {
+            tracing::warn!(%error, "cannot report the node status");
         }
-        // Report the transition to Ready at once rather than at the next beat.
-        let deadline = tokio::time::Instant::now() + interval;
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if reported_ready != Some(ready.load(Ordering::SeqCst)) {
-                break;
-            }
+        // The next beat, or at once when the node turns Ready.
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            changed = ready.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -32,22 +32,114 @@ pub struct Launch {
     pub log_path: PathBuf,
 }
 
+/// What a new process joins between fork and exec, so that no instruction of the program runs
+/// outside it: a cgroup, a session of its own, a network namespace, a UTS namespace with a
+/// hostname. Everything is prepared (opened, allocated) before forking; [`ChildSetup::apply`]
+/// then makes only async-signal-safe system calls.
+#[derive(Debug, Default)]
+pub struct ChildSetup {
+    cgroup_procs: Option<CString>,
+    new_session: bool,
+    netns: Option<File>,
+    hostname: Option<CString>,
+}
+
+impl ChildSetup {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Joins the cgroup whose `cgroup.procs` is `procs`.
+    pub fn join_cgroup(mut self, procs: &Path) -> io::Result<Self> {
+        self.cgroup_procs = Some(
+            CString::new(procs.as_os_str().as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        );
+        Ok(self)
+    }
+
+    /// Starts a session of its own (no signal to the starter's group reaches it).
+    pub fn new_session(mut self) -> Self {
+        self.new_session = true;
+        self
+    }
+
+    /// Enters the network namespace at `path`.
+    pub fn enter_netns(mut self, path: &Path) -> io::Result<Self> {
+        self.netns =
+            Some(File::open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            })?);
+        Ok(self)
+    }
+
+    /// Gets a UTS namespace of its own with this hostname.
+    pub fn hostname(mut self, name: &str) -> io::Result<Self> {
+        self.hostname = Some(
+            CString::new(name.as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        );
+        Ok(self)
+    }
+
+    /// Applies the setup to the calling process. Meant for the forked child: plain libc, no
+    /// allocation, no locks.
+    pub fn apply(&self) -> io::Result<()> {
+        let check = |result: libc::c_int| {
+            if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        };
+        // SAFETY: every pointer passed below points at a live NUL-terminated buffer or a local,
+        // and every descriptor is owned by `self`.
+        unsafe {
+            if let Some(procs) = &self.cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                check(fd)?;
+                // "0" moves the writing process itself (cgroup-v2.rst, "cgroup.procs").
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let error = io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(error);
+                }
+            }
+            if self.new_session {
+                check(libc::setsid())?;
+            }
+            if let Some(netns) = &self.netns {
+                check(libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET))?;
+            }
+            if let Some(hostname) = &self.hostname {
+                check(libc::unshare(libc::CLONE_NEWUTS))?;
+                let name = hostname.as_bytes();
+                check(libc::sethostname(name.as_ptr().cast(), name.len()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `command` apply this setup in its child before exec.
+    pub fn install(self, command: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: apply() only makes async-signal-safe calls on data prepared before the fork.
+        unsafe {
+            command.pre_exec(move || self.apply());
+        }
+    }
+}
+
 /// Starts the container. The child joins its cgroup, its own session, the pod's network
 /// namespace and a UTS namespace carrying the pod's hostname before `exec`, so no instruction of
 /// the workload runs outside them. The child is not tied to the agent: it keeps running if the
 /// agent exits, and a restarted agent adopts it.
 pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
-    let netns = File::open(&launch.netns_path).map_err(|e| {
-        io::Error::new(e.kind(), format!("opening {}: {e}", launch.netns_path.display()))
-    })?;
     let log = OpenOptions::new().create(true).append(true).open(&launch.log_path).map_err(|e| {
         io::Error::new(e.kind(), format!("opening log {}: {e}", launch.log_path.display()))
     })?;
-    let procs = CString::new(launch.cgroup_procs.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let hostname = CString::new(launch.hostname.as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let netns_fd = netns.as_raw_fd();
+    let setup = ChildSetup::new()
+        .join_cgroup(&launch.cgroup_procs)?
+        .new_session()
+        .enter_netns(&launch.netns_path)?
+        .hostname(&launch.hostname)?;
 
     let mut command = tokio::process::Command::new(&launch.program);
     command
@@ -60,47 +152,10 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
     if let Some(dir) = &launch.working_dir {
         command.current_dir(dir);
     }
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls (open, write, close, setsid, setns, unshare, sethostname) on data prepared above.
-    unsafe {
-        command.pre_exec(move || enter_container(&procs, netns_fd, &hostname));
-    }
-    let child = command.spawn().map_err(|e| {
+    setup.install(command.as_std_mut());
+    command.spawn().map_err(|e| {
         io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))
-    })?;
-    drop(netns);
-    Ok(child)
-}
-
-/// Runs in the forked child. Plain libc: no allocation, no locks.
-fn enter_container(procs: &CString, netns_fd: i32, hostname: &CString) -> io::Result<()> {
-    // SAFETY: every pointer passed below points at a live NUL-terminated buffer or a local.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // "0" moves the writing process itself (cgroup-v2.rst, "cgroup.procs").
-        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-        libc::close(fd);
-        if written != 1 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::setns(netns_fd, libc::CLONE_NEWNET) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::unshare(libc::CLONE_NEWUTS) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let name = hostname.as_bytes();
-        if libc::sethostname(name.as_ptr().cast(), name.len()) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    })
 }
 
 /// The start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).

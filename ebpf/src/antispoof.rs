@@ -1,4 +1,6 @@
-//! tc classifier on the ingress of each pod's host-side veth: a pod may only send as itself.
+//! tc classifiers on each pod's host-side veth. Ingress (packets from the pod): a pod may only
+//! send as itself, then service DNAT for flows the socket hooks did not translate. Egress
+//! (packets toward the pod): reverse NAT of replies from service backends.
 #![no_std]
 #![no_main]
 
@@ -9,7 +11,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use strait_common::antispoof::{DROP_REASON_SLOTS, DropReason, MAX_ENDPOINTS, PodEndpoint};
-use strait_ebpf::net::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, load_be16, ptr_at};
+use strait_ebpf::{
+    nat,
+    net::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, load_be16, ptr_at},
+};
 
 /// RFC 791: an IPv4 header without options.
 const IPV4_MIN_HLEN: usize = 20;
@@ -22,13 +27,51 @@ static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);
 
 #[classifier]
 pub fn antispoof(ctx: TcContext) -> i32 {
-    match try_antispoof(&ctx) {
+    match try_antispoof(&ctx).and_then(|header_len| service_nat_from_pod(&ctx, header_len)) {
         Ok(()) => TC_ACT_OK,
         Err(reason) => {
             count_drop(reason);
             TC_ACT_SHOT
         }
     }
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    match try_to_pod(&ctx) {
+        Ok(()) => TC_ACT_OK,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// After the anti-spoofing check passed: DNAT of IPv4 TCP/UDP to a service frontend.
+fn service_nat_from_pod(ctx: &TcContext, header_len: Option<usize>) -> Result<(), DropReason> {
+    let Some(header_len) = header_len else { return Ok(()) };
+    let Some(flow) = nat::parse_flow(ctx, header_len) else { return Ok(()) };
+    nat::from_pod(ctx, &flow).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
+}
+
+/// Reverse NAT of replies toward the pod. Anything that is not well-formed IPv4 TCP/UDP passes
+/// unchanged: this direction polices nothing.
+fn try_to_pod(ctx: &TcContext) -> Result<(), DropReason> {
+    if load_be16(ctx, 12) != Some(ETH_P_IP) {
+        return Ok(());
+    }
+    let Some(header) = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN) else { return Ok(()) };
+    // SAFETY: ptr_at checked that all 20 bytes lie inside the packet.
+    let version_ihl = unsafe { (*header)[0] };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN {
+        return Ok(());
+    }
+    if ptr_at::<u8>(ctx, ETH_HLEN + header_len - 1).is_none() {
+        return Ok(());
+    }
+    let Some(flow) = nat::parse_flow(ctx, header_len) else { return Ok(()) };
+    nat::to_pod(ctx, &flow).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
 }
 
 fn count_drop(reason: DropReason) {
@@ -38,7 +81,8 @@ fn count_drop(reason: DropReason) {
     }
 }
 
-fn try_antispoof(ctx: &TcContext) -> Result<(), DropReason> {
+/// The anti-spoofing verdict; for IPv4, the header length (options included) for what follows.
+fn try_antispoof(ctx: &TcContext) -> Result<Option<usize>, DropReason> {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is plain data; entries are replaced whole by userspace.
@@ -46,15 +90,15 @@ fn try_antispoof(ctx: &TcContext) -> Result<(), DropReason> {
 
     let ethertype = load_be16(ctx, 12).ok_or(DropReason::MALFORMED)?;
     match ethertype {
-        ETH_P_IP => check_ipv4_source(ctx, endpoint.ipv4),
-        ETH_P_ARP => check_arp_sender(ctx, endpoint.ipv4),
+        ETH_P_IP => check_ipv4_source(ctx, endpoint.ipv4).map(Some),
+        ETH_P_ARP => check_arp_sender(ctx, endpoint.ipv4).map(|()| None),
         _ => Err(DropReason::UNSUPPORTED_PROTOCOL),
     }
 }
 
 /// RFC 791: the fixed header is 20 bytes; version and IHL share its first byte, and IHL
 /// counts 32-bit words (at least 5) including options.
-fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
+fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<usize, DropReason> {
     // Bound the fixed header first and read the source through that same pointer. A source
     // read bounded only by the options check below is rejected by the verifier: the compiler
     // folds the fixed-offset check into the variable-length one, and the verifier cannot carry
@@ -71,7 +115,7 @@ fn check_ipv4_source(ctx: &TcContext, pod_ipv4: u32) -> Result<(), DropReason> {
     ptr_at::<u8>(ctx, ETH_HLEN + header_len - 1).ok_or(DropReason::MALFORMED)?;
     // Bytes 12..16: the source address, compared in network byte order as the map stores it.
     let source = u32::from_ne_bytes([header[12], header[13], header[14], header[15]]);
-    if source == pod_ipv4 { Ok(()) } else { Err(DropReason::SPOOFED_IPV4_SOURCE) }
+    if source == pod_ipv4 { Ok(header_len) } else { Err(DropReason::SPOOFED_IPV4_SOURCE) }
 }
 
 /// RFC 826 for Ethernet/IPv4: htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(hlen) spa(plen).

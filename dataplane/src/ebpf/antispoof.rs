@@ -1,9 +1,13 @@
-//! The anti-spoofing tc program: a pod may only send from its own address.
+//! The tc programs on each pod's host-side veth. Ingress: a pod may only send from its own
+//! address, then service DNAT for flows the socket hooks did not translate. Egress: reverse NAT
+//! of service replies toward the pod.
 //!
-//! The agent loads it once per node ([`AntiSpoof::load_and_pin`]): its maps are pinned by name
-//! in the node's pin directory and re-adopted on restart, so endpoint entries and drop counters
-//! survive the agent. The program itself is pinned as [`PROGRAM_PIN`]. The CNI plugin attaches
-//! that pinned program to each new host-side veth ([`attach`]) after writing the pod's entry.
+//! The agent loads them once per node ([`AntiSpoof::load_and_pin`]): their maps (endpoints,
+//! drop counters and the `LB_*` service maps shared with [`super::lb`]) are pinned by name in
+//! the node's pin directory and re-adopted on restart, so endpoint entries, counters and
+//! translations survive the agent. The programs are pinned as [`PROGRAM_PIN`] and
+//! [`EGRESS_PROGRAM_PIN`]. The CNI plugin attaches both to each new host-side veth ([`attach`])
+//! after writing the pod's entry.
 
 use std::{
     mem,
@@ -19,14 +23,18 @@ use aya::{
         tc::{NlOptions, TcAttachOptions, qdisc_add_clsact},
     },
 };
-use strait_common::antispoof::{DROP_STATS_MAP, DropReason, ENDPOINTS_MAP, PROGRAM, PodEndpoint};
+use strait_common::antispoof::{
+    DROP_STATS_MAP, DropReason, EGRESS_PROGRAM, ENDPOINTS_MAP, PROGRAM, PodEndpoint,
+};
 
-use super::{ANTISPOOF_OBJECT, EbpfError};
+use super::{ANTISPOOF_OBJECT, EbpfError, lb::LbMapSizes};
 
-/// File name of the pinned program inside the node's pin directory.
+/// File name of the pinned ingress program inside the node's pin directory.
 pub const PROGRAM_PIN: &str = "antispoof_prog";
 /// Where a new program is pinned before it replaces [`PROGRAM_PIN`] with rename(2).
 pub const STAGED_PROGRAM_PIN: &str = "antispoof_prog_staged";
+/// File name of the pinned egress program (service reverse NAT).
+pub const EGRESS_PROGRAM_PIN: &str = "to_pod_prog";
 
 /// The loaded program and its maps, as the agent holds them.
 pub struct AntiSpoof {
@@ -39,51 +47,76 @@ impl AntiSpoof {
     /// Loads the program, re-adopting maps already pinned in `pin_dir` (agent restart) or pinning
     /// new ones, then pins the program, replacing an older pin atomically with rename(2).
     pub fn load_and_pin(pin_dir: &Path) -> Result<Self, EbpfError> {
+        Self::load_and_pin_with(pin_dir, &LbMapSizes::default())
+    }
+
+    /// [`AntiSpoof::load_and_pin`] with the capacities of the service maps, used when this
+    /// load creates them.
+    pub fn load_and_pin_with(pin_dir: &Path, sizes: &LbMapSizes) -> Result<Self, EbpfError> {
         crate::dirs::create_dir_all_shared(pin_dir).map_err(|source| EbpfError::Io {
             action: format!("creating pin directory {}", pin_dir.display()),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(ANTISPOOF_OBJECT)
-            .map_err(|source| EbpfError::Load {
-                action: "loading the anti-spoofing program".to_owned(),
-                source: Box::new(source),
-            })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| EbpfError::Io {
-                action: format!("finding program {PROGRAM} in the embedded object"),
-                source: std::io::ErrorKind::NotFound.into(),
-            })?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                action: format!("reading {PROGRAM} as a tc classifier"),
-                source,
-            })?;
-        program.load().map_err(|source| EbpfError::Program {
-            action: format!("loading {PROGRAM} into the kernel"),
-            source,
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        sizes.apply(&mut loader);
+        let mut ebpf = loader.load(ANTISPOOF_OBJECT).map_err(|source| EbpfError::Load {
+            action: "loading the anti-spoofing program".to_owned(),
+            source: Box::new(source),
         })?;
-        // bpffs refuses names with a dot (EPERM: dots are reserved for the kernel's own
-        // entries, kernel/bpf/inode.c), so the staging name uses an underscore.
-        let staged = pin_dir.join(STAGED_PROGRAM_PIN);
-        let _ = std::fs::remove_file(&staged);
-        program.pin(&staged).map_err(|source| EbpfError::Pin {
-            action: format!("pinning {PROGRAM} at {}", staged.display()),
-            source,
-        })?;
-        let pinned = pin_dir.join(PROGRAM_PIN);
-        std::fs::rename(&staged, &pinned).map_err(|source| EbpfError::Io {
-            action: format!("moving the program pin to {}", pinned.display()),
-            source,
-        })?;
+        load_and_pin_classifier(&mut ebpf, PROGRAM, pin_dir, PROGRAM_PIN, STAGED_PROGRAM_PIN)?;
+        load_and_pin_classifier(
+            &mut ebpf,
+            EGRESS_PROGRAM,
+            pin_dir,
+            EGRESS_PROGRAM_PIN,
+            "to_pod_prog_staged",
+        )?;
         Ok(Self { pin_dir: pin_dir.to_owned(), _ebpf: ebpf })
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+}
+
+/// Loads one classifier of the object and pins it at `pin`, replacing an older pin atomically
+/// with rename(2) from `staged`.
+fn load_and_pin_classifier(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    pin_dir: &Path,
+    pin: &str,
+    staged: &str,
+) -> Result<(), EbpfError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| EbpfError::Io {
+            action: format!("finding program {name} in the embedded object"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?
+        .try_into()
+        .map_err(|source| EbpfError::Program {
+            action: format!("reading {name} as a tc classifier"),
+            source,
+        })?;
+    program.load().map_err(|source| EbpfError::Program {
+        action: format!("loading {name} into the kernel"),
+        source,
+    })?;
+    // bpffs refuses names with a dot (EPERM: dots are reserved for the kernel's own entries,
+    // kernel/bpf/inode.c), so the staging name uses an underscore.
+    let staged = pin_dir.join(staged);
+    let _ = std::fs::remove_file(&staged);
+    program.pin(&staged).map_err(|source| EbpfError::Pin {
+        action: format!("pinning {name} at {}", staged.display()),
+        source,
+    })?;
+    let pinned = pin_dir.join(pin);
+    std::fs::rename(&staged, &pinned).map_err(|source| EbpfError::Io {
+        action: format!("moving the program pin to {}", pinned.display()),
+        source,
+    })
 }
 
 fn open_endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, PodEndpoint>, EbpfError> {
@@ -98,9 +131,9 @@ fn open_endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, PodEndpoint>, 
     })
 }
 
-/// Writes the pod's entry and attaches the pinned program to the ingress of `host_ifname`, the
-/// host side of the pod's veth in the calling thread's namespace. The entry goes first: the
-/// program drops everything from an interface without one.
+/// Writes the pod's entry and attaches the pinned programs to the egress and ingress of
+/// `host_ifname`, the host side of the pod's veth in the calling thread's namespace. The entry
+/// goes first: the ingress program drops everything from an interface without one.
 pub fn attach(
     pin_dir: &Path,
     host_ifname: &str,
@@ -114,11 +147,6 @@ pub fn attach(
         source,
     })?;
 
-    let path = pin_dir.join(PROGRAM_PIN);
-    let mut program = SchedClassifier::from_pin(&path).map_err(|source| EbpfError::Program {
-        action: format!("opening pinned program {}", path.display()),
-        source,
-    })?;
     if let Err(error) = qdisc_add_clsact(host_ifname) {
         // EEXIST: the qdisc is already there (a repeated ADD); anything else is real.
         let exists = matches!(&error, aya::programs::tc::TcError::NetlinkError(e)
@@ -130,16 +158,30 @@ pub fn attach(
             });
         }
     }
+    // Egress first: once the ingress DNAT translates a flow, its replies must find the reverse
+    // NAT already in place.
+    attach_pinned(pin_dir, EGRESS_PROGRAM_PIN, host_ifname, TcAttachType::Egress)?;
+    attach_pinned(pin_dir, PROGRAM_PIN, host_ifname, TcAttachType::Ingress)
+}
+
+/// Attaches the classifier pinned at `pin` to one direction of `host_ifname`.
+fn attach_pinned(
+    pin_dir: &Path,
+    pin: &str,
+    host_ifname: &str,
+    direction: TcAttachType,
+) -> Result<(), EbpfError> {
+    let path = pin_dir.join(pin);
+    let mut program = SchedClassifier::from_pin(&path).map_err(|source| EbpfError::Program {
+        action: format!("opening pinned program {}", path.display()),
+        source,
+    })?;
     // Netlink (classic tc) rather than tcx: the filter belongs to the device and goes away with
     // it, so nothing outlives the pod and the short-lived CNI process need not pin a link.
     let link_id = program
-        .attach_with_options(
-            host_ifname,
-            TcAttachType::Ingress,
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )
+        .attach_with_options(host_ifname, direction, TcAttachOptions::Netlink(NlOptions::default()))
         .map_err(|source| EbpfError::Program {
-            action: format!("attaching {PROGRAM} to the ingress of {host_ifname}"),
+            action: format!("attaching {} to the {direction:?} of {host_ifname}", path.display()),
             source,
         })?;
     let link = program.take_link(link_id).map_err(|source| EbpfError::Program {

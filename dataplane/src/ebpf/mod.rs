@@ -3,6 +3,7 @@
 //! attached per interface by the CNI plugin from those pins.
 
 pub mod antispoof;
+pub mod lb;
 
 use std::path::{Path, PathBuf};
 
@@ -30,9 +31,14 @@ mod tests {
     }
 }
 
-/// The embedded object of the anti-spoofing program, built by `build.rs` from `ebpf/`.
+/// The embedded object of the pod-veth tc programs (anti-spoofing and service NAT), built by
+/// `build.rs` from `ebpf/`.
 pub(crate) static ANTISPOOF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-antispoof"));
+
+/// The embedded object of the socket-level load balancer (cgroup sock_addr hooks).
+pub(crate) static SOCK_LB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-sock-lb"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -67,6 +73,15 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{action}")]
+    Link {
+        action: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// A request the loader refuses by policy, e.g. hooking the root cgroup.
+    #[error("{0}")]
+    Refused(String),
     #[error("{action}")]
     Tc {
         action: String,

@@ -9,8 +9,10 @@
 pub const ENDPOINTS_MAP: &str = "ENDPOINTS_V1";
 /// Name (and pin name) of the per-CPU drop counters, indexed by [`DropReason`].
 pub const DROP_STATS_MAP: &str = "DROP_STATS_V1";
-/// Name of the tc classifier program in the object file.
+/// Name of the ingress tc classifier (anti-spoofing, then service DNAT) in the object file.
 pub const PROGRAM: &str = "antispoof";
+/// Name of the egress tc classifier (service reverse NAT toward the pod) in the object file.
+pub const EGRESS_PROGRAM: &str = "to_pod";
 /// Capacity of [`ENDPOINTS_MAP`]: pods on one node.
 pub const MAX_ENDPOINTS: u32 = 4096;
 /// Slots in [`DROP_STATS_MAP`]; indices are [`DropReason`] values.
@@ -35,14 +37,18 @@ impl DropReason {
     pub const UNKNOWN_ENDPOINT: Self = Self(4);
     /// IPv6 or any other ethertype: pods are assigned IPv4 only.
     pub const UNSUPPORTED_PROTOCOL: Self = Self(5);
+    /// Service NAT could not rewrite the packet (a checksum or store helper failed, or the
+    /// conntrack map refused an entry).
+    pub const NAT_FAILED: Self = Self(6);
 
     /// Every reason, with the name metrics and `strait` output use.
-    pub const ALL: [(Self, &'static str); 5] = [
+    pub const ALL: [(Self, &'static str); 6] = [
         (Self::SPOOFED_IPV4_SOURCE, "spoofed_ipv4_source"),
         (Self::SPOOFED_ARP_SENDER, "spoofed_arp_sender"),
         (Self::MALFORMED, "malformed"),
         (Self::UNKNOWN_ENDPOINT, "unknown_endpoint"),
         (Self::UNSUPPORTED_PROTOCOL, "unsupported_protocol"),
+        (Self::NAT_FAILED, "nat_failed"),
     ];
 }
 

@@ -6,3 +6,4 @@
 #![no_std]
 
 pub mod antispoof;
+pub mod lb;

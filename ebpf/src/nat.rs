@@ -1,0 +1,239 @@
+//! Service NAT on the host side of pod veths: DNAT of new flows to a VIP (ingress, packets
+//! from the pod), reverse NAT of replies (egress, packets toward the pod), with the
+//! translations kept in the conntrack LRU. The socket hooks translate most flows before a
+//! packet exists; this path catches what did not pass them (processes outside the hooked
+//! cgroup, raw sockets, pods of other runtimes).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use strait_common::lb::{
+    AffinityKey, CT_FORWARD, CT_HAIRPIN_REPLY, CT_REPLY, ConntrackKey, ConntrackValue, FrontendKey,
+    PROTOCOL_TCP, PROTOCOL_UDP,
+};
+
+use crate::{
+    lb::{CONNTRACK, FRONTENDS, backend_of, choose_backend, now_ns},
+    net::{ETH_HLEN, ptr_at},
+};
+
+/// RFC 791: offsets inside the IPv4 header.
+const IP_CHECKSUM: usize = 10;
+const IP_SOURCE: usize = 12;
+const IP_DESTINATION: usize = 16;
+/// RFC 793 / RFC 768: where the checksum sits in the L4 header.
+const TCP_CHECKSUM: usize = 16;
+const UDP_CHECKSUM: usize = 6;
+/// RFC 793: the flags byte and its SYN and ACK bits.
+const TCP_FLAGS: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// A SYN that finds a forward entry younger than this is taken for a retransmission and keeps
+/// the entry's backend; an older one starts a new connection on a reused tuple.
+const SYN_RETRANSMIT_WINDOW_NS: u64 = 5_000_000_000;
+
+/// The NAT could not be applied (a helper refused to rewrite the packet).
+pub struct NatFailed;
+
+/// An IPv4 TCP or UDP packet's tuple, all fields in network byte order.
+pub struct Flow {
+    pub src_ip: u32,
+    pub dst_ip: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    /// Offset of the L4 header: Ethernet plus the IPv4 header with its options (IHL).
+    pub l4_offset: usize,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    fn key(&self, direction: u8) -> ConntrackKey {
+        ConntrackKey {
+            src_ip: self.src_ip,
+            dst_ip: self.dst_ip,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+            direction,
+            _pad: 0,
+        }
+    }
+}
+
+/// Parses the tuple of an IPv4 packet whose header (`header_len` bytes, options included) has
+/// been checked. `None` for other protocols and for fragments: only the first fragment carries
+/// ports, so fragmented datagrams pass untranslated.
+#[inline(always)]
+pub fn parse_flow(ctx: &TcContext, header_len: usize) -> Option<Flow> {
+    let header: *const [u8; 20] = ptr_at(ctx, ETH_HLEN)?;
+    // SAFETY: ptr_at checked that the 20 bytes lie inside the packet.
+    let header = unsafe { &*header };
+    let protocol = header[9];
+    if protocol != PROTOCOL_TCP && protocol != PROTOCOL_UDP {
+        return None;
+    }
+    // RFC 791: MF flag (0x20 of byte 6) and the 13-bit fragment offset.
+    if header[6] & 0x3f != 0 || header[7] != 0 {
+        return None;
+    }
+    let src_ip = u32::from_ne_bytes([header[12], header[13], header[14], header[15]]);
+    let dst_ip = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
+    let l4_offset = ETH_HLEN + header_len;
+    let (ports, tcp_flags) = if protocol == PROTOCOL_TCP {
+        let tcp: *const [u8; 14] = ptr_at(ctx, l4_offset)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let tcp = unsafe { &*tcp };
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
+    } else {
+        let udp: *const [u8; 8] = ptr_at(ctx, l4_offset)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let udp = unsafe { &*udp };
+        ([udp[0], udp[1], udp[2], udp[3]], 0)
+    };
+    Some(Flow {
+        src_ip,
+        dst_ip,
+        src_port: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
+        protocol,
+        l4_offset,
+        tcp_flags,
+    })
+}
+
+/// Rewrites the packet's tuple to `to`, fixing the IPv4 checksum and the L4 checksum (its
+/// pseudo-header covers the addresses). A UDP checksum of 0 means "none" (RFC 768) and stays 0.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, to: &ConntrackValue) -> Result<(), NatFailed> {
+    let (l4_checksum, mangled) = if flow.protocol == PROTOCOL_TCP {
+        (flow.l4_offset + TCP_CHECKSUM, 0)
+    } else {
+        (flow.l4_offset + UDP_CHECKSUM, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let ip_checksum = ETH_HLEN + IP_CHECKSUM;
+    let addresses = [
+        (flow.src_ip, to.src_ip, ETH_HLEN + IP_SOURCE),
+        (flow.dst_ip, to.dst_ip, ETH_HLEN + IP_DESTINATION),
+    ];
+    for (old, new, offset) in addresses {
+        if old == new {
+            continue;
+        }
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+        ctx.l4_csum_replace(l4_checksum, u64::from(old), u64::from(new), pseudo)
+            .map_err(|_| NatFailed)?;
+        ctx.l3_csum_replace(ip_checksum, u64::from(old), u64::from(new), 4)
+            .map_err(|_| NatFailed)?;
+        ctx.store(offset, &new, 0).map_err(|_| NatFailed)?;
+    }
+    let ports = [
+        (flow.src_port, to.src_port, flow.l4_offset),
+        (flow.dst_port, to.dst_port, flow.l4_offset + 2),
+    ];
+    for (old, new, offset) in ports {
+        if old == new {
+            continue;
+        }
+        ctx.l4_csum_replace(l4_checksum, u64::from(old), u64::from(new), mangled | 2)
+            .map_err(|_| NatFailed)?;
+        ctx.store(offset, &new, 0).map_err(|_| NatFailed)?;
+    }
+    Ok(())
+}
+
+/// Whether a forward entry may carry this packet. Established TCP keeps its backend whatever
+/// happens to it (terminating or gone: the connection ends on its own); a new SYN on an old
+/// tuple and a UDP datagram need the backend still in its service.
+#[inline(always)]
+fn forward_entry_holds(flow: &Flow, entry: &ConntrackValue) -> bool {
+    let valid = || backend_of(entry.service_id, entry.backend_id).is_some();
+    if flow.protocol == PROTOCOL_TCP {
+        let new_connection = flow.tcp_flags & TCP_SYN != 0 && flow.tcp_flags & TCP_ACK == 0;
+        if !new_connection {
+            return true;
+        }
+        now_ns().wrapping_sub(entry.created_ns) < SYN_RETRANSMIT_WINDOW_NS && valid()
+    } else {
+        valid()
+    }
+}
+
+/// Ingress of a pod's host veth, after the anti-spoofing check: hairpin replies, then flows
+/// already translated, then new flows to a frontend with a usable backend. A VIP without one
+/// is left alone: the node's `unreachable` route for the service range refuses it at once.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext, flow: &Flow) -> Result<(), NatFailed> {
+    // SAFETY (map reads below): plain data, entries replaced whole.
+    if let Some(entry) = unsafe { CONNTRACK.get(flow.key(CT_HAIRPIN_REPLY)) } {
+        let entry = *entry;
+        return rewrite(ctx, flow, &entry);
+    }
+    let forward_key = flow.key(CT_FORWARD);
+    if let Some(entry) = unsafe { CONNTRACK.get(forward_key) } {
+        let entry = *entry;
+        if forward_entry_holds(flow, &entry) {
+            return rewrite(ctx, flow, &entry);
+        }
+    }
+    let frontend_key =
+        FrontendKey { vip: flow.dst_ip, port: flow.dst_port, protocol: flow.protocol, _pad: 0 };
+    let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key) }) else { return Ok(()) };
+    let client =
+        AffinityKey { service_id: frontend.service_id, client_ip: flow.src_ip, netns_cookie: 0 };
+    let Some(chosen) = choose_backend(frontend, client) else { return Ok(()) };
+    let backend = chosen.backend;
+    // Hairpin: the pod reaches itself through the VIP. Its reply would stay inside the pod
+    // (the destination is local there) and never meet the reverse NAT, so the request gets the
+    // VIP as its source: the reply leaves the pod toward the VIP and is translated back here.
+    let hairpin = backend.ip == flow.src_ip;
+    let now = now_ns();
+    let forward = ConntrackValue {
+        src_ip: if hairpin { flow.dst_ip } else { flow.src_ip },
+        dst_ip: backend.ip,
+        src_port: flow.src_port,
+        dst_port: backend.port,
+        backend_id: chosen.backend_id,
+        service_id: frontend.service_id,
+        _pad: 0,
+        created_ns: now,
+    };
+    let reply_key = ConntrackKey {
+        src_ip: backend.ip,
+        dst_ip: forward.src_ip,
+        src_port: backend.port,
+        dst_port: flow.src_port,
+        protocol: flow.protocol,
+        direction: if hairpin { CT_HAIRPIN_REPLY } else { CT_REPLY },
+        _pad: 0,
+    };
+    let reply = ConntrackValue {
+        src_ip: flow.dst_ip,
+        dst_ip: flow.src_ip,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        backend_id: chosen.backend_id,
+        service_id: frontend.service_id,
+        _pad: 0,
+        created_ns: now,
+    };
+    // The reply entry first: a reply can only follow the forward packet.
+    CONNTRACK.insert(reply_key, reply, 0).map_err(|_| NatFailed)?;
+    CONNTRACK.insert(forward_key, forward, 0).map_err(|_| NatFailed)?;
+    rewrite(ctx, flow, &forward)
+}
+
+/// Egress of a pod's host veth: a backend's reply to this pod gets the VIP back as its source.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, flow: &Flow) -> Result<(), NatFailed> {
+    // SAFETY: plain data, entries replaced whole.
+    match unsafe { CONNTRACK.get(flow.key(CT_REPLY)) } {
+        Some(entry) => {
+            let entry = *entry;
+            rewrite(ctx, flow, &entry)
+        }
+        None => Ok(()),
+    }
+}

@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod lab;
+pub mod netclient;
 pub mod netexec;

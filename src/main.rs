@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
-use strait::{bench, lab, netexec};
+use strait::{bench, lab, netclient, netexec};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,45 @@ enum Command {
     /// The built-in `strait/netexec` workload (what containers with that image run).
     #[command(hide = true)]
     Netexec(NetexecArgs),
+    /// The test client paired with netexec: prints what answered as JSON.
+    #[command(hide = true)]
+    Netclient {
+        #[command(subcommand)]
+        command: NetclientCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetclientCommand {
+    /// N new TCP connections, each one HTTP GET against netexec.
+    Tcp {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Connections held open at once (the oldest closes beyond this many).
+        #[arg(long, default_value_t = 0)]
+        keep: u32,
+        #[arg(long, default_value = "/hostname")]
+        path: String,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// N `hostname` datagrams from one unconnected UDP socket.
+    Udp {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Local port to send from (0: any).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+        /// Pause between datagrams.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Args)]
@@ -214,6 +253,30 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
         },
+        Command::Netclient { command } => {
+            let report = match command {
+                NetclientCommand::Tcp { target, count, keep, path, timeout_ms } => {
+                    serde_json::to_string(&netclient::tcp(&netclient::TcpOptions {
+                        target,
+                        count,
+                        keep,
+                        path,
+                        timeout: Duration::from_millis(timeout_ms),
+                    }))?
+                }
+                NetclientCommand::Udp { target, count, source_port, interval_ms, timeout_ms } => {
+                    let options = netclient::UdpOptions {
+                        target,
+                        count,
+                        source_port,
+                        interval: Duration::from_millis(interval_ms),
+                        timeout: Duration::from_millis(timeout_ms),
+                    };
+                    serde_json::to_string(&netclient::udp(&options).context("netclient udp")?)?
+                }
+            };
+            println!("{report}");
+        }
         Command::Netexec(args) => {
             netexec::run(netexec::NetexecPorts { http: args.http_port, udp: args.udp_port }).await?
         }

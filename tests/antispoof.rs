@@ -351,6 +351,9 @@ fn a_pod_sending_from_a_spoofed_source_is_dropped_and_counted() {
     let tc = node.command("tc").args(["filter", "show", "dev", &host_a, "ingress"]).output();
     let tc = String::from_utf8_lossy(&tc.unwrap().stdout).into_owned();
     assert!(tc.contains("antispoof"), "tc filter on {host_a}: {tc}");
+    let tc = node.command("tc").args(["filter", "show", "dev", &host_a, "egress"]).output();
+    let tc = String::from_utf8_lossy(&tc.unwrap().stdout).into_owned();
+    assert!(tc.contains("to_pod"), "service reverse NAT on the egress of {host_a}: {tc}");
 
     pod_a.assert_route_stays_inside(&ip_b.to_string(), "eth0");
     node.assert_route_stays_inside(

@@ -1,6 +1,10 @@
 //! The kernel side of an attachment: the veth pair, the pod's address, routes and neighbour,
-//! the node's `/32` route, and the anti-spoofing hook, made, checked and removed over
-//! rtnetlink.
+//! the node's `/32` route, and the tc programs on the host veth (ingress: anti-spoofing then
+//! service DNAT; egress: service reverse NAT), made, checked and removed over rtnetlink.
+//!
+//! Hairpin (a pod reaching itself through a VIP on the tc path) needs no pod sysctl: the tc
+//! program gives such a request the VIP as its source, so it never arrives from the pod's own
+//! address (which `accept_local=0` would drop) and the reply leaves the pod to be translated.
 //!
 //! The plugin runs in the node's namespace ("host side"); the pod side is reached through a
 //! netlink socket opened inside the pod's namespace.
@@ -186,8 +190,8 @@ async fn configure(
     let pod_mac = netlink::link_mac(&pod_link)
         .ok_or_else(|| CniError::vanished(format!("{ifname} in the pod has no MAC address")))?;
 
-    // Node side. The filter goes on before the link comes up, so not one packet from the pod
-    // passes unchecked.
+    // Node side. The filters go on before the link comes up, so not one packet from the pod
+    // passes unchecked; the veth's deletion on rollback or DEL takes them along.
     if let Some(pin_dir) = request.anti_spoof_pin_dir {
         antispoof::attach(pin_dir, host_ifname, host_index, request.pod_ip).map_err(
             CniError::anti_spoof(format!(

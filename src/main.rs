@@ -68,6 +68,34 @@ enum NetclientCommand {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// One large `POST /echo` and one large datagram, each checked byte for byte.
+    Echo {
+        /// netexec's HTTP address.
+        #[arg(long)]
+        http: std::net::SocketAddrV4,
+        /// netexec's UDP address.
+        #[arg(long)]
+        udp: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 65_536)]
+        http_bytes: usize,
+        #[arg(long, default_value_t = 8192)]
+        udp_bytes: usize,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Long-lived keep-alive connections used all along while new ones keep being made.
+    Hold {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 200)]
+        connections: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 20)]
+        new_every_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// N `hostname` datagrams from one unconnected UDP socket.
     Udp {
         #[arg(long)]
@@ -138,6 +166,20 @@ struct AgentArgs {
     /// Seconds between node heartbeats.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// The cluster's service CIDR (the controller's `--service-cidr`).
+    #[arg(long, default_value = "10.96.0.0/16")]
+    service_cidr: ipnet::Ipv4Net,
+    /// The cluster DNS VIP written into pods' resolv.conf.
+    #[arg(long, default_value = "10.96.0.10")]
+    cluster_dns: Ipv4Addr,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Where this node's DNS server listens (default: the node IP, port 53).
+    #[arg(long)]
+    dns_listen: Option<std::net::SocketAddrV4>,
+    /// Where to serve Prometheus metrics (default: the node IP, port 10249); `off` to disable.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +254,9 @@ struct NetexecArgs {
     http_port: u16,
     #[arg(long, default_value_t = 8081)]
     udp_port: u16,
+    /// On SIGTERM, keep serving this many seconds before exiting.
+    #[arg(long)]
+    shutdown_delay_seconds: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -264,6 +309,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                         timeout: Duration::from_millis(timeout_ms),
                     }))?
                 }
+                NetclientCommand::Echo { http, udp, http_bytes, udp_bytes, timeout_ms } => {
+                    serde_json::to_string(&netclient::echo(&netclient::EchoOptions {
+                        http,
+                        udp,
+                        http_bytes,
+                        udp_bytes,
+                        timeout: Duration::from_millis(timeout_ms),
+                    }))?
+                }
+                NetclientCommand::Hold { target, connections, seconds, new_every_ms, timeout_ms } => {
+                    serde_json::to_string(&netclient::hold(&netclient::HoldOptions {
+                        target,
+                        connections,
+                        duration: Duration::from_secs(seconds),
+                        new_every: Duration::from_millis(new_every_ms),
+                        timeout: Duration::from_millis(timeout_ms),
+                    }))?
+                }
                 NetclientCommand::Udp { target, count, source_port, interval_ms, timeout_ms } => {
                     let options = netclient::UdpOptions {
                         target,
@@ -278,7 +341,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{report}");
         }
         Command::Netexec(args) => {
-            netexec::run(netexec::NetexecPorts { http: args.http_port, udp: args.udp_port }).await?
+            let ports = netexec::NetexecPorts { http: args.http_port, udp: args.udp_port };
+            let delay = args.shutdown_delay_seconds.map(std::time::Duration::from_secs);
+            netexec::run(ports, delay).await?
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -357,6 +422,18 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         cluster: args.cluster,
         state_dir: args.state_dir,
         heartbeat: Duration::from_secs(args.heartbeat_seconds),
+        service_cidr: args.service_cidr,
+        cluster_dns: args.cluster_dns,
+        cluster_domain: args.cluster_domain,
+        dns_listen: args.dns_listen.unwrap_or(std::net::SocketAddrV4::new(args.node_ip, 53)),
+        metrics_listen: match args.metrics_listen.as_deref() {
+            Some("off") => None,
+            Some(address) => Some(
+                address.parse().with_context(|| format!("--metrics-listen {address:?}"))?,
+            ),
+            None => Some(SocketAddr::from((args.node_ip, 10249))),
+        },
+        lb_sizes: Default::default(),
     };
     strait_dataplane::agent::run(config, termination()).await
 }

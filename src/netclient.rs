@@ -175,3 +175,206 @@ pub fn udp(options: &UdpOptions) -> io::Result<UdpReport> {
     }
     Ok(report)
 }
+
+/// Options of `netclient echo`: one large request through one connection and one datagram.
+#[derive(Clone, Debug)]
+pub struct EchoOptions {
+    pub http: SocketAddrV4,
+    pub udp: SocketAddrV4,
+    pub http_bytes: usize,
+    pub udp_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// What `netclient echo` prints: whether each payload came back byte for byte.
+#[derive(Debug, Default, Serialize)]
+pub struct EchoReport {
+    pub http_sent: usize,
+    pub http_echoed: usize,
+    pub http_intact: bool,
+    pub udp_sent: usize,
+    pub udp_echoed: usize,
+    pub udp_intact: bool,
+    pub udp_source: String,
+    pub errors: Vec<String>,
+}
+
+/// A payload no two positions of which are likely to be confused: a byte count in a
+/// repeating pattern, so truncation and reordering both show.
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'a' + (i % 23) as u8 + ((i / 23) % 3) as u8).collect()
+}
+
+/// Sends `http_bytes` through `POST /echo` and a `udp_bytes` datagram, and checks both echoes.
+pub fn echo(options: &EchoOptions) -> EchoReport {
+    let mut report = EchoReport {
+        http_sent: options.http_bytes,
+        udp_sent: options.udp_bytes,
+        ..Default::default()
+    };
+    let body = payload(options.http_bytes);
+    let http = (|| -> io::Result<Vec<u8>> {
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(options.http), options.timeout)?;
+        stream.set_read_timeout(Some(options.timeout))?;
+        write!(
+            stream,
+            "POST /echo HTTP/1.0\r\nHost: netexec\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        stream.write_all(&body)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no end of HTTP headers"))?;
+        Ok(response[split + 4..].to_vec())
+    })();
+    match http {
+        Ok(echoed) => {
+            report.http_echoed = echoed.len();
+            report.http_intact = echoed == body;
+        }
+        Err(error) => report.errors.push(format!("http: {error}")),
+    }
+    let datagram = payload(options.udp_bytes);
+    let udp = (|| -> io::Result<(Vec<u8>, SocketAddr)> {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(options.timeout))?;
+        socket.send_to(&datagram, options.udp)?;
+        let mut buffer = vec![0u8; 65_536];
+        let (len, source) = socket.recv_from(&mut buffer)?;
+        buffer.truncate(len);
+        Ok((buffer, source))
+    })();
+    match udp {
+        Ok((echoed, source)) => {
+            report.udp_echoed = echoed.len();
+            report.udp_intact = echoed == datagram;
+            report.udp_source = source.to_string();
+        }
+        Err(error) => report.errors.push(format!("udp: {error}")),
+    }
+    report
+}
+
+/// Options of `netclient hold`.
+#[derive(Clone, Debug)]
+pub struct HoldOptions {
+    pub target: SocketAddrV4,
+    /// Long-lived connections opened first and used until the end.
+    pub connections: u32,
+    pub duration: Duration,
+    /// A new short connection this often, all along.
+    pub new_every: Duration,
+    pub timeout: Duration,
+}
+
+/// What `netclient hold` prints.
+#[derive(Debug, Default, Serialize)]
+pub struct HoldReport {
+    /// Long-lived connections that were established.
+    pub established: u32,
+    /// Requests answered on the long-lived connections.
+    pub established_requests: u64,
+    /// Long-lived connections that broke (an error or a closed connection) after establishing.
+    pub established_broken: u32,
+    pub new_ok: u32,
+    /// New connections that failed, by error kind.
+    pub new_failed: BTreeMap<String, u32>,
+    /// The longest run of consecutive failed new connections, in milliseconds.
+    pub new_longest_outage_ms: f64,
+}
+
+/// One keep-alive request on an HTTP/1.1 connection; the body of `/hostname` is short, so the
+/// response is read until its announced length.
+fn keep_alive_request(stream: &mut TcpStream) -> io::Result<()> {
+    stream.write_all(b"GET /hostname HTTP/1.1\r\nHost: netexec\r\n\r\n")?;
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        response.extend_from_slice(&buffer[..n]);
+        let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no content-length"))?;
+        if !head.starts_with("http/1.1 200") {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, head));
+        }
+        if response.len() >= split + 4 + length {
+            return Ok(());
+        }
+    }
+}
+
+/// Opens the long-lived connections, then for `duration` keeps using every one of them while
+/// opening new short ones: what a service's clients look like while its node agent restarts.
+pub fn hold(options: &HoldOptions) -> HoldReport {
+    let mut report = HoldReport::default();
+    let target = SocketAddr::V4(options.target);
+    let mut held: Vec<Option<TcpStream>> = Vec::new();
+    for _ in 0..options.connections {
+        let stream = TcpStream::connect_timeout(&target, options.timeout).and_then(|mut s| {
+            s.set_read_timeout(Some(options.timeout))?;
+            s.set_write_timeout(Some(options.timeout))?;
+            keep_alive_request(&mut s)?;
+            Ok(s)
+        });
+        if let Ok(stream) = stream {
+            report.established += 1;
+            held.push(Some(stream));
+        }
+    }
+    let started = Instant::now();
+    let mut next_new = Instant::now();
+    let mut outage_started: Option<Instant> = None;
+    let mut index = 0;
+    while started.elapsed() < options.duration {
+        let slots = held.len().max(1);
+        if let Some(slot) = held.get_mut(index % slots)
+            && let Some(stream) = slot
+        {
+            match keep_alive_request(stream) {
+                Ok(()) => report.established_requests += 1,
+                Err(_) => {
+                    report.established_broken += 1;
+                    *slot = None;
+                }
+            }
+        }
+        index += 1;
+        if Instant::now() >= next_new {
+            next_new += options.new_every;
+            let result = TcpStream::connect_timeout(&target, options.timeout)
+                .and_then(|stream| request(&stream, "/hostname", options.timeout));
+            match result {
+                Ok(_) => {
+                    report.new_ok += 1;
+                    if let Some(since) = outage_started.take() {
+                        let ms = since.elapsed().as_secs_f64() * 1000.0;
+                        report.new_longest_outage_ms = report.new_longest_outage_ms.max(ms);
+                    }
+                }
+                Err(error) => {
+                    *report.new_failed.entry(error_kind(&error).to_owned()).or_default() += 1;
+                    outage_started.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        if held.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    if let Some(since) = outage_started {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        report.new_longest_outage_ms = report.new_longest_outage_ms.max(ms);
+    }
+    report
+}

@@ -2,7 +2,8 @@
 //! they see, so tests can tell which pod answered and from which address it was reached.
 //!
 //! - HTTP (default port 8080): `/hostname` → the pod's name, `/clientip` → the peer address as
-//!   seen (`ip:port`), `/echo?msg=…` → `msg`, `/healthz` → `ok`.
+//!   seen (`ip:port`), `/echo?msg=…` → `msg`, `POST /echo` → the request body (up to 1 MiB),
+//!   `/healthz` → `ok`.
 //! - UDP (default port 8081): `hostname` → the pod's name, `clientip` → the peer address as seen
 //!   (`ip:port`), anything else is echoed back unchanged.
 
@@ -22,6 +23,9 @@ pub struct NetexecPorts {
     pub udp: u16,
 }
 
+/// Largest body `POST /echo` sends back.
+const ECHO_BODY_LIMIT: usize = 1 << 20;
+
 /// The pod's name: the hostname of its UTS namespace, which the runtime sets to the pod name.
 fn hostname() -> String {
     nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
@@ -33,8 +37,10 @@ struct EchoQuery {
     msg: String,
 }
 
-/// Serves HTTP and UDP until the process is stopped.
-pub async fn run(ports: NetexecPorts) -> anyhow::Result<()> {
+/// Serves HTTP and UDP until the process is stopped. With a `shutdown_delay`, SIGTERM does not
+/// stop it at once: it keeps serving that long first, the way a workload drains while its
+/// endpoint is terminating.
+pub async fn run(ports: NetexecPorts, shutdown_delay: Option<std::time::Duration>) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, ports.http))
         .await
         .with_context(|| format!("binding HTTP port {}", ports.http))?;
@@ -47,7 +53,12 @@ pub async fn run(ports: NetexecPorts) -> anyhow::Result<()> {
             "/clientip",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
         )
-        .route("/echo", get(|Query(query): Query<EchoQuery>| async move { query.msg }))
+        .route(
+            "/echo",
+            get(|Query(query): Query<EchoQuery>| async move { query.msg })
+                .post(|body: axum::body::Bytes| async move { body })
+                .layer(axum::extract::DefaultBodyLimit::max(ECHO_BODY_LIMIT)),
+        )
         .route("/healthz", get(|| async { "ok" }));
     let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>());
     let udp_server = async move {
@@ -68,8 +79,18 @@ pub async fn run(ports: NetexecPorts) -> anyhow::Result<()> {
         #[expect(unreachable_code, reason = "gives the async block its Result type")]
         anyhow::Ok(())
     };
+    let drained = async move {
+        let Some(delay) = shutdown_delay else { return std::future::pending().await };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        term.recv().await;
+        eprintln!("netexec: SIGTERM; serving {delay:?} more before exiting");
+        tokio::time::sleep(delay).await;
+        anyhow::Ok(())
+    };
     tokio::select! {
         served = http_server => served.context("serving HTTP"),
         served = udp_server => served,
+        done = drained => done,
     }
 }

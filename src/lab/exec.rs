@@ -38,7 +38,8 @@ pub fn exec_in_node(lab: &str, node: &str, command: &[String]) -> anyhow::Result
         let names: Vec<_> = state.nodes.iter().map(|n| n.name.as_str()).collect();
         bail!("lab {lab} has no node {node:?}; its nodes are {}", names.join(", "));
     }
-    let cgroup = Cgroup::new(&lab_cgroup(lab).join(node).join("exec"))?;
+    // The agent's host cgroup: node processes there reach services through the socket hooks.
+    let cgroup = Cgroup::new(&lab_cgroup(lab).join(node).join(strait_dataplane::agent::HOST_CGROUP))?;
     cgroup.create()?;
     run_inside(&netns::named_path(&node_netns(lab, node)), Some(&cgroup), command)
 }

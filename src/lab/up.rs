@@ -120,6 +120,10 @@ async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
         netlink::set_link_up(&node_nl, eth0).await?;
         // A node routes for its pods. Per-namespace sysctl: the root namespace is untouched.
         namespace.write_net_sysctl("ipv4/ip_forward", "1")?;
+        // A VIP without backends is refused by the node's `unreachable` route with ICMP; the
+        // kernel's default rate limit would turn every refusal after the first in a second
+        // into a client timeout. Lab nodes answer each one (this namespace only).
+        namespace.write_net_sysctl("ipv4/icmp_ratelimit", "0")?;
         node_namespaces.push((index, name, namespace));
     }
 

@@ -7,10 +7,16 @@
 
 pub mod node;
 pub mod routes;
+pub mod services;
 pub mod sync;
 
 use std::{
-    collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration,
+    collections::BTreeMap,
+    future::Future,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -20,11 +26,20 @@ use tokio::sync::watch;
 
 use crate::{
     cgroup::Cgroup,
-    ebpf::{self, antispoof::AntiSpoof},
+    ebpf::{
+        self,
+        antispoof::AntiSpoof,
+        lb::{LbMapSizes, ServiceLb},
+    },
     runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, record::RecordStore},
 };
 use node::NodeIdentity;
 use routes::NodeRoute;
+
+/// The agent's child cgroup holding the pods whose sockets the load balancer translates.
+pub const POD_CGROUP: &str = "pods";
+/// The agent's child cgroup for node processes that reach services through the socket hooks.
+pub const HOST_CGROUP: &str = "host";
 
 /// How a node agent is run.
 #[derive(Clone, Debug)]
@@ -50,19 +65,55 @@ pub struct AgentConfig {
     /// The `strait` binary (runs the built-in workload).
     pub strait_exe: PathBuf,
     pub heartbeat: Duration,
+    /// Service VIPs come from here; the node marks it `unreachable` so that a VIP the load
+    /// balancer did not translate is refused at once.
+    pub service_cidr: Ipv4Net,
+    /// The cluster DNS VIP pods resolve names through (their `/etc/resolv.conf`).
+    pub cluster_dns: Ipv4Addr,
+    /// The cluster's DNS domain, e.g. `cluster.local`.
+    pub cluster_domain: String,
+    /// Where this node's DNS server listens; the cluster DNS VIP is translated to it.
+    pub dns_listen: SocketAddrV4,
+    /// Where Prometheus metrics are served (`/metrics`); `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Capacities of the load balancer's maps.
+    pub lb_sizes: LbMapSizes,
 }
 
 /// Runs the agent until `shutdown` completes. Pods are left running on shutdown.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let pin_dir = ebpf::node_pin_dir(&config.cluster, &config.node_name);
     ebpf::ensure_bpffs().context("making sure the bpf filesystem is mounted")?;
-    let antispoof = AntiSpoof::load_and_pin(&pin_dir)
+    // The load balancer first: whichever object creates the shared maps sets their sizes.
+    let lb = ServiceLb::load_and_pin(&pin_dir, &config.lb_sizes)
+        .with_context(|| format!("loading the service load balancer into {}", pin_dir.display()))?;
+    let antispoof = AntiSpoof::load_and_pin_with(&pin_dir, &config.lb_sizes)
         .with_context(|| format!("loading the anti-spoofing program into {}", pin_dir.display()))?;
     tracing::info!(pin_dir = %antispoof.pin_dir().display(), "eBPF programs loaded and pinned");
 
     let cgroup = Cgroup::new(&config.cgroup_root).context("locating the agent's cgroup")?;
-    let pods_cgroup = cgroup.child("pods");
-    pods_cgroup.create().with_context(|| format!("creating {}", pods_cgroup.path().display()))?;
+    let pods_cgroup = cgroup.child(POD_CGROUP);
+    // Processes of the node itself that should reach services (e.g. `strait lab node-exec`).
+    let host_cgroup = cgroup.child(HOST_CGROUP);
+    for hooked in [&pods_cgroup, &host_cgroup] {
+        hooked.create().with_context(|| format!("creating {}", hooked.path().display()))?;
+        lb.attach_cgroup(hooked.path()).with_context(|| {
+            format!("attaching the socket load balancer to {}", hooked.path().display())
+        })?;
+    }
+    let local = services::LocalNode {
+        name: config.node_name.clone(),
+        cluster_dns: Some(config.cluster_dns),
+        dns_server: Some(config.dns_listen),
+    };
+    let (service_sender, service_receiver) = std::sync::mpsc::channel();
+    let programs = services::ServicePrograms::new(lb, local);
+    std::thread::Builder::new()
+        .name("service-programmer".into())
+        .spawn(move || {
+            services::run_programmer(programs, service_receiver, |_report, _services, _programs| {})
+        })
+        .context("starting the service programming thread")?;
 
     let api = ApiClient::new(&config.controller).context("configuring the API client")?;
     let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
@@ -95,7 +146,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let routing = rtnetlink::new_connection().context("opening a netlink socket")?;
     tokio::spawn(routing.0);
     let (routes_sender, routes_receiver) = watch::channel(BTreeMap::<String, NodeRoute>::new());
-    let route_task = tokio::spawn(route_loop(routing.1, config.node_name.clone(), routes_receiver));
+    let route_task = tokio::spawn(route_loop(
+        routing.1,
+        config.node_name.clone(),
+        config.service_cidr,
+        routes_receiver,
+    ));
 
     let controller = config.controller.clone();
     let node_name = config.node_name.clone();
@@ -142,6 +198,24 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
             for uid in &change.pods_removed {
                 runtime.remove(uid);
+            }
+            if change.snapshot
+                || !change.services_upserted.is_empty()
+                || !change.services_removed.is_empty()
+            {
+                let keys: Box<dyn Iterator<Item = &String>> = if change.snapshot {
+                    Box::new(state.services.keys())
+                } else {
+                    Box::new(change.services_upserted.iter())
+                };
+                let update = services::ServiceUpdate {
+                    snapshot: change.snapshot,
+                    upserted: keys.filter_map(|key| state.services.get(key).cloned()).collect(),
+                    removed: change.services_removed.clone(),
+                };
+                if service_sender.send(update).is_err() {
+                    tracing::error!("the service programming thread is gone; services are no longer programmed");
+                }
             }
         })
     };
@@ -213,10 +287,11 @@ fn node_routes(state: &sync::DesiredState) -> BTreeMap<String, NodeRoute> {
 async fn route_loop(
     handle: rtnetlink::Handle,
     own_name: String,
+    service_cidr: Ipv4Net,
     mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>,
 ) {
     loop {
-        let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update());
+        let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update(), service_cidr);
         match routes::reconcile_routes(&handle, &desired).await {
             Ok(changes) if changes != routes::RouteChanges::default() => {
                 tracing::info!(installed = ?changes.installed, removed = ?changes.removed, "routes reconciled");

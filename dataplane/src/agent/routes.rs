@@ -16,8 +16,16 @@ pub struct NodeRoute {
     pub pod_cidr: Ipv4Net,
 }
 
-/// The routes this node should have, given every node (itself included).
-pub fn desired_routes(own_name: &str, nodes: &BTreeMap<String, NodeRoute>) -> Vec<Ipv4Route> {
+/// The routes this node should have, given every node (itself included) and the service CIDR.
+///
+/// The service CIDR is `unreachable`: the eBPF load balancer translates service addresses
+/// before routing, so a packet still addressed to a VIP has no backend and must be refused at
+/// once, never forwarded toward a default route (DESIGN.md, Network safety).
+pub fn desired_routes(
+    own_name: &str,
+    nodes: &BTreeMap<String, NodeRoute>,
+    service_cidr: Ipv4Net,
+) -> Vec<Ipv4Route> {
     let mut routes: Vec<Ipv4Route> = nodes
         .iter()
         .map(|(name, node)| {
@@ -27,6 +35,7 @@ pub fn desired_routes(own_name: &str, nodes: &BTreeMap<String, NodeRoute>) -> Ve
                 Ipv4Route::via(node.pod_cidr, node.address)
             }
         })
+        .chain([Ipv4Route::unreachable(service_cidr)])
         .collect();
     routes.sort_by_key(|route| route.destination);
     routes.dedup_by_key(|route| route.destination);
@@ -93,8 +102,13 @@ mod tests {
             (n.to_owned(), NodeRoute { address: a.parse().unwrap(), pod_cidr: c.parse().unwrap() })
         })
         .collect();
-        let routes = desired_routes("node-2", &nodes);
-        assert_eq!(routes.len(), 3);
+        let routes = desired_routes("node-2", &nodes, "10.96.0.0/16".parse().unwrap());
+        assert_eq!(routes.len(), 4);
+        let services = routes
+            .iter()
+            .find(|r| r.destination.to_string() == "10.96.0.0/16")
+            .expect("service CIDR");
+        assert_eq!(services.kind, RouteKind::Unreachable);
         let own = routes
             .iter()
             .find(|r| r.destination.to_string() == "10.244.1.0/24")

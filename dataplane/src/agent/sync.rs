@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use strait_controlplane::nodesync_proto::{
-    NodeStateUpdate, Peer, WatchRequest, node_sync_client::NodeSyncClient,
+    NodeStateUpdate, Peer, ServiceState, WatchRequest, node_sync_client::NodeSyncClient,
 };
 use tonic::transport::Endpoint;
 
@@ -21,6 +21,13 @@ pub struct DesiredState {
     pub peers: BTreeMap<String, Peer>,
     /// Pods bound to this node, by uid.
     pub pods: HashMap<String, Arc<Pod>>,
+    /// Every service of the cluster with its endpoints, by `namespace/name`.
+    pub services: HashMap<String, Arc<ServiceState>>,
+}
+
+/// The `namespace/name` key the stream names services by.
+pub fn service_key(service: &ServiceState) -> String {
+    format!("{}/{}", service.namespace, service.name)
 }
 
 /// How one update changed the desired state.
@@ -30,6 +37,10 @@ pub struct Change {
     pub peers_changed: bool,
     pub pods_upserted: Vec<String>,
     pub pods_removed: Vec<String>,
+    /// Keys of services added or changed.
+    pub services_upserted: Vec<String>,
+    /// Keys of services gone (on a snapshot: every service known before and absent now).
+    pub services_removed: Vec<String>,
 }
 
 impl DesiredState {
@@ -43,8 +54,10 @@ impl DesiredState {
         if update.snapshot {
             change.peers_changed = true;
             change.pods_removed = self.pods.keys().cloned().collect();
+            change.services_removed = self.services.keys().cloned().collect();
             self.peers.clear();
             self.pods.clear();
+            self.services.clear();
         }
         self.revision = update.revision;
         for name in update.peers_removed {
@@ -73,8 +86,19 @@ impl DesiredState {
                 ),
             }
         }
+        for key in update.services_removed {
+            if self.services.remove(&key).is_some() {
+                change.services_removed.push(key);
+            }
+        }
+        for service in update.services_upserted {
+            let key = service_key(&service);
+            change.services_upserted.push(key.clone());
+            self.services.insert(key, Arc::new(service));
+        }
         if update.snapshot {
             change.pods_removed.retain(|uid| !self.pods.contains_key(uid));
+            change.services_removed.retain(|key| !self.services.contains_key(key));
         }
         Some(change)
     }
@@ -138,7 +162,9 @@ async fn stream_once(
 
 #[cfg(test)]
 mod tests {
-    use strait_controlplane::nodesync_proto::{NodeStateUpdate, Peer, PodAssignment};
+    use strait_controlplane::nodesync_proto::{
+        NodeStateUpdate, Peer, PodAssignment, ServiceState,
+    };
 
     use super::DesiredState;
 
@@ -210,5 +236,46 @@ mod tests {
                 .is_none()
         );
         assert!(state.pods.is_empty());
+    }
+
+    fn service(name: &str) -> ServiceState {
+        ServiceState {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: "10.96.0.20".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn services_follow_snapshots_and_deltas() {
+        let mut state = DesiredState::default();
+        state.apply(NodeStateUpdate {
+            revision: 1,
+            snapshot: true,
+            services_upserted: vec![service("a"), service("b")],
+            ..Default::default()
+        });
+        let change = state
+            .apply(NodeStateUpdate {
+                revision: 2,
+                snapshot: true,
+                services_upserted: vec![service("b"), service("c")],
+                ..Default::default()
+            })
+            .expect("applied");
+        assert_eq!(change.services_removed, ["default/a"]);
+        let mut upserted = change.services_upserted.clone();
+        upserted.sort();
+        assert_eq!(upserted, ["default/b", "default/c"]);
+        let change = state
+            .apply(NodeStateUpdate {
+                revision: 3,
+                services_removed: vec!["default/b".into(), "default/never".into()],
+                ..Default::default()
+            })
+            .expect("applied");
+        assert_eq!(change.services_removed, ["default/b"]);
+        assert_eq!(state.services.keys().collect::<Vec<_>>(), ["default/c"]);
     }
 }

@@ -1,0 +1,420 @@
+//! Services end to end on a 3-node lab, through both datapath paths: clients in ordinary pods
+//! go through the socket hooks; clients in pods annotated `strait.io/socket-lb: disabled` go
+//! through the per-packet tc path on their host veth.
+//!
+//! Clients are `strait netclient` runs inside a pod (its network namespace and cgroup, as
+//! `strait lab exec` gives them), so the traffic is a real application's.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use serde_json::Value;
+use strait::lab::{self, LabProcess};
+use support::lab::{TestLab, pod_ip};
+
+/// Annotation that makes a pod's service traffic take the tc path.
+const TC_PATH: &str = "strait.io/socket-lb: disabled";
+
+/// The two ways a pod's service traffic is translated, and a client pod for each.
+const PATHS: [(&str, &str); 2] = [("socket", "client-sock"), ("tc", "client-tc")];
+
+fn pod_manifest(name: &str, app: &str, node: &str, tc_path: bool, args: &[&str]) -> String {
+    let annotations =
+        if tc_path { format!("  annotations:\n    {TC_PATH}\n") } else { String::new() };
+    let args = if args.is_empty() {
+        String::new()
+    } else {
+        format!("    args: [{}]\n", args.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", "))
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels:\n    app: {app}\n{annotations}spec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 30\n  containers:\n  - name: netexec\n    image: strait/netexec\n{args}    ports:\n    - {{name: http, containerPort: 8080}}\n    - {{name: udp, containerPort: 8081, protocol: UDP}}\n"
+    )
+}
+
+fn create(lab: &TestLab, manifest: &str) {
+    let output = lab.kubectl_with_input(&["create", "-f", "-"], Some(manifest));
+    assert!(
+        output.status.success(),
+        "kubectl create:\n{manifest}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A ClusterIP service over `app`: port 80/TCP to the pods' `http` port and 80/UDP to `udp`
+/// (the same port number on both protocols, and named target ports).
+fn service_manifest(name: &str, app: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  selector:\n    app: {app}\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: http}}\n  - {{name: udp, port: 80, protocol: UDP, targetPort: udp}}\n"
+    )
+}
+
+async fn cluster_ip(lab: &TestLab, name: &str) -> Ipv4Addr {
+    let service = lab.api.get::<Service>(Some("default"), name).await.expect("get service");
+    let ip = service.and_then(|s| s.spec).and_then(|s| s.cluster_ip).expect("cluster IP");
+    ip.parse().expect("IPv4 cluster IP")
+}
+
+/// Runs `strait netclient <args>` inside `pod` and returns its JSON report.
+fn netclient(lab: &TestLab, pod: &str, args: &[&str]) -> Value {
+    let strait = env!("CARGO_BIN_EXE_strait");
+    let output = Command::new(strait)
+        .args(["lab", "exec", "--name", lab.name(), pod, "--", strait, "netclient"])
+        .args(args)
+        .output()
+        .expect("running strait lab exec");
+    assert!(
+        output.status.success(),
+        "netclient {args:?} in {pod}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("netclient output {:?}: {e}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+fn tcp(lab: &TestLab, pod: &str, target: &str, count: u32, path: &str) -> Value {
+    netclient(lab, pod, &["tcp", "--target", target, "--count", &count.to_string(), "--path", path])
+}
+
+fn answers(report: &Value) -> BTreeMap<String, u64> {
+    report["answers"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
+fn errors(report: &Value) -> u64 {
+    report["errors"].as_object().map(|o| o.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+}
+
+fn answered_by(report: &Value) -> Vec<String> {
+    answers(report).into_keys().collect()
+}
+
+/// Polls `probe` until it returns true, failing after `limit`; returns how long it took.
+fn within(limit: Duration, what: &str, mut probe: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if probe() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn start_pods(lab: &TestLab, pods: &[(&str, &str, &str, bool)]) -> BTreeMap<String, Pod> {
+    for (name, app, node, tc) in pods {
+        create(lab, &pod_manifest(name, app, node, *tc, &[]));
+    }
+    let mut running = BTreeMap::new();
+    for (name, ..) in pods {
+        running.insert((*name).to_owned(), lab.wait_running(name).await);
+    }
+    running
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_balance_pin_and_preserve_the_client_through_both_paths() {
+    if !support::privileged("services_balance_pin_and_preserve_the_client_through_both_paths") {
+        return;
+    }
+    let lab = TestLab::up("svc-lb", 3).await;
+    let pods = start_pods(
+        &lab,
+        &[
+            ("web-1", "web", "node-1", false),
+            ("web-2", "web", "node-2", false),
+            // A backend on the tc path too, so that hairpin is tried on both paths.
+            ("web-3", "web", "node-3", true),
+            ("client-sock", "client", "node-1", false),
+            ("client-tc", "client", "node-1", true),
+        ],
+    )
+    .await;
+    create(&lab, &service_manifest("web", "web", ""));
+    let vip = cluster_ip(&lab, "web").await;
+    assert!("10.96.0.0/16".parse::<ipnet::Ipv4Net>().unwrap().contains(&vip));
+    let target = format!("{vip}:80");
+    let backends = ["web-1", "web-2", "web-3"];
+
+    for (path, client) in PATHS {
+        // Every backend is programmed before the spread is measured.
+        within(Duration::from_secs(10), "all three backends answer", || {
+            answered_by(&tcp(&lab, client, &target, 30, "/hostname")).len() == 3
+        });
+        // Uniform spread: 3,000 new connections, each backend 33 % ± 5 %.
+        let report = tcp(&lab, client, &target, 3000, "/hostname");
+        assert_eq!(errors(&report), 0, "{path}: {report}");
+        assert_eq!(report["peer_mismatches"], 0, "{path}: getpeername must say the VIP");
+        let counts = answers(&report);
+        assert_eq!(counts.keys().collect::<Vec<_>>(), backends, "{path}: {report}");
+        for (backend, count) in &counts {
+            let share = *count as f64 / 3000.0;
+            assert!((0.28..=0.38).contains(&share), "{path}: {backend} got {share:.3}");
+        }
+        // The backend sees the client's own pod IP.
+        let client_ip = pod_ip(&pods[client]).to_string();
+        let seen = tcp(&lab, client, &target, 20, "/clientip");
+        for answer in answers(&seen).keys() {
+            assert_eq!(answer.split(':').next(), Some(client_ip.as_str()), "{path}: {seen}");
+        }
+        // UDP on the same port number: replies come back from the VIP, from every backend.
+        let udp = netclient(&lab, client, &["udp", "--target", &target, "--count", "60"]);
+        assert_eq!(errors(&udp), 0, "{path}: {udp}");
+        let sources: Vec<String> = udp["sources"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(sources, [target.clone()], "{path}: replies must come from the VIP");
+        assert!(answered_by(&udp).iter().all(|a| backends.contains(&a.as_str())), "{udp}");
+    }
+
+    // Hairpin: a backend reaching its own service reaches itself too (socket path: web-1; tc
+    // path: web-3).
+    for (path, backend) in [("socket", "web-1"), ("tc", "web-3")] {
+        let report = tcp(&lab, backend, &target, 90, "/hostname");
+        assert_eq!(errors(&report), 0, "{path} hairpin: {report}");
+        assert!(answers(&report).contains_key(backend), "{path} hairpin: {report}");
+    }
+
+    // ClientIP affinity: on (one backend), off (all), on again (one), expiring (moves).
+    let patch = |affinity: &str| {
+        let body = match affinity {
+            "ClientIP" => r#"{"spec":{"sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":2}}}}"#,
+            _ => r#"{"spec":{"sessionAffinity":"None"}}"#,
+        };
+        lab.kubectl_ok(&["patch", "service", "web", "--type=merge", "-p", body]);
+    };
+    for (path, client) in PATHS {
+        patch("ClientIP");
+        within(Duration::from_secs(5), "affinity on", || {
+            answered_by(&tcp(&lab, client, &target, 60, "/hostname")).len() == 1
+        });
+        patch("None");
+        within(Duration::from_secs(5), "affinity off", || {
+            answered_by(&tcp(&lab, client, &target, 60, "/hostname")).len() == 3
+        });
+        patch("ClientIP");
+        within(Duration::from_secs(5), "affinity on again", || {
+            answered_by(&tcp(&lab, client, &target, 60, "/hostname")).len() == 1
+        });
+        // Expiry: after more than the timeout without traffic, the choice is made afresh.
+        // Eight fresh choices all landing on one of three backends has odds 1 in 2,187.
+        let mut chosen = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(2300));
+            let report = tcp(&lab, client, &target, 5, "/hostname");
+            assert_eq!(answered_by(&report).len(), 1, "{path}: pinned within a round: {report}");
+            chosen.extend(answered_by(&report));
+        }
+        assert!(chosen.len() > 1, "{path}: affinity never expired: {chosen:?}");
+        patch("None");
+    }
+
+    // A deleted service refuses; recreated (with the same VIP) it serves again.
+    lab.kubectl_ok(&["delete", "service", "web"]);
+    for (path, client) in PATHS {
+        within(Duration::from_secs(5), "deleted service refuses", || {
+            let report = tcp(&lab, client, &target, 1, "/hostname");
+            answers(&report).is_empty()
+        });
+        let _ = path;
+    }
+    create(&lab, &service_manifest("web", "web", &format!("  clusterIP: {vip}\n")));
+    for (_, client) in PATHS {
+        within(Duration::from_secs(5), "recreated service serves", || {
+            answered_by(&tcp(&lab, client, &target, 30, "/hostname")).len() == 3
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traffic_follows_endpoints_from_none_to_two_and_back_within_a_second() {
+    if !support::privileged("traffic_follows_endpoints_from_none_to_two_and_back_within_a_second") {
+        return;
+    }
+    let lab = TestLab::up("svc-churn", 3).await;
+    start_pods(&lab, &[("client-sock", "client", "node-1", false), ("client-tc", "client", "node-1", true)])
+        .await;
+    create(&lab, &service_manifest("churn", "churn", ""));
+    let vip = cluster_ip(&lab, "churn").await;
+    let target = format!("{vip}:80");
+
+    // No endpoints: refused at once, never a timeout.
+    for (path, client) in PATHS {
+        let report = tcp(&lab, client, &target, 5, "/hostname");
+        assert!(answers(&report).is_empty(), "{path}: {report}");
+        let refused = report["errors"]["refused"].as_u64().unwrap_or(0)
+            + report["errors"]["unreachable"].as_u64().unwrap_or(0);
+        assert_eq!(refused, 5, "{path}: {report}");
+        assert!(report["refused_max_ms"].as_f64().unwrap_or(0.0) < 1000.0, "{path}: {report}");
+    }
+
+    let follow = |expected: &[&str], what: &str| {
+        for (path, client) in PATHS {
+            let took = within(Duration::from_secs(1), &format!("{path}: {what}"), || {
+                let report = tcp(&lab, client, &target, 30, "/hostname");
+                let got = answered_by(&report);
+                if expected.is_empty() { got.is_empty() && errors(&report) == 30 } else { got == expected && errors(&report) == 0 }
+            });
+            eprintln!("{path}: {what} after {took:?}");
+        }
+    };
+    create(&lab, &pod_manifest("churn-1", "churn", "node-2", false, &[]));
+    lab.wait_running("churn-1").await;
+    follow(&["churn-1"], "0 → 1");
+    create(&lab, &pod_manifest("churn-2", "churn", "node-3", false, &[]));
+    lab.wait_running("churn-2").await;
+    follow(&["churn-1", "churn-2"], "1 → 2");
+    lab.kubectl_ok(&["delete", "pod", "churn-2", "--grace-period=0", "--force", "--wait=false"]);
+    follow(&["churn-1"], "2 → 1");
+    lab.kubectl_ok(&["delete", "pod", "churn-1", "--grace-period=0", "--force", "--wait=false"]);
+    follow(&[], "1 → 0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_resolve_services_through_the_cluster_dns() {
+    if !support::privileged("pods_resolve_services_through_the_cluster_dns") {
+        return;
+    }
+    let lab = TestLab::up("svc-dns", 2).await;
+    let pods = start_pods(
+        &lab,
+        &[
+            ("web-1", "web", "node-1", false),
+            ("web-2", "web", "node-2", false),
+            ("client-sock", "client", "node-1", false),
+            ("client-tc", "client", "node-2", true),
+        ],
+    )
+    .await;
+    create(&lab, &service_manifest("web", "web", ""));
+    create(&lab, &service_manifest("web-headless", "web", "  clusterIP: None\n"));
+    let vip = cluster_ip(&lab, "web").await.to_string();
+    let mut pod_ips: Vec<String> =
+        ["web-1", "web-2"].iter().map(|p| pod_ip(&pods[*p]).to_string()).collect();
+    pod_ips.sort();
+
+    let getent = |pod: &str, name: &str| -> Option<Vec<String>> {
+        let output = Command::new(env!("CARGO_BIN_EXE_strait"))
+            .args(["lab", "exec", "--name", lab.name(), pod, "--", "getent", "ahostsv4", name])
+            .output()
+            .expect("running getent in a pod");
+        if !output.status.success() {
+            return None;
+        }
+        let mut ips: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        Some(ips)
+    };
+    for (path, client) in PATHS {
+        within(Duration::from_secs(5), &format!("{path}: service name resolves"), || {
+            getent(client, "web.default.svc.cluster.local") == Some(vec![vip.clone()])
+        });
+        // Short names through the search domains of the pod's resolv.conf.
+        assert_eq!(getent(client, "web"), Some(vec![vip.clone()]), "{path}: short name");
+        assert_eq!(getent(client, "web.default"), Some(vec![vip.clone()]), "{path}");
+        assert_eq!(getent(client, "web-headless"), Some(pod_ips.clone()), "{path}: headless");
+        assert_eq!(getent(client, "nothing-here.default.svc.cluster.local"), None, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_service_is_refused_with_the_field_and_nothing_is_stored() {
+    if !support::privileged("an_invalid_service_is_refused_with_the_field_and_nothing_is_stored") {
+        return;
+    }
+    let lab = TestLab::up("svc-bad", 1).await;
+    let cases = [
+        ("bad-port", "  ports:\n  - {name: a, port: 70000}\n", "spec.ports[0].port"),
+        (
+            "dup-names",
+            "  ports:\n  - {name: a, port: 80}\n  - {name: a, port: 81}\n",
+            "spec.ports[1].name",
+        ),
+        ("taken-ip", "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n", "spec.clusterIP"),
+    ];
+    for (name, spec, field) in cases {
+        let manifest = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n{spec}");
+        let output = lab.kubectl_with_input(&["create", "-f", "-"], Some(&manifest));
+        assert!(!output.status.success(), "{name} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(field), "{name}: error does not name {field}: {stderr}");
+        assert!(stderr.contains("Invalid"), "{name}: not a 422 Invalid: {stderr}");
+        assert!(lab.api.get::<Service>(Some("default"), name).await.expect("get").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_payloads_pass_and_an_agent_sigkill_breaks_no_connection() {
+    if !support::privileged("large_payloads_pass_and_an_agent_sigkill_breaks_no_connection") {
+        return;
+    }
+    let lab = TestLab::up("svc-kill", 2).await;
+    start_pods(
+        &lab,
+        &[
+            ("web-1", "web", "node-2", false),
+            ("web-2", "web", "node-2", false),
+            ("client-sock", "client", "node-1", false),
+            ("client-tc", "client", "node-1", true),
+        ],
+    )
+    .await;
+    create(&lab, &service_manifest("web", "web", ""));
+    let vip = cluster_ip(&lab, "web").await;
+    let target = format!("{vip}:80");
+    for (_, client) in PATHS {
+        within(Duration::from_secs(10), "both backends answer", || {
+            answered_by(&tcp(&lab, client, &target, 20, "/hostname")).len() == 2
+        });
+    }
+
+    // A 64 KiB HTTP body and an 8 KiB datagram through the VIP, echoed intact.
+    for (path, client) in PATHS {
+        let report = netclient(&lab, client, &["echo", "--http", &target, "--udp", &target]);
+        assert_eq!(report["http_intact"], true, "{path}: {report}");
+        assert_eq!(report["http_echoed"], 65_536, "{path}: {report}");
+        assert_eq!(report["udp_intact"], true, "{path}: {report}");
+        assert_eq!(report["udp_source"], target.as_str(), "{path}: {report}");
+    }
+
+    // 200 long-lived connections per path and a new connection every 20 ms, while the agent of
+    // the clients' node is killed with SIGKILL and started again.
+    let strait = env!("CARGO_BIN_EXE_strait");
+    let holders: Vec<_> = PATHS
+        .iter()
+        .map(|(path, client)| {
+            let child = Command::new(strait)
+                .args(["lab", "exec", "--name", lab.name(), client, "--", strait, "netclient"])
+                .args(["hold", "--target", &target, "--connections", "200", "--seconds", "8"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting netclient hold");
+            (*path, child)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    lab::restart(lab.name(), &LabProcess::Agent("node-1".into())).expect("SIGKILL and restart");
+    for (path, child) in holders {
+        let output = child.wait_with_output().expect("netclient hold");
+        assert!(output.status.success(), "{path}: {}", String::from_utf8_lossy(&output.stderr));
+        let report: Value = serde_json::from_slice(&output.stdout).expect("hold report");
+        assert_eq!(report["established"], 200, "{path}: {report}");
+        assert_eq!(report["established_broken"], 0, "{path}: {report}");
+        let failed: u64 =
+            report["new_failed"].as_object().unwrap().values().filter_map(Value::as_u64).sum();
+        assert_eq!(failed, 0, "{path}: new connections failed during the restart: {report}");
+        assert!(report["new_ok"].as_u64().unwrap() > 100, "{path}: {report}");
+    }
+}

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod dirs;
+pub mod dns;
 pub mod ebpf;
 pub mod netlink;
 pub mod netns;

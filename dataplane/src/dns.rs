@@ -21,7 +21,8 @@
 //!
 //! The zone is immutable; the agent builds a new one when services change and publishes it
 //! through a `watch` channel. Each query clones the current `Arc` (O(1)) and looks its name up
-//! in one `HashMap`.
+//! in one `HashMap`. [`ClusterDns::with_metrics`] counts the answers by response code
+//! (`strait_dns_queries_total`).
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -48,6 +49,8 @@ use tokio::{
     net::{TcpListener, UdpSocket},
     sync::watch,
 };
+
+use crate::metrics::AgentMetrics;
 
 /// Time to live of every answer, positive and negative, in seconds: short, so that a changed
 /// service is seen quickly (Kubernetes' cluster DNS uses the same).
@@ -281,6 +284,7 @@ pub fn rcode_name(code: ResponseCode) -> &'static str {
 /// Answers queries from the current zone.
 struct ClusterDnsHandler {
     zone: watch::Receiver<Arc<DnsZone>>,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 #[async_trait::async_trait]
@@ -321,24 +325,25 @@ impl RequestHandler for ClusterDnsHandler {
             }
         };
 
-        let sent = match lookup {
-            Err(code) => {
-                metadata.response_code = code;
-                response_handle.send_response(builder.build_no_records(metadata)).await
-            }
-            Ok(Lookup::Refused) => {
-                metadata.response_code = ResponseCode::Refused;
-                response_handle.send_response(builder.build_no_records(metadata)).await
-            }
-            Ok(Lookup::NxDomain) => {
-                metadata.authoritative = true;
-                metadata.response_code = ResponseCode::NXDomain;
-                let response = builder.build(metadata, [], [], [&zone.soa], []);
-                response_handle.send_response(response).await
-            }
+        // An in-zone answer: the records (none for NXDOMAIN and NODATA) and the additionals.
+        let (code, in_zone) = match lookup {
+            Err(code) => (code, None),
+            Ok(Lookup::Refused) => (ResponseCode::Refused, None),
+            Ok(Lookup::NxDomain) => (ResponseCode::NXDomain, Some((Vec::new(), &[][..]))),
             Ok(Lookup::Found { answers, additionals }) => {
+                (ResponseCode::NoError, Some((answers, additionals)))
+            }
+        };
+        metadata.response_code = code;
+        // Counted before sending: a client holding its answer finds it counted.
+        if let Some(metrics) = &self.metrics {
+            metrics.count_dns_query(rcode_name(code));
+        }
+        let sent = match in_zone {
+            None => response_handle.send_response(builder.build_no_records(metadata)).await,
+            Some((answers, additionals)) => {
                 metadata.authoritative = true;
-                metadata.response_code = ResponseCode::NoError;
+                // RFC 2308, section 3: negative answers carry the SOA for their TTL.
                 let soa: &[&Record] = if answers.is_empty() { &[&zone.soa] } else { &[] };
                 let response = builder.build(
                     metadata,
@@ -365,18 +370,43 @@ impl RequestHandler for ClusterDnsHandler {
     }
 }
 
-/// Serves the cluster DNS on `udp` and `tcp` until the returned future is dropped (which stops
-/// every task it started) or a socket fails. Each query is answered from the zone current in
-/// `zone` at that moment.
+/// The cluster DNS server of a node.
+#[derive(Debug)]
+pub struct ClusterDns {
+    zone: watch::Receiver<Arc<DnsZone>>,
+    metrics: Option<Arc<AgentMetrics>>,
+}
+
+impl ClusterDns {
+    /// A server answering from whatever zone `zone` holds when each query arrives.
+    pub fn new(zone: watch::Receiver<Arc<DnsZone>>) -> Self {
+        Self { zone, metrics: None }
+    }
+
+    /// Counts every answer in `strait_dns_queries_total{rcode}`. Queries too malformed to
+    /// parse get no answer from the server and are not counted.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Serves on `udp` and `tcp` until the returned future is dropped (which stops every task
+    /// it started) or a socket fails.
+    pub async fn serve(self, udp: UdpSocket, tcp: TcpListener) -> io::Result<()> {
+        let mut server = Server::new(ClusterDnsHandler { zone: self.zone, metrics: self.metrics });
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+        server.block_until_done().await.map_err(|e| io::Error::other(format!("cluster DNS: {e}")))
+    }
+}
+
+/// Serves the cluster DNS on `udp` and `tcp` without metrics: [`ClusterDns::serve`].
 pub async fn serve(
     zone: watch::Receiver<Arc<DnsZone>>,
     udp: UdpSocket,
     tcp: TcpListener,
 ) -> io::Result<()> {
-    let mut server = Server::new(ClusterDnsHandler { zone });
-    server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-    server.block_until_done().await.map_err(|e| io::Error::other(format!("cluster DNS: {e}")))
+    ClusterDns::new(zone).serve(udp, tcp).await
 }
 
 #[cfg(test)]
@@ -397,7 +427,8 @@ mod tests {
         sync::watch,
     };
 
-    use super::{DNS_TTL, DnsPort, DnsService, DnsZone, serve};
+    use super::{ClusterDns, DNS_TTL, DnsPort, DnsService, DnsZone, serve};
+    use crate::metrics::AgentMetrics;
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -435,11 +466,20 @@ mod tests {
 
     impl TestServer {
         async fn start(zone: DnsZone) -> Self {
+            Self::start_with(zone, None).await
+        }
+
+        async fn start_with(zone: DnsZone, metrics: Option<Arc<AgentMetrics>>) -> Self {
             let udp = UdpSocket::bind("127.0.0.1:0").await.expect("binding UDP on loopback");
             let tcp = TcpListener::bind("127.0.0.1:0").await.expect("binding TCP on loopback");
             let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
             let (sender, receiver) = watch::channel(Arc::new(zone));
-            let task = tokio::spawn(serve(receiver, udp, tcp));
+            let task = match metrics {
+                Some(metrics) => {
+                    tokio::spawn(ClusterDns::new(receiver).with_metrics(metrics).serve(udp, tcp))
+                }
+                None => tokio::spawn(serve(receiver, udp, tcp)),
+            };
             Self { udp: udp_addr, tcp: tcp_addr, zone: sender, task }
         }
 
@@ -681,6 +721,22 @@ mod tests {
             tokio::time::timeout(TIMEOUT, socket.recv_from(&mut buffer)).await.unwrap().unwrap();
         let answer = Message::from_vec(&buffer[..len]).unwrap();
         assert_eq!(answer.metadata.response_code, ResponseCode::NotImp);
+    }
+
+    #[tokio::test]
+    async fn every_answer_is_counted_by_its_response_code() {
+        let metrics = Arc::new(AgentMetrics::new());
+        let zone = DnsZone::new("cluster.local", [web()]).unwrap();
+        let server = TestServer::start_with(zone, Some(metrics.clone())).await;
+        server.udp("web.default.svc.cluster.local.", RecordType::A).await;
+        server.tcp("web.default.svc.cluster.local.", RecordType::AAAA).await;
+        server.udp("gone.default.svc.cluster.local.", RecordType::A).await;
+        server.udp("example.com.", RecordType::A).await;
+        let text = metrics.render();
+        for (rcode, count) in [("NOERROR", 2), ("NXDOMAIN", 1), ("REFUSED", 1), ("SERVFAIL", 0)] {
+            let line = format!("strait_dns_queries_total{{rcode=\"{rcode}\"}} {count}\n");
+            assert!(text.contains(&line), "{line:?} in\n{text}");
+        }
     }
 
     #[test]

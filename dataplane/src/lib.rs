@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod dirs;
 pub mod dns;
 pub mod ebpf;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod runtime;

@@ -106,6 +106,10 @@ impl ChildSetup {
     /// the file it resolves to, as mount(2) would follow it anyway: that file is hidden behind
     /// `file` inside the new namespace only. If the link is dangling or the file is missing,
     /// this fails here, before anything is started.
+    ///
+    /// The namespace starts as a copy of the node's mounts, `/run/netns/*` included. That does
+    /// not pin other pods' network namespaces: removing a name (unlink of its mount point)
+    /// detaches the copies in every other mount namespace too (Linux 3.18 and later).
     pub fn bind_resolv_conf(self, file: &Path) -> io::Result<Self> {
         self.bind_resolv_conf_over(file, Path::new(RESOLV_CONF))
     }
@@ -194,8 +198,9 @@ impl ChildSetup {
 }
 
 /// Starts the container. The child joins its cgroup, its own session, the pod's network
-/// namespace and a UTS namespace carrying the pod's hostname before `exec`, so no instruction of
-/// the workload runs outside them. The child is not tied to the agent: it keeps running if the
+/// namespace, a UTS namespace carrying the pod's hostname and, if the pod has its own
+/// resolv.conf, a mount namespace showing it, before `exec`, so no instruction of the workload
+/// runs outside them. The child is not tied to the agent: it keeps running if the
 /// agent exits, and a restarted agent adopts it.
 pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
     let log = OpenOptions::new().create(true).append(true).open(&launch.log_path).map_err(|e| {

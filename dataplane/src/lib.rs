@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod cgroup;
 pub mod dirs;
+pub mod dns;
 pub mod ebpf;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod runtime;

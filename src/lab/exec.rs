@@ -1,14 +1,19 @@
 //! `strait lab exec` and `strait lab node-exec`: run a command inside a pod's or a node's
-//! network namespace (and, for a pod, its cgroup), the way `kubectl exec` and `ssh node` would.
+//! network namespace (and, for a pod, its cgroup and its `/etc/resolv.conf`), the way
+//! `kubectl exec` and `ssh node` would.
 
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Pod;
 use strait_controlplane::client::ApiClient;
-use strait_dataplane::{cgroup::Cgroup, netns, runtime::process::ChildSetup};
+use strait_dataplane::{
+    cgroup::Cgroup,
+    netns,
+    runtime::{process::ChildSetup, record::pod_resolv_conf_path},
+};
 
-use super::{LabState, lab_cgroup, netns_prefix, node_netns};
+use super::{LabState, lab_cgroup, lab_dir, netns_prefix, node_netns};
 
 /// Runs `command` in the pod `namespace/name` of `lab` and returns its exit code.
 pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Result<i32> {
@@ -28,7 +33,11 @@ pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Re
         bail!("pod {namespace}/{name} has no network namespace yet (is it running?)");
     }
     let cgroup = Cgroup::new(&lab_cgroup(lab).join(&node).join("pods").join(&uid))?;
-    run_inside(&netns::named_path(&netns_name), Some(&cgroup), command)
+    // The node's agent keeps its state in `<lab dir>/nodes/<node>` (see `up.rs`); a pod with
+    // a resolv.conf of its own has it there, and the command sees it as the containers do.
+    let resolv_conf = pod_resolv_conf_path(&lab_dir(lab).join("nodes").join(&node), &uid);
+    let resolv_conf = resolv_conf.is_file().then_some(resolv_conf);
+    run_inside(&netns::named_path(&netns_name), Some(&cgroup), resolv_conf.as_deref(), command)
 }
 
 /// Runs `command` in the network namespace of `node` of `lab` and returns its exit code.
@@ -41,12 +50,13 @@ pub fn exec_in_node(lab: &str, node: &str, command: &[String]) -> anyhow::Result
     // The agent's host cgroup: node processes there reach services through the socket hooks.
     let cgroup = Cgroup::new(&lab_cgroup(lab).join(node).join(strait_dataplane::agent::HOST_CGROUP))?;
     cgroup.create()?;
-    run_inside(&netns::named_path(&node_netns(lab, node)), Some(&cgroup), command)
+    run_inside(&netns::named_path(&node_netns(lab, node)), Some(&cgroup), None, command)
 }
 
 fn run_inside(
     netns_path: &Path,
     cgroup: Option<&Cgroup>,
+    resolv_conf: Option<&Path>,
     command: &[String],
 ) -> anyhow::Result<i32> {
     let Some((program, args)) = command.split_first() else {
@@ -56,7 +66,10 @@ fn run_inside(
     if let Some(cgroup) = cgroup {
         setup = setup.join_cgroup(&cgroup.procs_file())?;
     }
-    let setup = setup.enter_netns(netns_path)?;
+    let mut setup = setup.enter_netns(netns_path)?;
+    if let Some(resolv_conf) = resolv_conf {
+        setup = setup.bind_resolv_conf(resolv_conf)?;
+    }
     let mut child = Command::new(program);
     child.args(args);
     setup.install(&mut child);

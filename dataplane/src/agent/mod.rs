@@ -131,6 +131,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         log_dir: config.state_dir.join("logs"),
         strait_exe: config.strait_exe.clone(),
         cni: cni_receiver,
+        // Filled in when the agent serves the cluster DNS; until then pods keep the node's file.
+        cluster_dns: None,
+        cluster_domain: "cluster.local".to_owned(),
     }));
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");

@@ -6,6 +6,7 @@
 //! a newer target simply replaces an older one the worker has not looked at yet.
 
 pub mod cni;
+pub mod dns_config;
 pub mod image;
 pub mod process;
 pub mod record;
@@ -41,6 +42,11 @@ pub struct RuntimeContext {
     pub strait_exe: PathBuf,
     /// The CNI plugin with this node's configuration; `None` until the node has a podCIDR.
     pub cni: watch::Receiver<Option<cni::CniInvoker>>,
+    /// The cluster DNS address that `ClusterFirst` pods get as their nameserver; `None` leaves
+    /// such pods the node's `/etc/resolv.conf` (see [`dns_config`]).
+    pub cluster_dns: Option<Ipv4Addr>,
+    /// The cluster domain, e.g. `cluster.local`, for the pods' DNS search list.
+    pub cluster_domain: String,
 }
 
 impl RuntimeContext {

@@ -30,19 +30,34 @@ pub struct Launch {
     pub hostname: String,
     /// stdout and stderr are appended here.
     pub log_path: PathBuf,
+    /// The pod's own resolver configuration, bind-mounted over `/etc/resolv.conf` in a mount
+    /// namespace of the container's own; `None` leaves the node's file.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// What a new process joins between fork and exec, so that no instruction of the program runs
 /// outside it: a cgroup, a session of its own, a network namespace, a UTS namespace with a
-/// hostname. Everything is prepared (opened, allocated) before forking; [`ChildSetup::apply`]
-/// then makes only async-signal-safe system calls.
+/// hostname, a mount namespace with its own `/etc/resolv.conf`. Everything is prepared
+/// (opened, allocated, checked) before forking; [`ChildSetup::apply`] then makes only
+/// async-signal-safe system calls.
 #[derive(Debug, Default)]
 pub struct ChildSetup {
     cgroup_procs: Option<CString>,
     new_session: bool,
     netns: Option<File>,
     hostname: Option<CString>,
+    resolv_conf: Option<FileBind>,
 }
+
+/// A file bind-mounted over another, both paths absolute and resolved before the fork.
+#[derive(Debug)]
+struct FileBind {
+    source: CString,
+    target: CString,
+}
+
+/// Where processes read their resolver configuration (resolv.conf(5)).
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 impl ChildSetup {
     pub fn new() -> Self {
@@ -82,6 +97,30 @@ impl ChildSetup {
         Ok(self)
     }
 
+    /// Gets a mount namespace of its own in which `file` is mounted, read-only, over
+    /// `/etc/resolv.conf`. Its mounts are made private first, so neither this bind nor any
+    /// later mount of the process propagates back to the node's mount namespace; the mount
+    /// goes away with the last process of the namespace.
+    ///
+    /// If `/etc/resolv.conf` is a symlink (systemd-resolved's stub, for one), the bind lands on
+    /// the file it resolves to, as mount(2) would follow it anyway: that file is hidden behind
+    /// `file` inside the new namespace only. If the link is dangling or the file is missing,
+    /// this fails here, before anything is started.
+    ///
+    /// The namespace starts as a copy of the node's mounts, `/run/netns/*` included. That does
+    /// not pin other pods' network namespaces: removing a name (unlink of its mount point)
+    /// detaches the copies in every other mount namespace too (Linux 3.18 and later).
+    pub fn bind_resolv_conf(self, file: &Path) -> io::Result<Self> {
+        self.bind_resolv_conf_over(file, Path::new(RESOLV_CONF))
+    }
+
+    fn bind_resolv_conf_over(mut self, file: &Path, resolv_conf: &Path) -> io::Result<Self> {
+        let source = regular_file(file, "the pod's resolv.conf")?;
+        let target = regular_file(resolv_conf, "the file to bind the pod's resolv.conf over")?;
+        self.resolv_conf = Some(FileBind { source: c_path(&source)?, target: c_path(&target)? });
+        Ok(self)
+    }
+
     /// Applies the setup to the calling process. Meant for the forked child: plain libc, no
     /// allocation, no locks.
     pub fn apply(&self) -> io::Result<()> {
@@ -113,6 +152,37 @@ impl ChildSetup {
                 let name = hostname.as_bytes();
                 check(libc::sethostname(name.as_ptr().cast(), name.len()))?;
             }
+            if let Some(bind) = &self.resolv_conf {
+                let none = std::ptr::null();
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                // The copied mounts keep the propagation of the node's ("shared" under
+                // systemd): make them private first, or the bind below would appear on the
+                // node too (sharedsubtree.rst in the kernel's documentation).
+                check(libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    bind.source.as_ptr(),
+                    bind.target.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+                // A bind mount takes MS_RDONLY only on a remount (mount(2), "Creating a bind
+                // mount"): the pod cannot write the agent's copy that the other containers
+                // of the pod and `lab exec` read.
+                check(libc::mount(
+                    none,
+                    bind.target.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+            }
         }
         Ok(())
     }
@@ -128,8 +198,9 @@ impl ChildSetup {
 }
 
 /// Starts the container. The child joins its cgroup, its own session, the pod's network
-/// namespace and a UTS namespace carrying the pod's hostname before `exec`, so no instruction of
-/// the workload runs outside them. The child is not tied to the agent: it keeps running if the
+/// namespace, a UTS namespace carrying the pod's hostname and, if the pod has its own
+/// resolv.conf, a mount namespace showing it, before `exec`, so no instruction of the workload
+/// runs outside them. The child is not tied to the agent: it keeps running if the
 /// agent exits, and a restarted agent adopts it.
 pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
     let log = OpenOptions::new().create(true).append(true).open(&launch.log_path).map_err(|e| {
@@ -140,6 +211,10 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
         .new_session()
         .enter_netns(&launch.netns_path)?
         .hostname(&launch.hostname)?;
+    let setup = match &launch.resolv_conf {
+        Some(file) => setup.bind_resolv_conf(file)?,
+        None => setup,
+    };
 
     let mut command = tokio::process::Command::new(&launch.program);
     command
@@ -156,6 +231,28 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
     command.spawn().map_err(|e| {
         io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))
     })
+}
+
+/// `path` with every symlink resolved, if it is a regular file.
+fn regular_file(path: &Path, what: &str) -> io::Result<PathBuf> {
+    let resolved = std::fs::canonicalize(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{what}: {} (or the file its symlink points to): {e}", path.display()),
+        )
+    })?;
+    if !resolved.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}: {} is not a regular file", resolved.display()),
+        ));
+    }
+    Ok(resolved)
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// The start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
@@ -219,7 +316,39 @@ fn is_executable(path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_same_process_alive, process_start_ticks, resolve_program};
+    use std::path::Path;
+
+    use super::{ChildSetup, is_same_process_alive, process_start_ticks, resolve_program};
+
+    #[test]
+    fn resolv_conf_binds_onto_what_a_symlink_points_to_and_refuses_dangling_ones() {
+        let dir = std::env::temp_dir().join(format!("strait-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pod_file = dir.join("pod-resolv.conf");
+        let real = dir.join("stub-resolv.conf");
+        std::fs::write(&pod_file, "nameserver 10.96.0.10\n").unwrap();
+        std::fs::write(&real, "nameserver 127.0.0.53\n").unwrap();
+        let link = dir.join("resolv.conf");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let dangling = dir.join("dangling.conf");
+        std::os::unix::fs::symlink(dir.join("missing"), &dangling).unwrap();
+
+        let setup = ChildSetup::new().bind_resolv_conf_over(&pod_file, &link).expect("a symlink");
+        let bind = setup.resolv_conf.expect("a bind is prepared");
+        assert_eq!(
+            bind.target.to_bytes(),
+            real.canonicalize().unwrap().as_os_str().as_encoded_bytes()
+        );
+
+        let error = ChildSetup::new().bind_resolv_conf_over(&pod_file, &dangling).unwrap_err();
+        assert!(error.to_string().contains("dangling.conf"), "names the file: {error}");
+        let error = ChildSetup::new()
+            .bind_resolv_conf_over(&dir.join("no-such-pod-file"), &link)
+            .unwrap_err();
+        assert!(error.to_string().contains("the pod's resolv.conf"), "{error}");
+        assert!(ChildSetup::new().bind_resolv_conf_over(&pod_file, Path::new("/")).is_err());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 
     #[test]
     fn own_process_is_identified_by_pid_and_start_time() {

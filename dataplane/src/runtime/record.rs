@@ -1,6 +1,16 @@
 //! What the agent knows about a pod it runs, kept on disk so that a restarted agent rebuilds its
 //! view from the files and the kernel instead of from memory (DESIGN.md, "State outlives
 //! processes"). One JSON file per pod, replaced atomically.
+//!
+//! Layout under the agent's state directory (`--state-dir`):
+//!
+//! ```text
+//! <state dir>/pods/<uid>.json         the pod's record
+//! <state dir>/pods/<uid>/resolv.conf  the pod's /etc/resolv.conf, if it has its own
+//! ```
+//!
+//! Anything that knows the state directory and a pod's uid finds its files from
+//! [`pod_resolv_conf_path`] (`strait lab exec` does).
 
 use std::{
     collections::BTreeMap,
@@ -51,7 +61,18 @@ pub struct ExitRecord {
     pub finished_at: String,
 }
 
-/// The directory of pod records.
+/// The directory of pod records inside the agent's state directory.
+pub const PODS_DIR: &str = "pods";
+
+/// Name of a pod's resolver configuration inside its directory.
+const RESOLV_CONF_FILE: &str = "resolv.conf";
+
+/// The resolv.conf of pod `uid` for an agent whose state directory is `state_dir`.
+pub fn pod_resolv_conf_path(state_dir: &Path, uid: &str) -> PathBuf {
+    state_dir.join(PODS_DIR).join(uid).join(RESOLV_CONF_FILE)
+}
+
+/// The directory of pod records: `<state dir>/pods` ([`PODS_DIR`]).
 #[derive(Clone, Debug)]
 pub struct RecordStore {
     dir: PathBuf,
@@ -65,6 +86,39 @@ impl RecordStore {
 
     fn path(&self, uid: &str) -> PathBuf {
         self.dir.join(format!("{uid}.json"))
+    }
+
+    /// The directory of files the agent keeps for pod `uid` besides its record.
+    pub fn pod_dir(&self, uid: &str) -> PathBuf {
+        self.dir.join(uid)
+    }
+
+    /// Where pod `uid`'s own resolv.conf lives (see [`pod_resolv_conf_path`]).
+    pub fn resolv_conf_path(&self, uid: &str) -> PathBuf {
+        self.pod_dir(uid).join(RESOLV_CONF_FILE)
+    }
+
+    /// Writes `text` as pod `uid`'s resolv.conf unless it already says exactly that. A new
+    /// text replaces the file through rename(2): containers already running keep the file
+    /// they mounted, new ones get the new text.
+    pub fn write_resolv_conf(&self, uid: &str, text: &str) -> io::Result<PathBuf> {
+        let path = self.resolv_conf_path(uid);
+        if fs::read(&path).is_ok_and(|current| current == text.as_bytes()) {
+            return Ok(path);
+        }
+        fs::create_dir_all(self.pod_dir(uid))?;
+        let staged = path.with_extension("conf.new");
+        fs::write(&staged, text)?;
+        fs::rename(&staged, &path)?;
+        Ok(path)
+    }
+
+    /// Removes the files of pod `uid` besides its record (see [`RecordStore::remove`]).
+    pub fn remove_pod_dir(&self, uid: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.pod_dir(uid)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Writes the record through a temporary file and rename(2), so a crash leaves the old or
@@ -123,5 +177,23 @@ mod tests {
         store.remove("u1").expect("second remove");
         assert!(store.load_all().expect("load").is_empty());
         std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_pods_resolv_conf_lives_beside_its_record_and_does_not_disturb_loading() {
+        let state = std::env::temp_dir().join(format!("strait-state-{}", std::process::id()));
+        let store = RecordStore::open(&state.join(super::PODS_DIR)).expect("open");
+        let record = PodRecord { uid: "u2".into(), ..Default::default() };
+        store.save(&record).expect("save");
+        let path = store.write_resolv_conf("u2", "nameserver 10.96.0.10\n").expect("write");
+        assert_eq!(path, super::pod_resolv_conf_path(&state, "u2"), "found from the uid alone");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "nameserver 10.96.0.10\n");
+        store.write_resolv_conf("u2", "nameserver 10.96.0.11\n").expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "nameserver 10.96.0.11\n");
+        assert_eq!(store.load_all().expect("the pod directory is not a record"), vec![record]);
+        store.remove_pod_dir("u2").expect("remove");
+        store.remove_pod_dir("u2").expect("second remove");
+        assert!(!path.exists());
+        std::fs::remove_dir_all(state).expect("cleanup");
     }
 }

@@ -19,6 +19,7 @@ use tokio::{
 use super::{
     PodTarget, RuntimeContext,
     cni::{Attachment, POD_IFNAME},
+    dns_config::{PodResolvConf, pod_resolv_conf},
     image,
     process::{self, Launch},
     record::{ContainerRecord, ExitRecord, PodRecord},
@@ -320,6 +321,10 @@ impl Worker {
         }
         self.context
             .records
+            .remove_pod_dir(&record.uid)
+            .map_err(|e| format!("removing the pod's files: {e}"))?;
+        self.context
+            .records
             .remove(&record.uid)
             .map_err(|e| format!("removing the pod record: {e}"))
     }
@@ -368,6 +373,13 @@ impl Worker {
                 return;
             }
         };
+        let resolv_conf = match self.resolv_conf(pod, record) {
+            Ok(resolv_conf) => resolv_conf,
+            Err((reason, message)) => {
+                self.set_waiting(&name, reason, message);
+                return;
+            }
+        };
         let cgroup = self.context.pods_cgroup.child(&self.uid).child(&name);
         if let Err(error) = cgroup.create() {
             self.set_waiting(
@@ -386,6 +398,7 @@ impl Worker {
             cgroup_procs: cgroup.procs_file(),
             hostname: record.name.clone(),
             log_path: self.pod_log_dir(record).join(format!("{name}.log")),
+            resolv_conf,
         };
         let mut child = match process::spawn(&launch) {
             Ok(child) => child,
@@ -432,6 +445,31 @@ impl Worker {
         self.report_pending = true;
         self.save();
         tracing::info!(uid = %self.uid, container = %name, pid, "container started");
+    }
+
+    /// The pod's own resolv.conf, (re)written to its directory unless it already says this (see
+    /// `dns_config`), or `None` for the node's file. The error is a waiting reason and message.
+    fn resolv_conf(
+        &self,
+        pod: &Pod,
+        record: &PodRecord,
+    ) -> Result<Option<PathBuf>, (&'static str, String)> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let wanted = pod_resolv_conf(
+            &spec,
+            &record.namespace,
+            self.context.cluster_dns,
+            &self.context.cluster_domain,
+        )
+        .map_err(|message| ("CreateContainerConfigError", message))?;
+        match wanted {
+            PodResolvConf::Node => Ok(None),
+            PodResolvConf::Own(text) => {
+                self.context.records.write_resolv_conf(&record.uid, &text).map(Some).map_err(|e| {
+                    ("RunContainerError", format!("writing the pod's resolv.conf: {e}"))
+                })
+            }
+        }
     }
 
     fn set_waiting(&mut self, name: &str, reason: &str, message: String) {

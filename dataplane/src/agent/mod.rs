@@ -15,7 +15,7 @@ use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -26,6 +26,8 @@ use tokio::sync::watch;
 
 use crate::{
     cgroup::Cgroup,
+    dns::{ClusterDns, DnsZone},
+    metrics::{AgentMetrics, BpfMapStats, ScrapeSource, ScrapeValues},
     ebpf::{
         self,
         antispoof::AntiSpoof,
@@ -38,6 +40,9 @@ use routes::NodeRoute;
 
 /// The agent's child cgroup holding the pods whose sockets the load balancer translates.
 pub const POD_CGROUP: &str = "pods";
+/// The agent's child cgroup holding the pods that opted out of socket load balancing
+/// ([`crate::runtime::SOCKET_LB_ANNOTATION`]): no socket hooks here.
+pub const POD_CGROUP_WITHOUT_SOCKET_LB: &str = "pods-tc";
 /// The agent's child cgroup for node processes that reach services through the socket hooks.
 pub const HOST_CGROUP: &str = "host";
 
@@ -95,6 +100,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let pods_cgroup = cgroup.child(POD_CGROUP);
     // Processes of the node itself that should reach services (e.g. `strait lab node-exec`).
     let host_cgroup = cgroup.child(HOST_CGROUP);
+    let pods_cgroup_without_socket_lb = cgroup.child(POD_CGROUP_WITHOUT_SOCKET_LB);
+    pods_cgroup_without_socket_lb.create().with_context(|| {
+        format!("creating {}", pods_cgroup_without_socket_lb.path().display())
+    })?;
     for hooked in [&pods_cgroup, &host_cgroup] {
         hooked.create().with_context(|| format!("creating {}", hooked.path().display()))?;
         lb.attach_cgroup(hooked.path()).with_context(|| {
@@ -106,14 +115,65 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         cluster_dns: Some(config.cluster_dns),
         dns_server: Some(config.dns_listen),
     };
+    let programs = Arc::new(Mutex::new(services::ServicePrograms::new(lb, local)));
+    let metrics = Arc::new(AgentMetrics::new());
+    metrics.set_scrape_source(scrape_source(programs.clone(), pin_dir.clone()));
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(listener, metrics).await {
+                tracing::error!(%error, "the metrics server stopped");
+            }
+        });
+    }
+
+    // Node-local cluster DNS: the cluster DNS VIP is translated to this server on every node.
+    let empty_zone = DnsZone::new(&config.cluster_domain, [])
+        .with_context(|| format!("cluster domain {:?}", config.cluster_domain))?;
+    let (zone_sender, zone_receiver) = watch::channel(Arc::new(empty_zone));
+    let dns_udp = tokio::net::UdpSocket::bind(config.dns_listen)
+        .await
+        .with_context(|| format!("binding the DNS server to {}/udp", config.dns_listen))?;
+    let dns_tcp = tokio::net::TcpListener::bind(config.dns_listen)
+        .await
+        .with_context(|| format!("binding the DNS server to {}/tcp", config.dns_listen))?;
+    let dns = ClusterDns::new(zone_receiver).with_metrics(metrics.clone());
+    tokio::spawn(async move {
+        if let Err(error) = dns.serve(dns_udp, dns_tcp).await {
+            tracing::error!(%error, "the cluster DNS server stopped");
+        }
+    });
+
     let (service_sender, service_receiver) = std::sync::mpsc::channel();
-    let programs = services::ServicePrograms::new(lb, local);
-    std::thread::Builder::new()
-        .name("service-programmer".into())
-        .spawn(move || {
-            services::run_programmer(programs, service_receiver, |_report, _services, _programs| {})
-        })
-        .context("starting the service programming thread")?;
+    {
+        let metrics = metrics.clone();
+        let domain = config.cluster_domain.clone();
+        std::thread::Builder::new()
+            .name("service-programmer".into())
+            .spawn(move || {
+                services::run_programmer(&programs, service_receiver, |report, all, programs| {
+                    for latency in &report.latencies {
+                        metrics.observe_service_programming(*latency);
+                    }
+                    for _ in 0..report.errors {
+                        metrics.count_service_programming_error();
+                    }
+                    let (frontends, backends) = programs.programmed();
+                    metrics.set_services_programmed(frontends as u64);
+                    metrics.set_service_backends_programmed(backends as u64);
+                    match DnsZone::new(&domain, all.values().map(|s| services::dns_service(s))) {
+                        Ok(zone) => {
+                            zone_sender.send_replace(Arc::new(zone));
+                        }
+                        Err(error) => tracing::error!(%error, "cannot build the DNS zone"),
+                    }
+                })
+            })
+            .context("starting the service programming thread")?;
+    }
 
     let api = ApiClient::new(&config.controller).context("configuring the API client")?;
     let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
@@ -126,14 +186,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         node_ip: config.node_ip,
         netns_prefix: config.netns_prefix.clone(),
         pods_cgroup,
+        pods_cgroup_without_socket_lb,
         records: RecordStore::open(&config.state_dir.join("pods"))
             .context("opening the pod records")?,
         log_dir: config.state_dir.join("logs"),
         strait_exe: config.strait_exe.clone(),
         cni: cni_receiver,
-        // Filled in when the agent serves the cluster DNS; until then pods keep the node's file.
-        cluster_dns: None,
-        cluster_domain: "cluster.local".to_owned(),
+        cluster_dns: Some(config.cluster_dns),
+        cluster_domain: config.cluster_domain.clone(),
     }));
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");
@@ -329,4 +389,39 @@ fn write_conflist(dir: Option<&std::path::Path>, plugin_config: &serde_json::Val
     if let Err(error) = written {
         tracing::error!(path = %path.display(), %error, "cannot write the CNI configuration");
     }
+}
+
+/// What a scrape reads from the datapath: drop counters and map usage.
+fn scrape_source(
+    programs: Arc<Mutex<services::ServicePrograms>>,
+    pin_dir: PathBuf,
+) -> ScrapeSource {
+    Box::new(move || {
+        let datapath_drops = match ebpf::antispoof::drop_counts(&pin_dir) {
+            Ok(counts) => counts.into_iter().map(|(reason, n)| (reason.to_owned(), n)).collect(),
+            Err(error) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "cannot read the drop counters");
+                Vec::new()
+            }
+        };
+        let stats = match programs.lock() {
+            Ok(programs) => programs.lb().stats(),
+            Err(_) => return ScrapeValues { datapath_drops, ..Default::default() },
+        };
+        let conntrack_entries = stats
+            .maps
+            .iter()
+            .find(|m| m.name == strait_common::lb::CONNTRACK_MAP)
+            .map(|m| m.entries);
+        let bpf_maps = stats
+            .maps
+            .into_iter()
+            .map(|m| BpfMapStats {
+                map: m.name.to_owned(),
+                entries: m.entries,
+                capacity: u64::from(m.capacity),
+            })
+            .collect();
+        ScrapeValues { datapath_drops, bpf_maps, conntrack_entries }
+    })
 }

@@ -215,7 +215,7 @@ fn since_unix_nanos(observed: u64) -> Option<Duration> {
 /// The programming thread: applies batches until every sender is gone. After each batch,
 /// `after_batch` sees the report, every service known, and the programs (for DNS and metrics).
 pub fn run_programmer(
-    mut programs: ServicePrograms,
+    programs: &std::sync::Mutex<ServicePrograms>,
     receiver: mpsc::Receiver<ServiceUpdate>,
     mut after_batch: impl FnMut(&ProgrammingReport, &HashMap<String, Arc<ServiceState>>, &ServicePrograms),
 ) {
@@ -231,11 +231,45 @@ pub fn run_programmer(
         for service in &batch.upserted {
             services.insert(format!("{}/{}", service.namespace, service.name), service.clone());
         }
+        let Ok(mut programs) = programs.lock() else {
+            tracing::error!("the service programs lock is poisoned; services are no longer programmed");
+            return;
+        };
         let report = programs.apply(&batch);
         if report.frontends_written + report.frontends_removed > 0 || report.errors > 0 {
             tracing::debug!(written = report.frontends_written, removed = report.frontends_removed, errors = report.errors, "service frontends programmed");
         }
         after_batch(&report, &services, &programs);
+    }
+}
+
+/// What the cluster DNS serves for a service: its ClusterIP, or for a headless service the
+/// addresses of its ready endpoints.
+pub fn dns_service(service: &ServiceState) -> crate::dns::DnsService {
+    let mut endpoints: Vec<Ipv4Addr> = service
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| e.address.parse().ok())
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    crate::dns::DnsService {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        cluster_ip: service.cluster_ip.parse().ok(),
+        endpoints,
+        ports: service
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(crate::dns::DnsPort {
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                    port: u16::try_from(p.port).ok()?,
+                })
+            })
+            .collect(),
     }
 }
 

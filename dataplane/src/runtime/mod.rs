@@ -33,8 +33,12 @@ pub struct RuntimeContext {
     pub node_ip: Ipv4Addr,
     /// Prefix of pod namespace names, e.g. `strait-` or `strait-<lab>-`.
     pub netns_prefix: String,
-    /// Parent cgroup of the pods: `<agent cgroup root>/pods`.
+    /// Parent cgroup of the pods: `<agent cgroup root>/pods`, where the socket load balancer's
+    /// hooks are attached.
     pub pods_cgroup: Cgroup,
+    /// Parent cgroup of the pods annotated [`SOCKET_LB_ANNOTATION`]` = disabled`: no socket
+    /// hooks, so their service traffic is translated per packet on their veth instead.
+    pub pods_cgroup_without_socket_lb: Cgroup,
     pub records: record::RecordStore,
     /// Container logs, one directory per pod.
     pub log_dir: PathBuf,
@@ -49,7 +53,36 @@ pub struct RuntimeContext {
     pub cluster_domain: String,
 }
 
+/// Annotation by which a pod opts out of socket-level load balancing (`disabled`): its
+/// connections to services keep the VIP as their destination and are translated per packet by
+/// the tc programs on its veth, as service meshes that redirect traffic themselves need.
+pub const SOCKET_LB_ANNOTATION: &str = "strait.io/socket-lb";
+
+/// Whether a pod opted out of socket-level load balancing.
+pub fn socket_lb_disabled(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SOCKET_LB_ANNOTATION))
+        .is_some_and(|value| value == "disabled")
+}
+
 impl RuntimeContext {
+    /// The cgroup a new pod gets, by its socket load-balancing choice.
+    pub fn new_pod_cgroup(&self, pod: &Pod, uid: &str) -> Cgroup {
+        if socket_lb_disabled(pod) {
+            self.pods_cgroup_without_socket_lb.child(uid)
+        } else {
+            self.pods_cgroup.child(uid)
+        }
+    }
+
+    /// The cgroup of an existing pod: under whichever parent it was created.
+    pub fn pod_cgroup(&self, uid: &str) -> Cgroup {
+        let opted_out = self.pods_cgroup_without_socket_lb.child(uid);
+        if opted_out.exists() { opted_out } else { self.pods_cgroup.child(uid) }
+    }
+
     /// The name of a pod's network namespace.
     pub fn pod_netns(&self, uid: &str) -> String {
         format!("{}pod-{uid}", self.netns_prefix)

@@ -240,7 +240,7 @@ impl Worker {
         let netns = self.context.pod_netns(&self.uid);
         NetNs::delete(&netns).map_err(|e| format!("{e:#}"))?;
         let namespace = NetNs::create(&netns).map_err(|e| format!("{e:#}"))?;
-        let cgroup = self.context.pods_cgroup.child(&self.uid);
+        let cgroup = self.context.new_pod_cgroup(pod, &self.uid);
         let mut record = PodRecord {
             uid: self.uid.clone(),
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
@@ -311,7 +311,7 @@ impl Worker {
             return Err("cannot run CNI DEL before this node's podCIDR is known".to_owned());
         }
         NetNs::delete(&record.netns).map_err(|e| format!("{e:#}"))?;
-        let cgroup = self.context.pods_cgroup.child(&record.uid);
+        let cgroup = self.context.pod_cgroup(&record.uid);
         cgroup.remove().map_err(|e| format!("removing cgroup {}: {e}", cgroup.path().display()))?;
         match std::fs::remove_dir_all(self.pod_log_dir(record)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -380,7 +380,7 @@ impl Worker {
                 return;
             }
         };
-        let cgroup = self.context.pods_cgroup.child(&self.uid).child(&name);
+        let cgroup = self.context.pod_cgroup(&self.uid).child(&name);
         if let Err(error) = cgroup.create() {
             self.set_waiting(
                 &name,
@@ -550,7 +550,7 @@ impl Worker {
         exits: &mut mpsc::UnboundedReceiver<Exit>,
     ) -> bool {
         let Some(record) = self.record.clone() else { return true };
-        let cgroup = self.context.pods_cgroup.child(&self.uid);
+        let cgroup = self.context.pod_cgroup(&self.uid);
         if let Err(error) = cgroup.signal_all(nix::sys::signal::Signal::SIGTERM) {
             tracing::warn!(uid = %self.uid, %error, "cannot send SIGTERM to the pod");
         }

@@ -20,7 +20,8 @@ use crate::{
         http::{ApiState, router},
     },
     controllers::{
-        self, namespace::NamespaceController, node_ipam::PodCidrReconciler, shutdown_signalled,
+        self, endpoint_slice::EndpointSliceController, namespace::NamespaceController,
+        node_ipam::PodCidrReconciler, shutdown_signalled,
     },
     ipam::{IpamError, PodCidrAllocator, ServiceIpAllocator, ServiceIpError},
     nodesync::NodeSyncService,
@@ -168,6 +169,10 @@ async fn serve(
         .spawn(controllers::run(NamespaceController::new(Arc::clone(&registry)), stopped.clone()));
     background
         .spawn(controllers::run(PodCidrReconciler::new(Arc::clone(&registry)), stopped.clone()));
+    background.spawn(controllers::run(
+        EndpointSliceController::new(Arc::clone(&registry)),
+        stopped.clone(),
+    ));
 
     let grpc = NodeSyncService::new(Arc::clone(&store), stopped.clone()).into_server();
     let app = router(ApiState {

@@ -402,3 +402,49 @@ impl ServiceCatalog {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use serde_json::json;
+
+    use super::service_state;
+
+    #[test]
+    fn slices_join_into_one_state_with_api_defaults_for_missing_conditions() {
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+                     "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
+        }))
+        .unwrap();
+        let slice = |address_type: &str, address: &str, conditions: serde_json::Value| {
+            serde_json::from_value::<EndpointSlice>(json!({
+                "metadata": {"name": "s", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": address_type,
+                "endpoints": [{"addresses": [address], "conditions": conditions}],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "any"}],
+            }))
+            .unwrap()
+        };
+        let slices = [
+            slice("IPv4", "10.244.0.5", json!({})),
+            slice("IPv4", "10.244.0.6", json!({"ready": false, "terminating": true})),
+            slice("IPv6", "fd00::1", json!({})),
+        ];
+        let state = service_state(&service, slices.iter());
+        assert_eq!(state.cluster_ip, "", "headless");
+        assert_eq!(state.affinity_timeout_seconds, 60);
+        let endpoints: Vec<(&str, bool, bool, bool)> = state
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.ready, e.serving, e.terminating))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [("10.244.0.5", true, true, false), ("10.244.0.6", false, false, true)]
+        );
+        assert_eq!(state.endpoints[0].ports.len(), 1, "a slice port without a number is skipped");
+    }
+}

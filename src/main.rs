@@ -133,6 +133,12 @@ struct ControllerArgs {
     /// Prefix length of each node's pod CIDR.
     #[arg(long, default_value_t = 24)]
     node_cidr_prefix: u8,
+    /// The range service cluster IPs are given from.
+    #[arg(long, default_value = "10.96.0.0/16")]
+    service_cidr: Ipv4Net,
+    /// The cluster IP of kube-system/kube-dns (inside --service-cidr).
+    #[arg(long, default_value = "10.96.0.10")]
+    cluster_dns_ip: Ipv4Addr,
 }
 
 #[derive(Args)]
@@ -379,6 +385,8 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mut config = strait_controlplane::server::ControllerConfig::new(args.data_dir);
     config.cluster_cidr = ipnet::IpNet::V4(args.cluster_cidr);
     config.node_cidr_prefix = args.node_cidr_prefix;
+    config.service_cidr = args.service_cidr;
+    config.cluster_dns_ip = args.cluster_dns_ip;
     tracing::info!(cluster = %args.cluster, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())

@@ -407,5 +407,16 @@ mod tests {
             ApiClient::collection_path::<k8s_openapi::api::apps::v1::Deployment>(Some("web")),
             "/apis/apps/v1/namespaces/web/deployments"
         );
+        assert_eq!(
+            ApiClient::object_path::<k8s_openapi::api::discovery::v1::EndpointSlice>(
+                Some("web"),
+                "web-abcde"
+            ),
+            "/apis/discovery.k8s.io/v1/namespaces/web/endpointslices/web-abcde"
+        );
+        assert_eq!(
+            ApiClient::collection_path::<k8s_openapi::api::core::v1::Service>(None),
+            "/api/v1/services"
+        );
     }
 }

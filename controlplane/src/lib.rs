@@ -8,6 +8,7 @@ pub mod ipam;
 pub mod nodesync;
 pub mod scheduler;
 pub mod server;
+pub mod service_catalog;
 pub mod store;
 pub mod testing;
 

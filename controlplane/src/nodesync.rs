@@ -1,8 +1,10 @@
 //! The NodeSync gRPC service: each node agent receives a consistent snapshot of what concerns
-//! it (every node with a pod CIDR as a peer, every pod bound to it), then deltas, each tagged
-//! with the store revision it brings the agent to (`proto/nodesync.proto`).
+//! it (every node with a pod CIDR as a peer, every pod bound to it, every service with its
+//! endpoints), then deltas, each tagged with the store revision it brings the agent to
+//! (`proto/nodesync.proto`). Services are joined with their slices once per change by the
+//! [`ServiceCatalog`] and fanned out to every agent.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -24,6 +26,10 @@ use crate::{
         NodeStateUpdate, Peer, PodAssignment, WatchRequest,
         node_sync_server::{NodeSync, NodeSyncServer},
     },
+    service_catalog::{
+        DeltaLookup, ServiceCatalog, is_service_key, now_unix_nanos, service_states,
+        services_prefix, slices_prefix,
+    },
     store::{EventKind, Revision, SharedStore, StoreError, WatchBatch},
 };
 
@@ -32,15 +38,21 @@ use crate::{
 const REGISTRY_PREFIX: &str = "/registry/";
 /// Messages buffered per agent before the sender waits for the agent to read.
 const STREAM_BUFFER: usize = 16;
+/// How long an agent's stream waits for the service catalog to reach a revision before it
+/// gives up and sends a fresh snapshot instead.
+const CATALOG_WAIT: Duration = Duration::from_secs(10);
 
 pub struct NodeSyncService {
     store: SharedStore,
+    catalog: Arc<ServiceCatalog>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl NodeSyncService {
+    /// Serves agents from `store`, following its services from now on (until `shutdown`).
     pub fn new(store: SharedStore, shutdown: watch::Receiver<bool>) -> Self {
-        Self { store, shutdown }
+        let catalog = ServiceCatalog::start(store.clone(), shutdown.clone());
+        Self { store, catalog, shutdown }
     }
 
     pub fn into_server(self) -> NodeSyncServer<Self> {
@@ -84,11 +96,18 @@ fn internal(action: &str) -> impl FnOnce(crate::api::error::ApiError) -> Status 
 /// The first message of a stream: everything the agent of `node` needs, at one revision.
 async fn snapshot(store: &SharedStore, node: &str) -> Result<NodeStateUpdate, Status> {
     let read = store
-        .snapshot(&[nodes_prefix(), pods_prefix()])
+        .snapshot(&[nodes_prefix(), pods_prefix(), services_prefix(), slices_prefix()])
         .await
         .map_err(|e| Status::unavailable(format!("reading the cluster state: {e}")))?;
     let mut update =
         NodeStateUpdate { revision: read.revision, snapshot: true, ..Default::default() };
+    let empty = Vec::new();
+    update.services_upserted = service_states(
+        read.lists.get(2).unwrap_or(&empty),
+        read.lists.get(3).unwrap_or(&empty),
+        now_unix_nanos(),
+    )
+    .map_err(internal("reading the services"))?;
     for kv in read.lists.first().into_iter().flatten() {
         let stored: Node = decode_object(&kv.value, kv.mod_revision, &kv.key)
             .map_err(internal("reading a node"))?;
@@ -168,6 +187,7 @@ async fn deliver(
 /// a fresh snapshot whenever the watch's history was compacted.
 async fn stream_node_state(
     store: SharedStore,
+    catalog: Arc<ServiceCatalog>,
     node: String,
     updates: mpsc::Sender<Result<NodeStateUpdate, Status>>,
     mut shutdown: watch::Receiver<bool>,
@@ -208,14 +228,44 @@ async fn stream_node_state(
                     deliver(&updates, Err(status), &mut shutdown).await;
                     return;
                 }
-                Some(Ok(batch)) => match delta(&node, &batch) {
-                    Ok(Some(update)) => update,
-                    Ok(None) => continue,
-                    Err(status) => {
-                        deliver(&updates, Err(status), &mut shutdown).await;
-                        return;
+                Some(Ok(batch)) => {
+                    let mut update = match delta(&node, &batch) {
+                        Ok(update) => update,
+                        Err(status) => {
+                            deliver(&updates, Err(status), &mut shutdown).await;
+                            return;
+                        }
+                    };
+                    if batch.events.iter().any(|e| is_service_key(&e.key)) {
+                        let services = tokio::select! {
+                            () = updates.closed() => return,
+                            found = catalog.delta_at(batch.revision, CATALOG_WAIT) => found,
+                        };
+                        match services {
+                            DeltaLookup::Found(None) => {}
+                            DeltaLookup::Found(Some(services)) => {
+                                let update = update.get_or_insert_with(|| NodeStateUpdate {
+                                    revision: batch.revision,
+                                    ..Default::default()
+                                });
+                                update.services_upserted.extend_from_slice(&services.upserted);
+                                update.services_removed.extend_from_slice(&services.removed);
+                            }
+                            DeltaLookup::Gone => {
+                                tracing::info!(
+                                    node,
+                                    "the service catalog no longer has revision {}; resending a snapshot",
+                                    batch.revision
+                                );
+                                break;
+                            }
+                        }
                     }
-                },
+                    match update {
+                        Some(update) => update,
+                        None => continue,
+                    }
+                }
             };
             if !deliver(&updates, Ok(update), &mut shutdown).await {
                 return;
@@ -241,7 +291,13 @@ impl NodeSync for NodeSyncService {
             return Err(Status::invalid_argument("node_name is required"));
         }
         let (updates, stream) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(stream_node_state(self.store.clone(), node, updates, self.shutdown.clone()));
+        tokio::spawn(stream_node_state(
+            self.store.clone(),
+            Arc::clone(&self.catalog),
+            node,
+            updates,
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
 }
@@ -257,6 +313,7 @@ mod tests {
         api::Registry,
         ipam::PodCidrAllocator,
         nodesync_proto::NodeStateUpdate,
+        service_catalog::ServiceCatalog,
         store::{RedbStore, RedbStoreOptions, SharedStore},
         testing::{TempDataDir, node},
     };
@@ -283,7 +340,14 @@ mod tests {
 
         let (sender, mut updates) = mpsc::channel(1);
         let (_stop, stopped) = watch::channel(false);
-        tokio::spawn(stream_node_state(Arc::clone(&store), "n1".to_owned(), sender, stopped));
+        let catalog = ServiceCatalog::start(Arc::clone(&store), stopped.clone());
+        tokio::spawn(stream_node_state(
+            Arc::clone(&store),
+            catalog,
+            "n1".to_owned(),
+            sender,
+            stopped,
+        ));
         let first = receive(&mut updates).await;
         assert!(first.snapshot);
         assert_eq!(first.peers_upserted.len(), 1);

@@ -4,13 +4,13 @@
 
 use std::{
     future::Future,
-    net::{SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
@@ -20,9 +20,10 @@ use crate::{
         http::{ApiState, router},
     },
     controllers::{
-        self, namespace::NamespaceController, node_ipam::PodCidrReconciler, shutdown_signalled,
+        self, endpoint_slice::EndpointSliceController, namespace::NamespaceController,
+        node_ipam::PodCidrReconciler, shutdown_signalled,
     },
-    ipam::{IpamError, PodCidrAllocator},
+    ipam::{IpamError, PodCidrAllocator, ServiceIpAllocator, ServiceIpError},
     nodesync::NodeSyncService,
     nodesync_proto::node_sync_server::SERVICE_NAME,
     scheduler::Scheduler,
@@ -41,6 +42,10 @@ pub struct ControllerConfig {
     pub cluster_cidr: IpNet,
     /// The prefix length of each node's pod CIDR.
     pub node_cidr_prefix: u8,
+    /// The range cluster IPs (service VIPs) are given from.
+    pub service_cidr: Ipv4Net,
+    /// The cluster IP of `kube-system/kube-dns`, where node agents answer DNS.
+    pub cluster_dns_ip: Ipv4Addr,
     /// How many revisions of change history the store keeps for watch resume.
     pub history_revisions: u64,
     /// How often a watch that allows bookmarks receives one when nothing else happens.
@@ -50,7 +55,8 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// The defaults: pod CIDRs are /24s of 10.244.0.0/16, 10,000 revisions of history.
+    /// The defaults: pod CIDRs are /24s of 10.244.0.0/16, cluster IPs from 10.96.0.0/16 with
+    /// DNS at 10.96.0.10, 10,000 revisions of history.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -59,6 +65,8 @@ impl ControllerConfig {
                 16,
             )),
             node_cidr_prefix: 24,
+            service_cidr: Ipv4Net::new_assert(Ipv4Addr::new(10, 96, 0, 0), 16),
+            cluster_dns_ip: Ipv4Addr::new(10, 96, 0, 10),
             history_revisions: RedbStoreOptions::default().history_revisions,
             watch_bookmark_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
@@ -80,6 +88,8 @@ pub enum ControllerError {
     Store(#[source] StoreError),
     #[error("configuring pod CIDR allocation")]
     PodCidrs(#[source] IpamError),
+    #[error("configuring cluster IP allocation")]
+    ServiceIps(#[source] ServiceIpError),
     #[error("creating the system namespaces")]
     Bootstrap(#[source] ApiError),
     #[error("preparing the listener {address}")]
@@ -134,8 +144,23 @@ async fn serve(
     let store: SharedStore = Arc::new(store);
     let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
         .map_err(ControllerError::PodCidrs)?;
-    let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::new(allocator)));
+    let cluster_ips = ServiceIpAllocator::new(config.service_cidr, config.cluster_dns_ip)
+        .map_err(ControllerError::ServiceIps)?;
+    let registry = Arc::new(Registry::with_service_ips(
+        Arc::clone(&store),
+        Arc::new(allocator),
+        Arc::new(cluster_ips),
+    ));
     registry.ensure_system_namespaces().await.map_err(ControllerError::Bootstrap)?;
+    match registry.ensure_cluster_dns().await {
+        Ok(()) => {}
+        // The address was given to another service explicitly: the cluster still works,
+        // without in-cluster DNS at the configured address.
+        Err(error @ ApiError::Invalid { .. }) => {
+            tracing::warn!(%error, "cannot create the cluster DNS service");
+        }
+        Err(error) => return Err(ControllerError::Bootstrap(error)),
+    }
 
     let (stop, stopped) = watch::channel(false);
     let mut background = JoinSet::new();
@@ -144,6 +169,10 @@ async fn serve(
         .spawn(controllers::run(NamespaceController::new(Arc::clone(&registry)), stopped.clone()));
     background
         .spawn(controllers::run(PodCidrReconciler::new(Arc::clone(&registry)), stopped.clone()));
+    background.spawn(controllers::run(
+        EndpointSliceController::new(Arc::clone(&registry)),
+        stopped.clone(),
+    ));
 
     let grpc = NodeSyncService::new(Arc::clone(&store), stopped.clone()).into_server();
     let app = router(ApiState {

@@ -341,3 +341,122 @@ async fn kubectl_1_27_leaves_validation_to_the_server() {
 async fn kubectl_1_33_leaves_validation_to_the_server() {
     kubectl_validation_is_left_to_the_server("1.33").await;
 }
+
+const SERVICE_YAML: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+";
+
+const BAD_SERVICE_YAML: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: bad
+spec:
+  ports:
+  - port: 80
+  - port: 81
+";
+
+async fn kubectl_serves_services(version: &str) {
+    let server = TestController::start(&format!("kubectl-svc-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let write = |name: &str, text: &str| {
+        let path = server.data_dir().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
+
+    // Validation left on: kubectl finds the Service in the OpenAPI document.
+    let manifest = write("svc.yaml", SERVICE_YAML);
+    assert_eq!(kubectl.ok(&["create", "-f", &manifest]).await.trim(), "service/web created");
+    let services = kubectl.ok(&["get", "svc"]).await;
+    assert_eq!(
+        header(&services).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
+    );
+    let web = row(&services, "web");
+    let cluster_ip: std::net::Ipv4Addr = web[2].parse().unwrap();
+    assert!(cluster_ip.octets()[..2] == [10, 96], "{services}");
+    assert_eq!((web[1], web[3], web[4]), ("ClusterIP", "<none>", "80/TCP"));
+    let wide = kubectl.ok(&["get", "services", "-o", "wide"]).await;
+    assert_eq!(row(&wide, "web")[6], "app=web", "{wide}");
+    let dns = kubectl.ok(&["get", "svc", "-n", "kube-system"]).await;
+    assert_eq!(&row(&dns, "kube-dns")[2..5], ["10.96.0.10", "<none>", "53/UDP,53/TCP"]);
+    let all = kubectl.ok(&["get", "all"]).await;
+    assert!(all.contains("service/web"), "{all}");
+
+    // A ready backend: the endpoint slice controller lists it.
+    let mut backend = pod("web-1");
+    backend.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+    backend.spec.as_mut().unwrap().node_name = Some("node-1".to_owned());
+    client.create::<Pod>(Some("default"), &backend).await.unwrap();
+    client
+        .merge_patch::<Pod>(
+            Some("default"),
+            "web-1",
+            &json!({"status": {"phase": "Running", "podIP": "10.244.0.5",
+                    "conditions": [{"type": "Ready", "status": "True"}]}}),
+            true,
+        )
+        .await
+        .unwrap();
+    let slices = eventually("the slice to list web-1", 10, || async {
+        let output = kubectl.ok(&["get", "endpointslices"]).await;
+        output.contains("10.244.0.5").then_some(output)
+    })
+    .await;
+    assert_eq!(
+        header(&slices).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"]
+    );
+    let slice = slices
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first().is_some_and(|n| n.starts_with("web-")))
+        .unwrap_or_else(|| panic!("no slice of web in:\n{slices}"));
+    assert_eq!(&slice[1..4], ["IPv4", "8080", "10.244.0.5"]);
+
+    let described = kubectl.ok(&["describe", "svc", "web"]).await;
+    assert!(described.contains(&cluster_ip.to_string()), "{described}");
+    if version == "1.33" {
+        // 1.31+ read the endpoints from the service's slices.
+        assert!(described.contains("10.244.0.5:8080"), "{described}");
+    }
+
+    let bad = write("bad.yaml", BAD_SERVICE_YAML);
+    let output = kubectl.run(&["create", "-f", &bad]).await;
+    assert!(!output.ok);
+    assert!(output.stderr.contains("spec.ports[0].name: Required value"), "{}", output.stderr);
+    assert!(
+        client
+            .get::<k8s_openapi::api::core::v1::Service>(Some("default"), "bad")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let deleted = kubectl.ok(&["delete", "svc", "web"]).await;
+    assert_eq!(deleted.trim(), "service \"web\" deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_27_serves_services() {
+    kubectl_serves_services("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_33_serves_services() {
+    kubectl_serves_services("1.33").await;
+}

@@ -3,11 +3,17 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde_json::json;
 use strait_controlplane::{
-    nodesync_proto::{NodeStateUpdate, WatchRequest, node_sync_client::NodeSyncClient},
-    testing::{TestController, node, pod_on},
+    nodesync_proto::{
+        Endpoint, EndpointPort, NodeStateUpdate, ServicePort, ServiceState, WatchRequest,
+        node_sync_client::NodeSyncClient,
+    },
+    testing::{TestController, eventually, node, pod_on},
 };
 use tonic::{Code, Streaming, transport::Channel};
 
@@ -119,4 +125,143 @@ async fn a_watch_without_a_node_name_is_refused() {
     let mut agent = connect(&server.url()).await;
     let status = agent.watch(WatchRequest { node_name: String::new() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// The ServiceState of `namespace/name` in an update, if the update carries one.
+fn service_in<'a>(update: &'a NodeStateUpdate, id: &str) -> Option<&'a ServiceState> {
+    update.services_upserted.iter().find(|s| format!("{}/{}", s.namespace, s.name) == id)
+}
+
+/// Reads updates until one satisfies `found` (other deltas may come first).
+async fn until<T>(
+    stream: &mut Streaming<NodeStateUpdate>,
+    mut last_revision: u64,
+    mut found: impl FnMut(&NodeStateUpdate) -> Option<T>,
+) -> (NodeStateUpdate, T) {
+    loop {
+        let update = next(stream).await;
+        assert!(!update.snapshot);
+        assert!(update.revision > last_revision, "deltas come in revision order");
+        last_revision = update.revision;
+        if let Some(value) = found(&update) {
+            return (update, value);
+        }
+    }
+}
+
+async fn report_pod(client: &strait_controlplane::client::ApiClient, ready: bool) {
+    let status = if ready { "True" } else { "False" };
+    client
+        .merge_patch::<Pod>(
+            Some("default"),
+            "web-1",
+            &json!({"status": {"phase": "Running", "podIP": "10.244.0.5",
+                    "conditions": [{"type": "Ready", "status": status}]}}),
+            true,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_every_service_with_its_endpoints() {
+    let server = TestController::start("nodesync-services").await;
+    let client = server.client();
+    client.create::<Node>(None, &node("n1", "172.20.0.11", true)).await.unwrap();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let service = client.create(Some("default"), &service).await.unwrap();
+    let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
+    let mut web = pod_on("web-1", "n1");
+    web.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+    client.create::<Pod>(Some("default"), &web).await.unwrap();
+    report_pod(&client, false).await;
+    eventually("the slice of web", 10, || async {
+        let (slices, _) = client
+            .list::<EndpointSlice>(
+                Some("default"),
+                "labelSelector=kubernetes.io/service-name%3Dweb",
+            )
+            .await
+            .unwrap();
+        slices.iter().any(|s| !s.endpoints.is_empty()).then_some(())
+    })
+    .await;
+
+    let mut agent = connect(&server.url()).await;
+    let mut stream =
+        agent.watch(WatchRequest { node_name: "n2".to_owned() }).await.unwrap().into_inner();
+    let snapshot = next(&mut stream).await;
+    assert!(snapshot.snapshot);
+    let dns = service_in(&snapshot, "kube-system/kube-dns").expect("kube-dns is in the snapshot");
+    assert_eq!(dns.cluster_ip, "10.96.0.10");
+    assert!(dns.endpoints.is_empty(), "agents serve DNS themselves");
+    let state = service_in(&snapshot, "default/web").expect("web is in the snapshot");
+    assert_eq!(state.cluster_ip, cluster_ip);
+    assert_eq!(
+        state.ports,
+        [ServicePort { name: "http".to_owned(), protocol: "TCP".to_owned(), port: 80 }]
+    );
+    assert_eq!((state.affinity_timeout_seconds, state.internal_traffic_local), (0, false));
+    assert!(state.observed_unix_nanos > 0);
+    assert_eq!(
+        state.endpoints,
+        [Endpoint {
+            address: "10.244.0.5".to_owned(),
+            node_name: "n1".to_owned(),
+            ready: false,
+            serving: false,
+            terminating: false,
+            ports: vec![EndpointPort {
+                name: "http".to_owned(),
+                protocol: "TCP".to_owned(),
+                port: 8080
+            }],
+        }]
+    );
+
+    // The pod turns Ready: the whole service comes again, with the time it was observed.
+    let before =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64;
+    report_pod(&client, true).await;
+    let (ready_update, state) = until(&mut stream, snapshot.revision, |u| {
+        service_in(u, "default/web").filter(|s| s.endpoints.iter().any(|e| e.ready)).cloned()
+    })
+    .await;
+    assert_eq!(state.endpoints.len(), 1);
+    assert!(state.endpoints[0].serving && !state.endpoints[0].terminating);
+    assert!(state.observed_unix_nanos >= before, "observed after the change was made");
+    assert_eq!(state.cluster_ip, cluster_ip);
+
+    // A headless service with ClientIP affinity and the Local internal traffic policy.
+    let headless: Service = serde_json::from_value(json!({
+        "metadata": {"name": "db"},
+        "spec": {"clusterIP": "None", "selector": {"app": "db"}, "ports": [{"port": 5432}],
+                 "sessionAffinity": "ClientIP", "internalTrafficPolicy": "Local"},
+    }))
+    .unwrap();
+    client.create::<Service>(Some("default"), &headless).await.unwrap();
+    let (db_update, db) =
+        until(&mut stream, ready_update.revision, |u| service_in(u, "default/db").cloned()).await;
+    assert_eq!(db.cluster_ip, "", "headless");
+    assert_eq!(db.affinity_timeout_seconds, 10800);
+    assert!(db.internal_traffic_local);
+
+    client.delete::<Service>(Some("default"), "web", None).await.unwrap();
+    let (removed, ()) = until(&mut stream, db_update.revision, |u| {
+        u.services_removed.contains(&"default/web".to_owned()).then_some(())
+    })
+    .await;
+    assert!(service_in(&removed, "default/web").is_none());
+
+    // Reconnecting: a snapshot without web.
+    let mut again =
+        agent.watch(WatchRequest { node_name: "n2".to_owned() }).await.unwrap().into_inner();
+    let fresh = next(&mut again).await;
+    assert!(service_in(&fresh, "default/web").is_none());
+    assert!(service_in(&fresh, "default/db").is_some());
 }

@@ -1,5 +1,5 @@
 //! The Kubernetes-style API server: REST layout, JSON and Table output, watch, and the served
-//! kinds (Namespace, Node, Pod).
+//! kinds (Namespace, Node, Pod, Service, EndpointSlice).
 
 pub mod error;
 pub mod handler;
@@ -15,19 +15,33 @@ pub mod validation;
 
 use std::sync::Arc;
 
-use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use self::{
     error::ApiError,
     handler::{Handler, KindHandler},
     kinds::{
+        endpoint_slice::EndpointSliceStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
         pod::PodStrategy,
+        service::ServiceStrategy,
     },
     typed::TypedKind,
 };
-use crate::{ipam::PodCidrAllocator, store::SharedStore};
+use crate::{
+    ipam::{PodCidrAllocator, ServiceIpAllocator},
+    store::SharedStore,
+};
+
+/// The cluster DNS service: node agents answer DNS at its cluster IP themselves.
+pub const CLUSTER_DNS_NAMESPACE: &str = "kube-system";
+pub const CLUSTER_DNS_NAME: &str = "kube-dns";
 
 /// Every served kind, typed (for in-process controllers) and as handlers (for HTTP).
 pub struct Registry {
@@ -35,20 +49,36 @@ pub struct Registry {
     pub namespaces: Arc<TypedKind<NamespaceStrategy>>,
     pub nodes: Arc<TypedKind<NodeStrategy>>,
     pub pods: Arc<TypedKind<PodStrategy>>,
+    pub services: Arc<TypedKind<ServiceStrategy>>,
+    pub endpoint_slices: Arc<TypedKind<EndpointSliceStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
 impl Registry {
+    /// A registry whose services get cluster IPs from the default range.
     pub fn new(store: SharedStore, pod_cidrs: Arc<PodCidrAllocator>) -> Self {
+        Self::with_service_ips(store, pod_cidrs, Arc::new(ServiceIpAllocator::default_range()))
+    }
+
+    pub fn with_service_ips(
+        store: SharedStore,
+        pod_cidrs: Arc<PodCidrAllocator>,
+        cluster_ips: Arc<ServiceIpAllocator>,
+    ) -> Self {
         let namespaces = Arc::new(TypedKind::new(Arc::clone(&store), NamespaceStrategy));
         let nodes = Arc::new(TypedKind::new(Arc::clone(&store), NodeStrategy::new(pod_cidrs)));
         let pods = Arc::new(TypedKind::new(Arc::clone(&store), PodStrategy));
+        let services =
+            Arc::new(TypedKind::new(Arc::clone(&store), ServiceStrategy::new(cluster_ips)));
+        let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
             Arc::new(Handler::new(Arc::clone(&pods))),
+            Arc::new(Handler::new(Arc::clone(&services))),
+            Arc::new(Handler::new(Arc::clone(&endpoint_slices))),
         ];
-        Self { store, namespaces, nodes, pods, handlers }
+        Self { store, namespaces, nodes, pods, services, endpoint_slices, handlers }
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -86,5 +116,35 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Creates `kube-system/kube-dns` at the cluster DNS address when it is missing. It has no
+    /// selector and so no endpoints: every node agent answers DNS at that address itself.
+    pub async fn ensure_cluster_dns(&self) -> Result<(), ApiError> {
+        let dns_ip = self.services.strategy().cluster_ips().cluster_dns_ip().to_string();
+        let port = |name: &str, protocol: &str| ServicePort {
+            name: Some(name.to_owned()),
+            port: 53,
+            protocol: Some(protocol.to_owned()),
+            ..ServicePort::default()
+        };
+        let service = Service {
+            metadata: ObjectMeta {
+                name: Some(CLUSTER_DNS_NAME.to_owned()),
+                namespace: Some(CLUSTER_DNS_NAMESPACE.to_owned()),
+                labels: Some(BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(dns_ip),
+                ports: Some(vec![port("dns", "UDP"), port("dns-tcp", "TCP")]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        };
+        match self.services.create(Some(CLUSTER_DNS_NAMESPACE), service, false).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! of the kinds it reads, filled by a list and kept current by a store watch (relisted when
 //! the watch's history is compacted).
 
+pub mod endpoint_slice;
 pub mod namespace;
 pub mod node_ipam;
 
@@ -20,17 +21,88 @@ use crate::{
     store::{EventKind, Revision, StoreError, WatchStream},
 };
 
+/// One change a cache applied: the object before and after it (`None` when absent).
+#[derive(Debug)]
+pub struct CacheChange<K> {
+    pub before: Option<K>,
+    pub after: Option<K>,
+}
+
+/// What changed in a cache since the last [`ObjectCache::take_changes`].
+#[derive(Debug)]
+pub struct CacheChanges<K> {
+    /// The cache was relisted: anything may have changed.
+    pub relisted: bool,
+    pub changes: Vec<CacheChange<K>>,
+}
+
 /// The objects of one kind, kept current from a store watch.
 pub struct ObjectCache<S: Strategy> {
     kind: Arc<TypedKind<S>>,
     objects: BTreeMap<String, S::Object>,
     revision: Revision,
     changes: Option<WatchStream>,
+    /// For controllers that reconcile only what changed: the changes since the last take.
+    log: Option<CacheChanges<S::Object>>,
 }
 
 impl<S: Strategy> ObjectCache<S> {
     pub fn new(kind: Arc<TypedKind<S>>) -> Self {
-        Self { kind, objects: BTreeMap::new(), revision: 0, changes: None }
+        Self { kind, objects: BTreeMap::new(), revision: 0, changes: None, log: None }
+    }
+
+    /// A cache that records what each change did, for [`ObjectCache::take_changes`].
+    pub fn logging_changes(kind: Arc<TypedKind<S>>) -> Self {
+        let log = CacheChanges { relisted: false, changes: Vec::new() };
+        Self { log: Some(log), ..Self::new(kind) }
+    }
+
+    /// The changes applied since the last call (none for a cache that does not log them).
+    pub fn take_changes(&mut self) -> CacheChanges<S::Object> {
+        let empty = || CacheChanges { relisted: false, changes: Vec::new() };
+        match self.log.as_mut() {
+            Some(log) => std::mem::replace(log, empty()),
+            None => empty(),
+        }
+    }
+
+    fn record(&mut self, before: Option<S::Object>, after: Option<S::Object>) {
+        if let Some(log) = self.log.as_mut()
+            && before != after
+        {
+            log.changes.push(CacheChange { before, after });
+        }
+    }
+
+    /// The cached object of a store key.
+    pub fn get(&self, key: &str) -> Option<&S::Object> {
+        self.objects.get(key)
+    }
+
+    /// The cached objects whose store key starts with `prefix` (one namespace's objects with
+    /// [`crate::api::kind::KindInfo::collection_prefix`]), in key order.
+    pub fn under(&self, prefix: String) -> impl Iterator<Item = &S::Object> + '_ {
+        self.objects
+            .range(prefix.clone()..)
+            .take_while(move |(key, _)| key.starts_with(&prefix))
+            .map(|(_, object)| object)
+    }
+
+    /// Puts an object the controller itself just wrote, so that its next pass sees the write
+    /// even before the watch delivers it (the watch then brings the same version).
+    pub fn record_write(&mut self, object: S::Object) {
+        let meta = k8s_openapi::Metadata::metadata(&object);
+        let key =
+            self.kind.key(meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
+        self.objects.insert(key, object);
+    }
+
+    /// Drops an object the controller itself just removed.
+    pub fn record_removal(&mut self, object: &S::Object) {
+        let meta = k8s_openapi::Metadata::metadata(object);
+        let key =
+            self.kind.key(meta.namespace.as_deref(), meta.name.as_deref().unwrap_or_default());
+        self.objects.remove(&key);
     }
 
     pub fn kind(&self) -> &Arc<TypedKind<S>> {
@@ -70,6 +142,10 @@ impl<S: Strategy> ObjectCache<S> {
         self.objects = objects;
         self.revision = list.revision;
         self.changes = Some(changes);
+        if let Some(log) = self.log.as_mut() {
+            log.relisted = true;
+            log.changes.clear();
+        }
         Ok(())
     }
 
@@ -121,10 +197,16 @@ impl<S: Strategy> ObjectCache<S> {
                                 event.revision,
                                 &event.key,
                             )?;
-                            self.objects.insert(event.key, object);
+                            if self.log.is_some() {
+                                let before = self.objects.insert(event.key, object.clone());
+                                self.record(before, Some(object));
+                            } else {
+                                self.objects.insert(event.key, object);
+                            }
                         }
                         EventKind::Delete => {
-                            self.objects.remove(&event.key);
+                            let before = self.objects.remove(&event.key);
+                            self.record(before, None);
                         }
                     }
                 }

@@ -1,6 +1,7 @@
 //! The namespace controller: a Terminating namespace has its pods deleted (through the
-//! graceful path, so running pods are stopped by their node agents first) and is removed once
-//! nothing is left in it.
+//! graceful path, so running pods are stopped by their node agents first), its services and
+//! endpoint slices deleted (releasing their cluster IPs), and is removed once nothing is left
+//! in it.
 
 use std::sync::Arc;
 
@@ -44,7 +45,9 @@ pub async fn reconcile_terminating(
     // Read the pods from the store rather than the cache: removing the namespace on a
     // cache that lags behind a pod creation would orphan that pod.
     let (pods, _) = registry.pods.list(Some(name), &ListFilter::default()).await?;
-    if pods.is_empty() {
+    let (services, _) = registry.services.list(Some(name), &ListFilter::default()).await?;
+    let (slices, _) = registry.endpoint_slices.list(Some(name), &ListFilter::default()).await?;
+    if pods.is_empty() && services.is_empty() && slices.is_empty() {
         if registry.namespaces.remove(namespace).await? {
             tracing::info!(namespace = name, "removed the terminated namespace");
         }
@@ -56,6 +59,29 @@ pub async fn reconcile_terminating(
             Ok(_) | Err(ApiError::NotFound { .. }) => {}
             Err(error) => return Err(error),
         }
+    }
+    let request = DeleteRequest::default();
+    for service in &services {
+        let service_name = service.metadata.name.as_deref().unwrap_or_default();
+        match registry.services.delete(Some(name), service_name, &request, false).await {
+            Ok(_) | Err(ApiError::NotFound { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    for slice in &slices {
+        registry.endpoint_slices.remove(slice).await?;
+    }
+    // Services and slices go at once; with no pods left to wait for, the namespace can go in
+    // this pass too (no pod change would wake the next one).
+    let (pods, _) = registry.pods.list(Some(name), &ListFilter::default()).await?;
+    let (services, _) = registry.services.list(Some(name), &ListFilter::default()).await?;
+    let (slices, _) = registry.endpoint_slices.list(Some(name), &ListFilter::default()).await?;
+    if pods.is_empty()
+        && services.is_empty()
+        && slices.is_empty()
+        && registry.namespaces.remove(namespace).await?
+    {
+        tracing::info!(namespace = name, "removed the terminated namespace");
     }
     Ok(())
 }

@@ -324,15 +324,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                         timeout: Duration::from_millis(timeout_ms),
                     }))?
                 }
-                NetclientCommand::Hold { target, connections, seconds, new_every_ms, timeout_ms } => {
-                    serde_json::to_string(&netclient::hold(&netclient::HoldOptions {
-                        target,
-                        connections,
-                        duration: Duration::from_secs(seconds),
-                        new_every: Duration::from_millis(new_every_ms),
-                        timeout: Duration::from_millis(timeout_ms),
-                    }))?
-                }
+                NetclientCommand::Hold {
+                    target,
+                    connections,
+                    seconds,
+                    new_every_ms,
+                    timeout_ms,
+                } => serde_json::to_string(&netclient::hold(&netclient::HoldOptions {
+                    target,
+                    connections,
+                    duration: Duration::from_secs(seconds),
+                    new_every: Duration::from_millis(new_every_ms),
+                    timeout: Duration::from_millis(timeout_ms),
+                }))?,
                 NetclientCommand::Udp { target, count, source_port, interval_ms, timeout_ms } => {
                     let options = netclient::UdpOptions {
                         target,
@@ -436,9 +440,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         dns_listen: args.dns_listen.unwrap_or(std::net::SocketAddrV4::new(args.node_ip, 53)),
         metrics_listen: match args.metrics_listen.as_deref() {
             Some("off") => None,
-            Some(address) => Some(
-                address.parse().with_context(|| format!("--metrics-listen {address:?}"))?,
-            ),
+            Some(address) => {
+                Some(address.parse().with_context(|| format!("--metrics-listen {address:?}"))?)
+            }
             None => Some(SocketAddr::from((args.node_ip, 10249))),
         },
         lb_sizes: Default::default(),

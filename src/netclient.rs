@@ -214,7 +214,8 @@ pub fn echo(options: &EchoOptions) -> EchoReport {
     };
     let body = payload(options.http_bytes);
     let http = (|| -> io::Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(options.http), options.timeout)?;
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::V4(options.http), options.timeout)?;
         stream.set_read_timeout(Some(options.timeout))?;
         write!(
             stream,

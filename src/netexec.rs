@@ -40,7 +40,10 @@ struct EchoQuery {
 /// Serves HTTP and UDP until the process is stopped. With a `shutdown_delay`, SIGTERM does not
 /// stop it at once: it keeps serving that long first, the way a workload drains while its
 /// endpoint is terminating.
-pub async fn run(ports: NetexecPorts, shutdown_delay: Option<std::time::Duration>) -> anyhow::Result<()> {
+pub async fn run(
+    ports: NetexecPorts,
+    shutdown_delay: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, ports.http))
         .await
         .with_context(|| format!("binding HTTP port {}", ports.http))?;

@@ -32,7 +32,16 @@ pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Re
     if !netns::NetNs::exists(&netns_name) {
         bail!("pod {namespace}/{name} has no network namespace yet (is it running?)");
     }
-    let cgroup = Cgroup::new(&lab_cgroup(lab).join(&node).join("pods").join(&uid))?;
+    // Under whichever parent the agent put it (socket load balancing or not).
+    let node_cgroup = lab_cgroup(lab).join(&node);
+    let opted_out = Cgroup::new(
+        &node_cgroup.join(strait_dataplane::agent::POD_CGROUP_WITHOUT_SOCKET_LB).join(&uid),
+    )?;
+    let cgroup = if opted_out.exists() {
+        opted_out
+    } else {
+        Cgroup::new(&node_cgroup.join(strait_dataplane::agent::POD_CGROUP).join(&uid))?
+    };
     // The node's agent keeps its state in `<lab dir>/nodes/<node>` (see `up.rs`); a pod with
     // a resolv.conf of its own has it there, and the command sees it as the containers do.
     let resolv_conf = pod_resolv_conf_path(&lab_dir(lab).join("nodes").join(&node), &uid);
@@ -48,7 +57,8 @@ pub fn exec_in_node(lab: &str, node: &str, command: &[String]) -> anyhow::Result
         bail!("lab {lab} has no node {node:?}; its nodes are {}", names.join(", "));
     }
     // The agent's host cgroup: node processes there reach services through the socket hooks.
-    let cgroup = Cgroup::new(&lab_cgroup(lab).join(node).join(strait_dataplane::agent::HOST_CGROUP))?;
+    let cgroup =
+        Cgroup::new(&lab_cgroup(lab).join(node).join(strait_dataplane::agent::HOST_CGROUP))?;
     cgroup.create()?;
     run_inside(&netns::named_path(&node_netns(lab, node)), Some(&cgroup), None, command)
 }

@@ -27,12 +27,12 @@ use tokio::sync::watch;
 use crate::{
     cgroup::Cgroup,
     dns::{ClusterDns, DnsZone},
-    metrics::{AgentMetrics, BpfMapStats, ScrapeSource, ScrapeValues},
     ebpf::{
         self,
         antispoof::AntiSpoof,
         lb::{LbMapSizes, ServiceLb},
     },
+    metrics::{AgentMetrics, BpfMapStats, ScrapeSource, ScrapeValues},
     runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, record::RecordStore},
 };
 use node::NodeIdentity;
@@ -101,9 +101,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     // Processes of the node itself that should reach services (e.g. `strait lab node-exec`).
     let host_cgroup = cgroup.child(HOST_CGROUP);
     let pods_cgroup_without_socket_lb = cgroup.child(POD_CGROUP_WITHOUT_SOCKET_LB);
-    pods_cgroup_without_socket_lb.create().with_context(|| {
-        format!("creating {}", pods_cgroup_without_socket_lb.path().display())
-    })?;
+    pods_cgroup_without_socket_lb
+        .create()
+        .with_context(|| format!("creating {}", pods_cgroup_without_socket_lb.path().display()))?;
     for hooked in [&pods_cgroup, &host_cgroup] {
         hooked.create().with_context(|| format!("creating {}", hooked.path().display()))?;
         lb.attach_cgroup(hooked.path()).with_context(|| {
@@ -277,7 +277,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                     removed: change.services_removed.clone(),
                 };
                 if service_sender.send(update).is_err() {
-                    tracing::error!("the service programming thread is gone; services are no longer programmed");
+                    tracing::error!(
+                        "the service programming thread is gone; services are no longer programmed"
+                    );
                 }
             }
         })

@@ -217,7 +217,11 @@ fn since_unix_nanos(observed: u64) -> Option<Duration> {
 pub fn run_programmer(
     programs: &std::sync::Mutex<ServicePrograms>,
     receiver: mpsc::Receiver<ServiceUpdate>,
-    mut after_batch: impl FnMut(&ProgrammingReport, &HashMap<String, Arc<ServiceState>>, &ServicePrograms),
+    mut after_batch: impl FnMut(
+        &ProgrammingReport,
+        &HashMap<String, Arc<ServiceState>>,
+        &ServicePrograms,
+    ),
 ) {
     let mut services: HashMap<String, Arc<ServiceState>> = HashMap::new();
     while let Ok(first) = receiver.recv() {
@@ -232,12 +236,19 @@ pub fn run_programmer(
             services.insert(format!("{}/{}", service.namespace, service.name), service.clone());
         }
         let Ok(mut programs) = programs.lock() else {
-            tracing::error!("the service programs lock is poisoned; services are no longer programmed");
+            tracing::error!(
+                "the service programs lock is poisoned; services are no longer programmed"
+            );
             return;
         };
         let report = programs.apply(&batch);
         if report.frontends_written + report.frontends_removed > 0 || report.errors > 0 {
-            tracing::debug!(written = report.frontends_written, removed = report.frontends_removed, errors = report.errors, "service frontends programmed");
+            tracing::debug!(
+                written = report.frontends_written,
+                removed = report.frontends_removed,
+                errors = report.errors,
+                "service frontends programmed"
+            );
         }
         after_batch(&report, &services, &programs);
     }
@@ -348,9 +359,13 @@ mod tests {
 
     #[test]
     fn each_service_port_becomes_a_frontend_with_its_own_target_port() {
-        let plan = plan_frontends(&service(vec![endpoint("10.244.0.5", "n1", true, false)]), &node());
+        let plan =
+            plan_frontends(&service(vec![endpoint("10.244.0.5", "n1", true, false)]), &node());
         assert_eq!(plan.len(), 2);
-        assert_eq!(plan[0].key, FrontendKey { vip: [10, 96, 0, 20].into(), port: 80, protocol: L4Protocol::Tcp });
+        assert_eq!(
+            plan[0].key,
+            FrontendKey { vip: [10, 96, 0, 20].into(), port: 80, protocol: L4Protocol::Tcp }
+        );
         assert_eq!(backends(&plan[0]), [("10.244.0.5:8080".to_owned(), false)]);
         assert_eq!(plan[1].key.protocol, L4Protocol::Udp);
         assert_eq!(backends(&plan[1]), [("10.244.0.5:5353".to_owned(), false)]);
@@ -362,9 +377,15 @@ mod tests {
             endpoint("10.244.0.5", "n1", true, false),
             endpoint("10.244.0.6", "n1", false, true),
         ]);
-        assert_eq!(backends(&plan_frontends(&both, &node())[0]), [("10.244.0.5:8080".to_owned(), false)]);
+        assert_eq!(
+            backends(&plan_frontends(&both, &node())[0]),
+            [("10.244.0.5:8080".to_owned(), false)]
+        );
         let draining = service(vec![endpoint("10.244.0.6", "n1", false, true)]);
-        assert_eq!(backends(&plan_frontends(&draining, &node())[0]), [("10.244.0.6:8080".to_owned(), true)]);
+        assert_eq!(
+            backends(&plan_frontends(&draining, &node())[0]),
+            [("10.244.0.6:8080".to_owned(), true)]
+        );
         let unready = service(vec![endpoint("10.244.0.7", "n1", false, false)]);
         assert!(plan_frontends(&unready, &node())[0].backends.is_empty());
     }
@@ -376,7 +397,10 @@ mod tests {
             endpoint("10.244.1.5", "n2", true, false),
         ]);
         local.internal_traffic_local = true;
-        assert_eq!(backends(&plan_frontends(&local, &node())[0]), [("10.244.0.5:8080".to_owned(), false)]);
+        assert_eq!(
+            backends(&plan_frontends(&local, &node())[0]),
+            [("10.244.0.5:8080".to_owned(), false)]
+        );
     }
 
     #[test]
@@ -395,7 +419,10 @@ mod tests {
         assert!(plan_frontends(&headless, &node()).is_empty());
         let mut sticky = service(vec![]);
         sticky.affinity_timeout_seconds = 30;
-        assert_eq!(plan_frontends(&sticky, &node())[0].affinity_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            plan_frontends(&sticky, &node())[0].affinity_timeout,
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]
@@ -415,7 +442,9 @@ mod tests {
     fn coalescing_keeps_the_last_word_per_service() {
         let (sender, receiver) = mpsc::channel();
         let web = Arc::new(service(vec![]));
-        sender.send(ServiceUpdate { removed: vec!["default/web".into()], ..Default::default() }).unwrap();
+        sender
+            .send(ServiceUpdate { removed: vec!["default/web".into()], ..Default::default() })
+            .unwrap();
         sender.send(ServiceUpdate { upserted: vec![web.clone()], ..Default::default() }).unwrap();
         let first = ServiceUpdate { removed: vec!["default/old".into()], ..Default::default() };
         let batch = coalesce(first, &receiver);

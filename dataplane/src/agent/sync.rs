@@ -162,9 +162,7 @@ async fn stream_once(
 
 #[cfg(test)]
 mod tests {
-    use strait_controlplane::nodesync_proto::{
-        NodeStateUpdate, Peer, PodAssignment, ServiceState,
-    };
+    use strait_controlplane::nodesync_proto::{NodeStateUpdate, Peer, PodAssignment, ServiceState};
 
     use super::DesiredState;
 

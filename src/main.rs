@@ -96,6 +96,18 @@ enum NetclientCommand {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// One DNS query for the A records of a name.
+    Dns {
+        #[arg(long, default_value = "10.96.0.10:53")]
+        server: std::net::SocketAddrV4,
+        #[arg(long)]
+        name: String,
+        /// Over TCP instead of UDP.
+        #[arg(long)]
+        tcp: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// N `hostname` datagrams from one unconnected UDP socket.
     Udp {
         #[arg(long)]
@@ -337,6 +349,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     new_every: Duration::from_millis(new_every_ms),
                     timeout: Duration::from_millis(timeout_ms),
                 }))?,
+                NetclientCommand::Dns { server, name, tcp, timeout_ms } => serde_json::to_string(
+                    &netclient::dns(server, &name, tcp, Duration::from_millis(timeout_ms)),
+                )?,
                 NetclientCommand::Udp { target, count, source_port, interval_ms, timeout_ms } => {
                     let options = netclient::UdpOptions {
                         target,

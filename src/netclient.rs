@@ -379,3 +379,66 @@ pub fn hold(options: &HoldOptions) -> HoldReport {
     }
     report
 }
+
+/// What `netclient dns` prints: the response code and the A records of one query.
+#[derive(Debug, Default, Serialize)]
+pub struct DnsReport {
+    /// `NoError`, `NXDomain`, … or empty when no answer came.
+    pub rcode: String,
+    pub addresses: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// Asks `server` for the A records of `name` over UDP, or over TCP (RFC 1035, 4.2.2: each
+/// message preceded by its two-byte length).
+pub fn dns(server: SocketAddrV4, name: &str, tcp: bool, timeout: Duration) -> DnsReport {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let exchange = || -> Result<Message, Box<dyn std::error::Error>> {
+        let mut query = Message::query();
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+        let bytes = query.to_vec()?;
+        let answer = if tcp {
+            let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(server), timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.write_all(&u16::try_from(bytes.len())?.to_be_bytes())?;
+            stream.write_all(&bytes)?;
+            let mut length = [0u8; 2];
+            stream.read_exact(&mut length)?;
+            let mut buffer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+            stream.read_exact(&mut buffer)?;
+            buffer
+        } else {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.send_to(&bytes, server)?;
+            let mut buffer = vec![0u8; 4096];
+            let (len, _) = socket.recv_from(&mut buffer)?;
+            buffer.truncate(len);
+            buffer
+        };
+        let answer = Message::from_vec(&answer)?;
+        if answer.metadata.id != query.metadata.id {
+            return Err("the answer's id is not the query's".into());
+        }
+        Ok(answer)
+    };
+    match exchange() {
+        Ok(answer) => DnsReport {
+            rcode: format!("{:?}", answer.metadata.response_code),
+            addresses: answer
+                .answers
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::A(a) => Some(a.0.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            error: None,
+        },
+        Err(error) => DnsReport { error: Some(error.to_string()), ..Default::default() },
+    }
+}

@@ -383,6 +383,26 @@ async fn pods_resolve_services_through_the_cluster_dns() {
         assert_eq!(getent(client, "web.default"), Some(vec![vip.clone()]), "{path}");
         assert_eq!(getent(client, "web-headless"), Some(pod_ips.clone()), "{path}: headless");
         assert_eq!(getent(client, "nothing-here.default.svc.cluster.local"), None, "{path}");
+        // The same at the cluster DNS VIP over UDP and over TCP, with the response codes.
+        for transport in ["udp", "tcp"] {
+            let ask = |name: &str| {
+                let mut args = vec!["dns", "--name", name];
+                if transport == "tcp" {
+                    args.push("--tcp");
+                }
+                netclient(&lab, client, &args)
+            };
+            let answer = ask("web.default.svc.cluster.local");
+            assert_eq!(answer["rcode"], "NoError", "{path}/{transport}: {answer}");
+            assert_eq!(answer["addresses"], serde_json::json!([vip]), "{path}/{transport}");
+            let answer = ask("web-headless.default.svc.cluster.local");
+            let mut addresses: Vec<String> =
+                serde_json::from_value(answer["addresses"].clone()).expect("addresses");
+            addresses.sort();
+            assert_eq!(addresses, pod_ips, "{path}/{transport}: headless: {answer}");
+            let answer = ask("nothing-here.default.svc.cluster.local");
+            assert_eq!(answer["rcode"], "NXDomain", "{path}/{transport}: {answer}");
+        }
     }
 }
 

@@ -454,6 +454,44 @@ fn a_pod_reaches_itself_through_its_service() {
 }
 
 #[test]
+fn large_messages_cross_both_paths_intact_and_fragments_are_translated() {
+    if !privileged("large_messages_cross_both_paths_intact_and_fragments_are_translated") {
+        return;
+    }
+    let mut topology = Topology::new("lb-large");
+    topology.upsert(tcp(vip(6), 80), &["pod-a", "pod-b", "pod-c"], None);
+    topology.upsert(udp(vip(6), 53), &["pod-a", "pod-b", "pod-c"], None);
+    let http = SocketAddrV4::new(vip(6), 80).to_string();
+    let udp_target = SocketAddrV4::new(vip(6), 53).to_string();
+    let fragment_entries = |topology: &mut Topology| -> u64 {
+        let stats = topology.lb().stats();
+        let usage = stats.maps.iter().find(|m| m.name == "LB_FRAGMENTS_V1");
+        usage.unwrap_or_else(|| panic!("the fragment map is reported: {stats:?}")).entries
+    };
+    for path in PATHS {
+        // 64 KiB through one TCP connection (segmented, never fragmented: TCP sets DF) and one
+        // 8 KiB datagram, which leaves the client in six fragments at the veth's MTU of 1500
+        // and comes back from the backend just as fragmented.
+        let args = ["echo", "--http", &http, "--udp", &udp_target, "--udp-bytes", "8192"];
+        let report = topology.run_client(&topology.client, path, &args);
+        assert_eq!(report["errors"], json!([]), "{path:?}: {report}");
+        assert_eq!(report["http_echoed"], 65_536, "{path:?}: {report}");
+        assert_eq!(report["http_intact"], true, "{path:?}: {report}");
+        assert_eq!(report["udp_echoed"], 8192, "{path:?}: {report}");
+        assert_eq!(report["udp_intact"], true, "{path:?}: {report}");
+        assert_eq!(report["udp_source"], udp_target.as_str(), "{path:?}: from the VIP: {report}");
+        let entries = fragment_entries(&mut topology);
+        match path {
+            // The socket hooks addressed the datagram to the backend: the tc path had nothing
+            // to translate and recorded nothing.
+            Path_::Socket => assert_eq!(entries, 0, "{path:?}"),
+            // The request's first fragment on the client's ingress and the echo's on its egress.
+            Path_::Tc => assert!(entries >= 2, "{path:?}: {entries} fragment entries"),
+        }
+    }
+}
+
+#[test]
 fn a_restarted_writer_adopts_the_pinned_frontends_and_traffic_goes_on() {
     if !privileged("a_restarted_writer_adopts_the_pinned_frontends_and_traffic_goes_on") {
         return;

@@ -50,8 +50,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 /// After the anti-spoofing check passed: DNAT of IPv4 TCP/UDP to a service frontend.
 fn service_nat_from_pod(ctx: &TcContext, header_len: Option<usize>) -> Result<(), DropReason> {
     let Some(header_len) = header_len else { return Ok(()) };
-    let Some(flow) = nat::parse_flow(ctx, header_len) else { return Ok(()) };
-    nat::from_pod(ctx, &flow).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
+    let Some(packet) = nat::parse_packet(ctx, header_len) else { return Ok(()) };
+    nat::from_pod(ctx, &packet).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
 }
 
 /// Reverse NAT of replies toward the pod. Anything that is not well-formed IPv4 TCP/UDP passes
@@ -70,8 +70,8 @@ fn try_to_pod(ctx: &TcContext) -> Result<(), DropReason> {
     if ptr_at::<u8>(ctx, ETH_HLEN + header_len - 1).is_none() {
         return Ok(());
     }
-    let Some(flow) = nat::parse_flow(ctx, header_len) else { return Ok(()) };
-    nat::to_pod(ctx, &flow).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
+    let Some(packet) = nat::parse_packet(ctx, header_len) else { return Ok(()) };
+    nat::to_pod(ctx, &packet).map_err(|nat::NatFailed| DropReason::NAT_FAILED)
 }
 
 fn count_drop(reason: DropReason) {

@@ -10,8 +10,9 @@ use aya_ebpf::{
 use strait_common::lb::{
     AffinityKey, AffinityValue, BACKEND_FLAG_TERMINATING, Backend, BackendSlotKey, ConntrackKey,
     ConntrackValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SOCK_REVNAT, FRONTEND_FLAG_AFFINITY, Frontend, FrontendKey,
-    SockFlowKey, SockFlowValue, SockRevNatKey, SockRevNatValue,
+    DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SOCK_REVNAT, FRONTEND_FLAG_AFFINITY,
+    FragmentKey, FragmentValue, Frontend, FrontendKey, SockFlowKey, SockFlowValue, SockRevNatKey,
+    SockRevNatValue,
 };
 
 #[map(name = "LB_FRONTENDS_V1")]
@@ -38,6 +39,10 @@ pub static SOCK_FLOWS: LruHashMap<SockFlowKey, SockFlowValue> =
 #[map(name = "LB_CONNTRACK_V1")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
     LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map(name = "LB_FRAGMENTS_V1")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::pinned(DEFAULT_MAX_FRAGMENTS, 0);
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 

@@ -33,8 +33,8 @@ use aya::{
 };
 use strait_common::lb::{
     self as layout, AFFINITY_MAP, ALL_MAPS, BACKEND_FLAG_TERMINATING, BACKEND_SLOTS_MAP,
-    BACKENDS_MAP, BackendSlotKey, CONNTRACK_MAP, FRONTEND_FLAG_AFFINITY, FRONTENDS_MAP,
-    PROTOCOL_TCP, PROTOCOL_UDP, SOCK_FLOWS_MAP, SOCK_REVNAT_MAP,
+    BACKENDS_MAP, BackendSlotKey, CONNTRACK_MAP, FRAGMENTS_MAP, FRONTEND_FLAG_AFFINITY,
+    FRONTENDS_MAP, PROTOCOL_TCP, PROTOCOL_UDP, SOCK_FLOWS_MAP, SOCK_REVNAT_MAP,
 };
 
 use super::{EbpfError, SOCK_LB_OBJECT};
@@ -52,6 +52,10 @@ pub struct LbMapSizes {
     pub sockets: u32,
     /// Translations of the tc path, two per flow ([`CONNTRACK_MAP`]).
     pub conntrack: u32,
+    /// Fragmented datagrams in flight through the tc path ([`FRAGMENTS_MAP`]); an entry serves
+    /// a datagram's later fragments for `FRAGMENT_LIFETIME_NS` after its first one, or until
+    /// the LRU evicts it.
+    pub fragments: u32,
 }
 
 impl Default for LbMapSizes {
@@ -62,6 +66,7 @@ impl Default for LbMapSizes {
             affinity: layout::DEFAULT_MAX_AFFINITY,
             sockets: layout::DEFAULT_MAX_SOCK_REVNAT,
             conntrack: layout::DEFAULT_MAX_CONNTRACK,
+            fragments: layout::DEFAULT_MAX_FRAGMENTS,
         }
     }
 }
@@ -77,7 +82,8 @@ impl LbMapSizes {
             .map_max_entries(AFFINITY_MAP, self.affinity)
             .map_max_entries(SOCK_REVNAT_MAP, self.sockets)
             .map_max_entries(SOCK_FLOWS_MAP, self.sockets)
-            .map_max_entries(CONNTRACK_MAP, self.conntrack);
+            .map_max_entries(CONNTRACK_MAP, self.conntrack)
+            .map_max_entries(FRAGMENTS_MAP, self.fragments);
     }
 }
 
@@ -557,7 +563,7 @@ impl ServiceLb {
     }
 
     /// Entries per map against capacity. Each map walk stops at [`STATS_WALK_LIMIT`]; maps not
-    /// created yet (the conntrack map before the tc programs load) are left out.
+    /// created yet (the conntrack and fragment maps before the tc programs load) are left out.
     pub fn stats(&self) -> LbStats {
         let mut stats = LbStats {
             frontends: self.index.values().filter(|s| s.written).count() as u64,
@@ -669,6 +675,7 @@ fn count_keys(name: &str, map: Map) -> (u64, bool) {
         SOCK_REVNAT_MAP => walk::<layout::SockRevNatKey, layout::SockRevNatValue>(map),
         SOCK_FLOWS_MAP => walk::<layout::SockFlowKey, layout::SockFlowValue>(map),
         CONNTRACK_MAP => walk::<layout::ConntrackKey, layout::ConntrackValue>(map),
+        FRAGMENTS_MAP => walk::<layout::FragmentKey, layout::FragmentValue>(map),
         _ => (0, false),
     }
 }

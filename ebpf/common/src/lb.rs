@@ -33,9 +33,12 @@ pub const SOCK_REVNAT_MAP: &str = "LB_SOCK_REVNAT_V1";
 pub const SOCK_FLOWS_MAP: &str = "LB_SOCK_FLOWS_V1";
 /// [`ConntrackKey`] → [`ConntrackValue`]: translations of the tc path. LRU hash map.
 pub const CONNTRACK_MAP: &str = "LB_CONNTRACK_V1";
+/// [`FragmentKey`] → [`FragmentValue`]: the address rewrite of a fragmented datagram, recorded
+/// from its first fragment for the ones that follow. LRU hash map, written by the tc path.
+pub const FRAGMENTS_MAP: &str = "LB_FRAGMENTS_V1";
 
 /// Every map of the load balancer, in the order the writer reports them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     FRONTENDS_MAP,
     BACKEND_SLOTS_MAP,
     BACKENDS_MAP,
@@ -43,6 +46,7 @@ pub const ALL_MAPS: [&str; 7] = [
     SOCK_REVNAT_MAP,
     SOCK_FLOWS_MAP,
     CONNTRACK_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Capacities compiled into the objects. The loader overrides them when it creates the maps
@@ -52,6 +56,12 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262_144;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 8_192;
+
+/// How long a [`FRAGMENTS_MAP`] entry serves the fragments that follow its first one: the
+/// kernel's default reassembly timeout (`net.ipv4.ipfrag_time`, 30 s), after which the receiver
+/// has given up on the datagram anyway and its IP id may be reused.
+pub const FRAGMENT_LIFETIME_NS: u64 = 30_000_000_000;
 
 /// `IPPROTO_TCP` (RFC 793).
 pub const PROTOCOL_TCP: u8 = 6;
@@ -256,6 +266,45 @@ pub struct ConntrackValue {
 }
 const _: () = assert!(core::mem::size_of::<ConntrackValue>() == 32);
 
+/// [`FragmentKey::direction`]: fragments from a pod, seen on the ingress of its host veth.
+pub const FRAGMENT_FROM_POD: u8 = 0;
+/// Fragments toward a pod, seen on the egress of its host veth.
+pub const FRAGMENT_TO_POD: u8 = 1;
+
+/// Key of [`FRAGMENTS_MAP`]: what identifies the fragments of one datagram (RFC 791: source,
+/// destination, protocol and identification), as they arrive, plus where they are seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Source IPv4 address before translation, network byte order.
+    pub src_ip: u32,
+    /// Destination IPv4 address before translation, network byte order.
+    pub dst_ip: u32,
+    /// The IPv4 identification field, network byte order.
+    pub ip_id: u16,
+    /// [`PROTOCOL_TCP`] or [`PROTOCOL_UDP`].
+    pub protocol: u8,
+    /// [`FRAGMENT_FROM_POD`] or [`FRAGMENT_TO_POD`].
+    pub direction: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+
+/// Value of [`FRAGMENTS_MAP`]: the addresses the first fragment was rewritten to. The ports
+/// live only in the first fragment, and the L4 checksum there already covers the new
+/// addresses, so the fragments that follow need only these and their IPv4 header checksum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragmentValue {
+    /// New source address, network byte order.
+    pub src_ip: u32,
+    /// New destination address, network byte order.
+    pub dst_ip: u32,
+    /// `bpf_ktime_get_ns()` when the first fragment was seen; the entry serves for
+    /// [`FRAGMENT_LIFETIME_NS`].
+    pub created_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -272,4 +321,6 @@ mod user {
     unsafe impl aya::Pod for SockFlowValue {}
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentValue {}
 }

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use strait_dataplane::ebpf::lb::LbMapSizes;
 use ipnet::Ipv4Net;
 use strait::{bench, lab, netclient, netexec};
 
@@ -198,6 +199,32 @@ struct AgentArgs {
     /// Where to serve Prometheus metrics (default: the node IP, port 10249); `off` to disable.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Capacities of the load balancer's maps, applied when the maps are first created
+    /// (pinned maps keep their size across agent restarts).
+    #[command(flatten)]
+    lb_sizes: LbSizeArgs,
+}
+
+#[derive(Args)]
+struct LbSizeArgs {
+    /// Service ports the load balancer holds.
+    #[arg(long, default_value_t = LbMapSizes::default().frontends)]
+    lb_frontends: u32,
+    /// Backends over all service ports.
+    #[arg(long, default_value_t = LbMapSizes::default().backends)]
+    lb_backends: u32,
+    /// ClientIP affinity entries.
+    #[arg(long, default_value_t = LbMapSizes::default().affinity)]
+    lb_affinity: u32,
+    /// Sockets translated by the socket hooks.
+    #[arg(long, default_value_t = LbMapSizes::default().sockets)]
+    lb_sockets: u32,
+    /// Conntrack entries of the tc path (two per flow).
+    #[arg(long, default_value_t = LbMapSizes::default().conntrack)]
+    lb_conntrack: u32,
+    /// Fragmented datagrams in flight on the tc path.
+    #[arg(long, default_value_t = LbMapSizes::default().fragments)]
+    lb_fragments: u32,
 }
 
 #[derive(Subcommand)]
@@ -460,7 +487,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             }
             None => Some(SocketAddr::from((args.node_ip, 10249))),
         },
-        lb_sizes: Default::default(),
+        lb_sizes: LbMapSizes {
+            frontends: args.lb_sizes.lb_frontends,
+            backends: args.lb_sizes.lb_backends,
+            affinity: args.lb_sizes.lb_affinity,
+            sockets: args.lb_sizes.lb_sockets,
+            conntrack: args.lb_sizes.lb_conntrack,
+            fragments: args.lb_sizes.lb_fragments,
+        },
     };
     strait_dataplane::agent::run(config, termination()).await
 }

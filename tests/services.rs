@@ -123,16 +123,45 @@ fn within_or(
 }
 
 /// Polls `probe` until it returns true, failing after `limit`; returns how long it took.
-fn within(limit: Duration, what: &str, mut probe: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let began = started.elapsed();
-        if probe() {
-            return began;
-        }
-        assert!(began < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn within(limit: Duration, what: &str, probe: impl FnMut() -> bool) -> Duration {
+    within_or(limit, what, &std::cell::RefCell::new(Value::Null), probe)
+}
+
+/// Starts `strait netclient hold` in each client pod of [`PATHS`]: `connections` long-lived
+/// connections used for `seconds`, with a new connection every 20 ms all along.
+fn spawn_holds(
+    lab: &TestLab,
+    target: &str,
+    connections: u32,
+    seconds: u32,
+) -> Vec<(&'static str, std::process::Child)> {
+    let strait = env!("CARGO_BIN_EXE_strait");
+    PATHS
+        .iter()
+        .map(|(path, client)| {
+            let child = Command::new(strait)
+                .args(["lab", "exec", "--name", lab.name(), client, "--", strait, "netclient"])
+                .args(["hold", "--target", target])
+                .args([
+                    "--connections",
+                    &connections.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting netclient hold");
+            (*path, child)
+        })
+        .collect()
+}
+
+/// Waits for a `netclient hold` and returns its report.
+fn hold_report(path: &str, child: std::process::Child) -> Value {
+    let output = child.wait_with_output().expect("netclient hold");
+    assert!(output.status.success(), "{path}: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("hold report")
 }
 
 async fn start_pods(lab: &TestLab, pods: &[(&str, &str, &str, bool)]) -> BTreeMap<String, Pod> {
@@ -460,26 +489,11 @@ async fn large_payloads_pass_and_an_agent_sigkill_breaks_no_connection() {
 
     // 200 long-lived connections per path and a new connection every 20 ms, while the agent of
     // the clients' node is killed with SIGKILL and started again.
-    let strait = env!("CARGO_BIN_EXE_strait");
-    let holders: Vec<_> = PATHS
-        .iter()
-        .map(|(path, client)| {
-            let child = Command::new(strait)
-                .args(["lab", "exec", "--name", lab.name(), client, "--", strait, "netclient"])
-                .args(["hold", "--target", &target, "--connections", "200", "--seconds", "8"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("starting netclient hold");
-            (*path, child)
-        })
-        .collect();
+    let holders = spawn_holds(&lab, &target, 200, 8);
     std::thread::sleep(Duration::from_secs(3));
     lab::restart(lab.name(), &LabProcess::Agent("node-1".into())).expect("SIGKILL and restart");
     for (path, child) in holders {
-        let output = child.wait_with_output().expect("netclient hold");
-        assert!(output.status.success(), "{path}: {}", String::from_utf8_lossy(&output.stderr));
-        let report: Value = serde_json::from_slice(&output.stdout).expect("hold report");
+        let report = hold_report(path, child);
         assert_eq!(report["established"], 200, "{path}: {report}");
         assert_eq!(report["established_broken"], 0, "{path}: {report}");
         let failed: u64 =
@@ -493,12 +507,10 @@ async fn large_payloads_pass_and_an_agent_sigkill_breaks_no_connection() {
         let report = netclient(&lab, client, &["echo", "--http", &target, "--udp", &target]);
         assert_eq!(report["http_intact"], true, "{path}: {report}");
         assert_eq!(report["http_echoed"], 65_536, "{path}: {report}");
-        // An 8 KiB datagram is fragmented at the veth MTU; the tc path translates only
-        // unfragmented packets so far, so only the socket path is held to it.
-        if path == "socket" {
-            assert_eq!(report["udp_intact"], true, "{path}: {report}");
-            assert_eq!(report["udp_source"], target.as_str(), "{path}: {report}");
-        }
+        // The datagram is fragmented at the veth MTU: on the tc path every fragment is
+        // translated, not only the first.
+        assert_eq!(report["udp_intact"], true, "{path}: {report}");
+        assert_eq!(report["udp_source"], target.as_str(), "{path}: {report}");
     }
 }
 
@@ -530,20 +542,7 @@ async fn terminating_endpoints_keep_their_connections_and_serve_only_when_nothin
     }
 
     // Connections established to both, held while `old` terminates.
-    let strait = env!("CARGO_BIN_EXE_strait");
-    let holders: Vec<_> = PATHS
-        .iter()
-        .map(|(path, client)| {
-            let child = Command::new(strait)
-                .args(["lab", "exec", "--name", lab.name(), client, "--", strait, "netclient"])
-                .args(["hold", "--target", &target, "--connections", "40", "--seconds", "6"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("starting netclient hold");
-            (*path, child)
-        })
-        .collect();
+    let holders = spawn_holds(&lab, &target, 40, 6);
     std::thread::sleep(Duration::from_secs(1));
     lab.kubectl_ok(&["delete", "pod", "old", "--wait=false"]);
     // New connections go only to the ready endpoint.
@@ -553,8 +552,7 @@ async fn terminating_endpoints_keep_their_connections_and_serve_only_when_nothin
         });
     }
     for (path, child) in holders {
-        let output = child.wait_with_output().expect("netclient hold");
-        let report: Value = serde_json::from_slice(&output.stdout).expect("hold report");
+        let report = hold_report(path, child);
         assert_eq!(report["established"], 40, "{path}: {report}");
         assert_eq!(
             report["established_broken"], 0,
@@ -580,5 +578,84 @@ async fn terminating_endpoints_keep_their_connections_and_serve_only_when_nothin
         "strait_bpf_map_entries{map=\"LB_FRONTENDS_V1\"}",
     ] {
         assert!(text.contains(line), "metrics lack {line}: {text}");
+    }
+}
+
+/// A directory of readiness flags for exec probes, removed when the test ends.
+struct ReadyFlags(std::path::PathBuf);
+
+impl ReadyFlags {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("strait-ready-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the readiness flag directory");
+        Self(dir)
+    }
+
+    fn path(&self, pod: &str) -> String {
+        self.0.join(pod).display().to_string()
+    }
+
+    fn set(&self, pod: &str) {
+        std::fs::write(self.path(pod), b"").expect("setting a readiness flag");
+    }
+}
+
+impl Drop for ReadyFlags {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A netexec pod that is ready only while its flag file exists.
+fn probed_pod_manifest(name: &str, app: &str, node: &str, tc_path: bool, flag: &str) -> String {
+    let base = pod_manifest(name, app, node, tc_path, &[]);
+    format!(
+        "{base}    readinessProbe:\n      exec:\n        command: [\"test\", \"-e\", \"{flag}\"]\n      periodSeconds: 1\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unready_endpoints_serve_only_with_publish_not_ready_addresses() {
+    if !support::privileged("unready_endpoints_serve_only_with_publish_not_ready_addresses") {
+        return;
+    }
+    let flags = ReadyFlags::new("svc");
+    let lab = TestLab::up("svc-ready", 2).await;
+    flags.set("warm");
+    create(&lab, &probed_pod_manifest("warm", "web", "node-2", false, &flags.path("warm")));
+    create(&lab, &probed_pod_manifest("cold", "web", "node-2", false, &flags.path("cold")));
+    start_pods(
+        &lab,
+        &[("client-sock", "client", "node-1", false), ("client-tc", "client", "node-1", true)],
+    )
+    .await;
+    lab.wait_running("warm").await;
+    create(&lab, &service_manifest("web", "web", ""));
+    create(&lab, &service_manifest("web-all", "web", "  publishNotReadyAddresses: true\n"));
+    let web = format!("{}:80", cluster_ip(&lab, "web").await);
+    let web_all = format!("{}:80", cluster_ip(&lab, "web-all").await);
+
+    for (path, client) in PATHS {
+        within(Duration::from_secs(10), &format!("{path}: unready cold is left out"), || {
+            answered_by(&tcp(&lab, client, &web, 30, "/hostname")) == ["warm"]
+        });
+        within(Duration::from_secs(5), &format!("{path}: published unready cold serves"), || {
+            answered_by(&tcp(&lab, client, &web_all, 30, "/hostname")) == ["cold", "warm"]
+        });
+        // Still not ready: the plain service never sends it anything.
+        let report = tcp(&lab, client, &web, 60, "/hostname");
+        assert_eq!(answered_by(&report), ["warm"], "{path}: {report}");
+    }
+
+    // Unready → ready: a fixed-port UDP flow and new connections reach it too.
+    flags.set("cold");
+    lab.wait_running("cold").await;
+    for (path, client) in PATHS {
+        within(Duration::from_secs(1), &format!("{path}: cold serves once ready"), || {
+            let tcp_ok = answered_by(&tcp(&lab, client, &web, 30, "/hostname")) == ["cold", "warm"];
+            let args = ["udp", "--target", &web, "--count", "12", "--source-port", "40124"];
+            let udp = netclient(&lab, client, &args);
+            tcp_ok && errors(&udp) == 0
+        });
     }
 }

@@ -8,6 +8,7 @@
 pub mod cni;
 pub mod dns_config;
 pub mod image;
+pub mod probe;
 pub mod process;
 pub mod record;
 pub mod status;

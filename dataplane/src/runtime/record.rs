@@ -59,6 +59,9 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
     pub started_at: String,
     pub finished_at: String,
+    /// Why the agent ended the process, when it did (a failed liveness or startup probe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The directory of pod records inside the agent's state directory.

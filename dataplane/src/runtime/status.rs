@@ -31,6 +31,18 @@ pub struct StatusInput<'a> {
     pub waiting: &'a BTreeMap<String, Waiting>,
     /// Why the sandbox could not be made, if it could not.
     pub sandbox_error: Option<&'a str>,
+    /// What the probes found about the running incarnation of each container (see `probe`).
+    /// A container with no entry has no results yet.
+    pub probes: &'a BTreeMap<String, ProbeResults>,
+}
+
+/// The probe results of a container's current incarnation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeResults {
+    /// The readiness probe's last result (not ready until it has succeeded).
+    pub ready: bool,
+    /// Whether the startup probe has succeeded.
+    pub started: bool,
 }
 
 /// Whether a container that exited with `exit` starts again under `restart_policy`.
@@ -55,7 +67,7 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
     let previous = input.pod.status.as_ref();
 
     let mut statuses = Vec::new();
-    let mut running = 0;
+    let mut ready_count = 0;
     let mut ever_started = 0;
     let mut finished_for_good = 0;
     let mut failed = 0;
@@ -71,9 +83,9 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
                 Some(_) => "Error".to_owned(),
                 None => "Unknown".to_owned(),
             }),
-            message: exit.exit_code.is_none().then(|| {
+            message: exit.message.clone().or_else(|| exit.exit_code.is_none().then(|| {
                 "the process ended while the node agent was restarting; its exit code is unknown".to_owned()
-            }),
+            })),
             started_at: time(&exit.started_at),
             finished_at: time(&exit.finished_at),
             container_id: None,
@@ -114,8 +126,14 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
                 ),
             },
         };
-        if is_running {
-            running += 1;
+        // As the kubelet decides: a container with a startup probe has started once that
+        // succeeded, one with a readiness probe is ready once that succeeded; without them,
+        // running is enough.
+        let results = input.probes.get(&container.name).copied().unwrap_or_default();
+        let started = is_running && (container.startup_probe.is_none() || results.started);
+        let ready = is_running && (container.readiness_probe.is_none() || results.ready);
+        if ready {
+            ready_count += 1;
         }
         if record.is_some_and(|r| r.pid.is_some() || r.last_exit.is_some()) {
             ever_started += 1;
@@ -144,8 +162,8 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
                     container.name
                 )
             }),
-            ready: is_running,
-            started: Some(is_running),
+            ready,
+            started: Some(started),
             restart_count: record.map_or(0, |r| r.restart_count),
             state: Some(state),
             last_state,
@@ -162,7 +180,7 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
     } else {
         "Running"
     };
-    let all_ready = total > 0 && running == total;
+    let all_ready = total > 0 && ready_count == total;
 
     let condition = |kind: &str, ok: bool, reason: Option<&str>, message: Option<String>| {
         let status = if ok { "True" } else { "False" }.to_owned();
@@ -225,7 +243,7 @@ mod tests {
         jiff::Timestamp,
     };
 
-    use super::{StatusInput, Waiting, pod_status};
+    use super::{ProbeResults, StatusInput, Waiting, pod_status};
     use crate::runtime::record::{ContainerRecord, ExitRecord, PodRecord};
 
     fn pod(policy: &str) -> Pod {
@@ -266,12 +284,22 @@ mod tests {
         record: Option<&PodRecord>,
         waiting: &BTreeMap<String, Waiting>,
     ) -> k8s_openapi::api::core::v1::PodStatus {
+        status_with_probes(pod, record, waiting, &BTreeMap::new())
+    }
+
+    fn status_with_probes(
+        pod: &Pod,
+        record: Option<&PodRecord>,
+        waiting: &BTreeMap<String, Waiting>,
+        probes: &BTreeMap<String, ProbeResults>,
+    ) -> k8s_openapi::api::core::v1::PodStatus {
         let input = StatusInput {
             pod,
             node_ip: Ipv4Addr::new(172, 20, 0, 11),
             record,
             waiting,
             sandbox_error: None,
+            probes,
         };
         pod_status(&input, Timestamp::UNIX_EPOCH)
     }
@@ -343,5 +371,76 @@ mod tests {
 
     fn pod_with_policy_on_failure() -> Pod {
         pod("OnFailure")
+    }
+
+    fn with_probes(mut pod: Pod, startup: bool, readiness: bool) -> Pod {
+        let spec = pod.spec.as_mut().expect("spec");
+        let probe = || Some(k8s_openapi::api::core::v1::Probe::default());
+        spec.containers[1].startup_probe = if startup { probe() } else { None };
+        spec.containers[1].readiness_probe = if readiness { probe() } else { None };
+        pod
+    }
+
+    fn container_ready(status: &k8s_openapi::api::core::v1::PodStatus, name: &str) -> bool {
+        let statuses = status.container_statuses.as_ref().expect("statuses");
+        statuses.iter().find(|s| s.name == name).expect("container").ready
+    }
+
+    #[test]
+    fn a_container_with_a_readiness_probe_is_ready_only_once_the_probe_succeeded() {
+        let pod = with_probes(pod("Always"), false, true);
+        let rec = record(running(10), running(11));
+        let none = BTreeMap::new();
+        let s = status(&pod, Some(&rec), &none);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert!(container_ready(&s, "a"), "no probe: running is ready");
+        assert!(!container_ready(&s, "b"), "no probe result yet");
+        assert_eq!(condition(&s, "Ready"), "False");
+        assert_eq!(condition(&s, "ContainersReady"), "False");
+
+        let passed = [("b".to_owned(), ProbeResults { ready: true, started: false })].into();
+        let s = status_with_probes(&pod, Some(&rec), &none, &passed);
+        assert!(container_ready(&s, "b"));
+        assert_eq!(condition(&s, "Ready"), "True");
+        assert_eq!(condition(&s, "ContainersReady"), "True");
+
+        let stopped = record(running(10), exited(1));
+        let s = status_with_probes(&pod, Some(&stopped), &none, &passed);
+        assert!(
+            !container_ready(&s, "b"),
+            "a stale result does not make a stopped container ready"
+        );
+    }
+
+    #[test]
+    fn a_container_with_a_startup_probe_has_not_started_until_it_succeeded() {
+        let pod = with_probes(pod("Always"), true, false);
+        let rec = record(running(10), running(11));
+        let started = |s: &k8s_openapi::api::core::v1::PodStatus| {
+            s.container_statuses.as_ref().expect("statuses")[1].started
+        };
+        let s = status(&pod, Some(&rec), &BTreeMap::new());
+        assert_eq!(started(&s), Some(false));
+        let results = [("b".to_owned(), ProbeResults { ready: false, started: true })].into();
+        let s = status_with_probes(&pod, Some(&rec), &BTreeMap::new(), &results);
+        assert_eq!(started(&s), Some(true));
+        assert_eq!(condition(&s, "Ready"), "True", "without a readiness probe running is ready");
+    }
+
+    #[test]
+    fn a_probe_kill_is_explained_in_the_last_termination_state() {
+        let pod = pod("Always");
+        let mut killed = exited(137);
+        if let Some(exit) = killed.last_exit.as_mut() {
+            exit.signal = Some(9);
+            exit.message = Some("liveness probe failed 2 times in a row".into());
+        }
+        killed.pid = Some(12);
+        let rec = record(running(10), killed);
+        let s = status(&pod, Some(&rec), &BTreeMap::new());
+        let b = &s.container_statuses.as_ref().expect("statuses")[1];
+        let last = b.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState");
+        assert_eq!(last.exit_code, 137);
+        assert_eq!(last.message.as_deref(), Some("liveness probe failed 2 times in a row"));
     }
 }

@@ -21,9 +21,10 @@ use super::{
     cni::{Attachment, POD_IFNAME},
     dns_config::{PodResolvConf, pod_resolv_conf},
     image,
+    probe::{self, ProbeChange, ProbeEvent, ProbeTarget, ProbeTask},
     process::{self, Launch},
     record::{ContainerRecord, ExitRecord, PodRecord},
-    status::{StatusInput, Waiting, pod_status, restarts},
+    status::{ProbeResults, StatusInput, Waiting, pod_status, restarts},
 };
 use crate::netns::NetNs;
 
@@ -63,6 +64,13 @@ struct Worker {
     last_reported: Option<PodStatus>,
     report_pending: bool,
     exits: mpsc::UnboundedSender<Exit>,
+    /// One probe task per running container that has probes, for the incarnation it probes.
+    probe_tasks: HashMap<String, ProbeTask>,
+    /// What the probes found about each container's current incarnation.
+    probe_results: BTreeMap<String, ProbeResults>,
+    /// Why the agent killed a container incarnation (name, pid), shown once it has exited.
+    kill_reasons: HashMap<(String, u32), String>,
+    probe_events: mpsc::UnboundedSender<ProbeEvent>,
 }
 
 pub(super) async fn run(
@@ -72,6 +80,7 @@ pub(super) async fn run(
     adopted: Option<PodRecord>,
 ) {
     let (exits, mut exit_events) = mpsc::unbounded_channel();
+    let (probe_events, mut probe_results) = mpsc::unbounded_channel();
     let mut worker = Worker {
         context: context.clone(),
         uid,
@@ -84,6 +93,10 @@ pub(super) async fn run(
         last_reported: None,
         report_pending: false,
         exits,
+        probe_tasks: HashMap::new(),
+        probe_results: BTreeMap::new(),
+        kill_reasons: HashMap::new(),
+        probe_events,
     };
     if let Some(record) = adopted {
         worker.adopt(record);
@@ -123,6 +136,9 @@ pub(super) async fn run(
                 }
             }
             Some(exit) = exit_events.recv() => worker.on_exit(exit),
+            // Back to the top of the loop at once: a readiness change is reported right away,
+            // as endpoints follow it.
+            Some(event) = probe_results.recv() => worker.on_probe(event),
             _ = tokio::time::sleep_until(wake) => {}
             _ = cni.changed() => {}
         }
@@ -169,6 +185,7 @@ impl Worker {
                     signal: None,
                     started_at: container.started_at.clone(),
                     finished_at: now(),
+                    message: None,
                 });
             }
         }
@@ -223,6 +240,76 @@ impl Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         for container in &spec.containers {
             self.sync_container(pod, container, spec.restart_policy.as_deref()).await;
+            self.ensure_probes(pod, container);
+        }
+    }
+
+    /// Starts probing the running incarnation of `container` unless that is under way already
+    /// (also for a process adopted after an agent restart, which is probed afresh).
+    fn ensure_probes(&mut self, pod: &Pod, container: &Container) {
+        let name = &container.name;
+        let Some(record) = self.record.as_ref() else { return };
+        let (Some(pod_ip), Some(pid)) =
+            (record.pod_ip, record.containers.get(name).and_then(|c| c.pid))
+        else {
+            return;
+        };
+        if !probe::has_probes(container)
+            || self.probe_tasks.get(name).is_some_and(|task| task.pid() == pid)
+        {
+            return;
+        }
+        // The container started with this environment; only a changed pod could make it fail
+        // now, and an exec probe then runs with the defaults.
+        let env = container_env(pod, container, record).unwrap_or_default();
+        let target = ProbeTarget {
+            container: name.clone(),
+            pid,
+            pod_ip,
+            ports: container.ports.clone().unwrap_or_default(),
+            netns_path: crate::netns::named_path(&record.netns),
+            cgroup_procs: self.context.pod_cgroup(&self.uid).child(name).procs_file(),
+            env,
+            hostname: record.name.clone(),
+        };
+        let started_at = self.started.get(name).copied().unwrap_or_else(Instant::now);
+        let task = probe::spawn(container, target, started_at, self.probe_events.clone());
+        self.probe_results.insert(name.clone(), ProbeResults::default());
+        self.probe_tasks.insert(name.clone(), task);
+        self.report_pending = true;
+    }
+
+    /// Takes in a probe result about a container incarnation that is still the current one.
+    fn on_probe(&mut self, event: ProbeEvent) {
+        let current = self
+            .record
+            .as_ref()
+            .and_then(|r| r.containers.get(&event.container))
+            .and_then(|c| c.pid);
+        if current != Some(event.pid) {
+            return;
+        }
+        let results = self.probe_results.entry(event.container.clone()).or_default();
+        match event.change {
+            ProbeChange::Ready(ready) => {
+                tracing::info!(uid = %self.uid, container = %event.container, ready, "readiness changed");
+                results.ready = ready;
+            }
+            ProbeChange::Started => results.started = true,
+            ProbeChange::Kill { kind, message } => {
+                tracing::info!(uid = %self.uid, container = %event.container, pid = event.pid, probe = kind.name(), %message, "killing the container to restart it");
+                results.ready = false;
+                self.kill_reasons.insert((event.container.clone(), event.pid), message);
+                // Its exit then arrives as any other (on_exit), and restartPolicy and back-off
+                // decide what follows. cgroup.kill takes whatever the container started too.
+                let cgroup = self.context.pod_cgroup(&self.uid).child(&event.container);
+                let uid = self.uid.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(error) = cgroup.kill_all(KILL_TIMEOUT) {
+                        tracing::error!(%uid, %error, "cannot kill a container whose probe failed");
+                    }
+                });
+            }
         }
     }
 
@@ -501,7 +588,10 @@ impl Worker {
             signal: exit.signal,
             started_at: container.started_at.clone(),
             finished_at: now(),
+            message: self.kill_reasons.remove(&(exit.container.clone(), exit.pid)),
         });
+        self.probe_tasks.remove(&exit.container);
+        self.probe_results.remove(&exit.container);
         let ran_for = self.started.remove(&exit.container).map_or(Duration::ZERO, |t| t.elapsed());
         self.bump_backoff(&exit.container, ran_for);
         self.report_pending = true;
@@ -520,6 +610,7 @@ impl Worker {
             record: self.record.as_ref(),
             waiting: &self.waiting,
             sandbox_error: self.sandbox_error.as_deref(),
+            probes: &self.probe_results,
         };
         let status = pod_status(&input, Timestamp::now());
         // Conditions keep their transition times from the last report, so an unchanged pod
@@ -550,6 +641,10 @@ impl Worker {
         exits: &mut mpsc::UnboundedReceiver<Exit>,
     ) -> bool {
         let Some(record) = self.record.clone() else { return true };
+        // No probe runs against a pod that is going away: no exec probe starts in its cgroup
+        // and no liveness failure restarts a container being stopped. Its endpoints turn
+        // not-ready from the deletionTimestamp (the EndpointSlice controller's `terminating`).
+        self.probe_tasks.clear();
         let cgroup = self.context.pod_cgroup(&self.uid);
         if let Err(error) = cgroup.signal_all(nix::sys::signal::Signal::SIGTERM) {
             tracing::warn!(uid = %self.uid, %error, "cannot send SIGTERM to the pod");

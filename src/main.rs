@@ -11,9 +11,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use strait_dataplane::ebpf::lb::LbMapSizes;
 use ipnet::Ipv4Net;
 use strait::{bench, lab, netclient, netexec};
+use strait_dataplane::ebpf::lb::LbMapSizes;
 
 #[derive(Parser)]
 #[command(

@@ -16,7 +16,6 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType,
@@ -31,7 +30,8 @@ use super::{ANTISPOOF_OBJECT, EbpfError, lb::LbMapSizes};
 
 /// File name of the pinned ingress program inside the node's pin directory.
 pub const PROGRAM_PIN: &str = "antispoof_prog";
-/// Where a new program is pinned before it replaces [`PROGRAM_PIN`] with rename(2).
+/// Where a new program is pinned before it replaces [`PROGRAM_PIN`] with rename(2) (the
+/// `_staged` name `pin_replacing` gives it).
 pub const STAGED_PROGRAM_PIN: &str = "antispoof_prog_staged";
 /// File name of the pinned egress program (service reverse NAT).
 pub const EGRESS_PROGRAM_PIN: &str = "to_pod_prog";
@@ -53,25 +53,10 @@ impl AntiSpoof {
     /// [`AntiSpoof::load_and_pin`] with the capacities of the service maps, used when this
     /// load creates them.
     pub fn load_and_pin_with(pin_dir: &Path, sizes: &LbMapSizes) -> Result<Self, EbpfError> {
-        crate::dirs::create_dir_all_shared(pin_dir).map_err(|source| EbpfError::Io {
-            action: format!("creating pin directory {}", pin_dir.display()),
-            source,
-        })?;
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_dir);
-        sizes.apply(&mut loader);
-        let mut ebpf = loader.load(ANTISPOOF_OBJECT).map_err(|source| EbpfError::Load {
-            action: "loading the anti-spoofing program".to_owned(),
-            source: Box::new(source),
-        })?;
-        load_and_pin_classifier(&mut ebpf, PROGRAM, pin_dir, PROGRAM_PIN, STAGED_PROGRAM_PIN)?;
-        load_and_pin_classifier(
-            &mut ebpf,
-            EGRESS_PROGRAM,
-            pin_dir,
-            EGRESS_PROGRAM_PIN,
-            "to_pod_prog_staged",
-        )?;
+        let mut ebpf =
+            super::load_object(pin_dir, sizes, ANTISPOOF_OBJECT, "the anti-spoofing program")?;
+        load_and_pin_classifier(&mut ebpf, PROGRAM, pin_dir, PROGRAM_PIN)?;
+        load_and_pin_classifier(&mut ebpf, EGRESS_PROGRAM, pin_dir, EGRESS_PROGRAM_PIN)?;
         Ok(Self { pin_dir: pin_dir.to_owned(), _ebpf: ebpf })
     }
 
@@ -80,14 +65,12 @@ impl AntiSpoof {
     }
 }
 
-/// Loads one classifier of the object and pins it at `pin`, replacing an older pin atomically
-/// with rename(2) from `staged`.
+/// Loads one classifier of the object and pins it at `pin`, replacing an older pin atomically.
 fn load_and_pin_classifier(
     ebpf: &mut aya::Ebpf,
     name: &str,
     pin_dir: &Path,
     pin: &str,
-    staged: &str,
 ) -> Result<(), EbpfError> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
@@ -104,19 +87,7 @@ fn load_and_pin_classifier(
         action: format!("loading {name} into the kernel"),
         source,
     })?;
-    // bpffs refuses names with a dot (EPERM: dots are reserved for the kernel's own entries,
-    // kernel/bpf/inode.c), so the staging name uses an underscore.
-    let staged = pin_dir.join(staged);
-    let _ = std::fs::remove_file(&staged);
-    program.pin(&staged).map_err(|source| EbpfError::Pin {
-        action: format!("pinning {name} at {}", staged.display()),
-        source,
-    })?;
-    let pinned = pin_dir.join(pin);
-    std::fs::rename(&staged, &pinned).map_err(|source| EbpfError::Io {
-        action: format!("moving the program pin to {}", pinned.display()),
-        source,
-    })
+    super::pin_replacing(pin_dir, pin, name, |path| program.pin(path))
 }
 
 fn open_endpoints(pin_dir: &Path) -> Result<HashMap<MapData, u32, PodEndpoint>, EbpfError> {

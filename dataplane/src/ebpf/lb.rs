@@ -272,17 +272,12 @@ impl ServiceLb {
     /// (never clearing them), pins the programs (replacing older pins atomically) and rebuilds
     /// the index of frontends, slots and ids from the maps.
     pub fn load_and_pin(pin_dir: &Path, sizes: &LbMapSizes) -> Result<Self, EbpfError> {
-        crate::dirs::create_dir_all_shared(pin_dir).map_err(|source| EbpfError::Io {
-            action: format!("creating pin directory {}", pin_dir.display()),
-            source,
-        })?;
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_dir);
-        sizes.apply(&mut loader);
-        let mut ebpf = loader.load(SOCK_LB_OBJECT).map_err(|source| EbpfError::Load {
-            action: "loading the socket load-balancer programs".to_owned(),
-            source: Box::new(source),
-        })?;
+        let mut ebpf = super::load_object(
+            pin_dir,
+            sizes,
+            SOCK_LB_OBJECT,
+            "the socket load-balancer programs",
+        )?;
         for (name, _, hook) in HOOKS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -299,18 +294,7 @@ impl ServiceLb {
                 action: format!("loading {name} into the kernel"),
                 source,
             })?;
-            // Staged, then renamed over the old pin: a reader of the pin never finds it missing.
-            let pinned = pin_dir.join(program_pin(hook));
-            let staged = pin_dir.join(format!("{}_staged", program_pin(hook)));
-            let _ = std::fs::remove_file(&staged);
-            program.pin(&staged).map_err(|source| EbpfError::Pin {
-                action: format!("pinning {name} at {}", staged.display()),
-                source,
-            })?;
-            std::fs::rename(&staged, &pinned).map_err(|source| EbpfError::Io {
-                action: format!("moving the program pin to {}", pinned.display()),
-                source,
-            })?;
+            super::pin_replacing(pin_dir, &program_pin(hook), name, |path| program.pin(path))?;
         }
         let frontends_map = take_hash_map(&mut ebpf, FRONTENDS_MAP)?;
         let slots_map = take_hash_map(&mut ebpf, BACKEND_SLOTS_MAP)?;

@@ -40,6 +40,50 @@ pub(crate) static ANTISPOOF_OBJECT: &[u8] =
 pub(crate) static SOCK_LB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/strait-sock-lb"));
 
+/// Loads one embedded object with its maps pinned in `pin_dir` (created if needed): maps
+/// already pinned there are re-adopted as they are, new ones get the capacities of `sizes`.
+pub(crate) fn load_object(
+    pin_dir: &Path,
+    sizes: &lb::LbMapSizes,
+    object: &[u8],
+    what: &str,
+) -> Result<aya::Ebpf, EbpfError> {
+    crate::dirs::create_dir_all_shared(pin_dir).map_err(|source| EbpfError::Io {
+        action: format!("creating pin directory {}", pin_dir.display()),
+        source,
+    })?;
+    let mut loader = aya::EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    sizes.apply(&mut loader);
+    loader.load(object).map_err(|source| EbpfError::Load {
+        action: format!("loading {what}"),
+        source: Box::new(source),
+    })
+}
+
+/// Pins a loaded program at `pin_dir/pin`, replacing an older pin atomically: `pin_at` pins
+/// it under a staging name first, which rename(2) then moves over the old one, so a reader of
+/// the pin never finds it missing. bpffs refuses names with a dot (EPERM: dots are reserved
+/// for the kernel's own entries, kernel/bpf/inode.c), so the staging name uses `_staged`.
+pub(crate) fn pin_replacing(
+    pin_dir: &Path,
+    pin: &str,
+    what: &str,
+    pin_at: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), EbpfError> {
+    let staged = pin_dir.join(format!("{pin}_staged"));
+    let _ = std::fs::remove_file(&staged);
+    pin_at(&staged).map_err(|source| EbpfError::Pin {
+        action: format!("pinning {what} at {}", staged.display()),
+        source,
+    })?;
+    let pinned = pin_dir.join(pin);
+    std::fs::rename(&staged, &pinned).map_err(|source| EbpfError::Io {
+        action: format!("moving the program pin to {}", pinned.display()),
+        source,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error("{action}")]

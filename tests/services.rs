@@ -232,6 +232,16 @@ async fn services_balance_pin_and_preserve_the_client_through_both_paths() {
         assert!(answered_by(&udp).iter().all(|a| backends.contains(&a.as_str())), "{udp}");
     }
 
+    // internalTrafficPolicy: Local: the clients on node-1 reach only node-1's backend.
+    create(&lab, &service_manifest("web-local", "web", "  internalTrafficPolicy: Local\n"));
+    let local = format!("{}:80", cluster_ip(&lab, "web-local").await);
+    for (path, client) in PATHS {
+        within(Duration::from_secs(5), &format!("{path}: local endpoints only"), || {
+            let report = tcp(&lab, client, &local, 60, "/hostname");
+            errors(&report) == 0 && answered_by(&report) == ["web-1"]
+        });
+    }
+
     // Hairpin: a backend reaching its own service reaches itself too (socket path: web-1; tc
     // path: web-3).
     for (path, backend) in [("socket", "web-1"), ("tc", "web-3")] {

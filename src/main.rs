@@ -68,6 +68,9 @@ enum NetclientCommand {
         path: String,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Connect from this local port every time (0: any).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
     },
     /// One large `POST /echo` and one large datagram, each checked byte for byte.
     Echo {
@@ -345,13 +348,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Netclient { command } => {
             let report = match command {
-                NetclientCommand::Tcp { target, count, keep, path, timeout_ms } => {
+                NetclientCommand::Tcp { target, count, keep, path, timeout_ms, source_port } => {
                     serde_json::to_string(&netclient::tcp(&netclient::TcpOptions {
                         target,
                         count,
                         keep,
                         path,
                         timeout: Duration::from_millis(timeout_ms),
+                        source_port,
                     }))?
                 }
                 NetclientCommand::Echo { http, udp, http_bytes, udp_bytes, timeout_ms } => {

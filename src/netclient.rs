@@ -26,6 +26,9 @@ pub struct TcpOptions {
     pub keep: u32,
     pub path: String,
     pub timeout: Duration,
+    /// Connect from this local port every time (0: any). The server closes first, so the port
+    /// is free again at once.
+    pub source_port: u16,
 }
 
 /// Options of `netclient udp`.
@@ -97,7 +100,7 @@ pub fn tcp(options: &TcpOptions) -> TcpReport {
     let target = SocketAddr::V4(options.target);
     for _ in 0..options.count {
         let connecting = Instant::now();
-        let stream = match TcpStream::connect_timeout(&target, options.timeout) {
+        let stream = match connect_from(options.source_port, target, options.timeout) {
             Ok(stream) => stream,
             Err(error) => {
                 let kind = error_kind(&error);
@@ -123,6 +126,18 @@ pub fn tcp(options: &TcpOptions) -> TcpReport {
     }
     report.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     report
+}
+
+/// Connects to `target`, from `source_port` when it is not 0.
+fn connect_from(source_port: u16, target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    if source_port == 0 {
+        return TcpStream::connect_timeout(&target, timeout);
+    }
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)).into())?;
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
 }
 
 /// One HTTP/1.0 GET; returns the body. The server closes the connection after answering.

@@ -604,3 +604,25 @@ fn hooks_refuse_cgroups_outside_strait() {
     let error = lb.attach_cgroup(&root).expect_err("the root cgroup is refused");
     assert!(error.to_string().contains("strait"), "{error}");
 }
+
+#[test]
+fn a_new_connection_reusing_its_source_port_chooses_afresh_on_the_tc_path() {
+    if !privileged("a_new_connection_reusing_its_source_port_chooses_afresh_on_the_tc_path") {
+        return;
+    }
+    let mut topology = Topology::new("lb-reuse");
+    topology.upsert(tcp(vip(1), 80), &["pod-a", "pod-b", "pod-c"], None);
+    // Forty connections from one source port within a second: each is a new SYN with its own
+    // sequence number on the same tuple, not a retransmission, so each picks a backend anew.
+    // All forty on one backend by chance: odds 3 in 3^40.
+    for path in PATHS {
+        let report = topology.tcp_client(
+            path,
+            SocketAddrV4::new(vip(1), 80),
+            40,
+            &["--source-port", "41234"],
+        );
+        assert_eq!(errors_total(&report), 0, "{path:?}: {report}");
+        assert!(counts(&report, "answers").len() > 1, "{path:?}: stuck on one backend: {report}");
+    }
+}

@@ -61,6 +61,8 @@ pub struct Flow {
     pub l4_offset: usize,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
+    /// TCP sequence number as it sits in the packet; 0 for UDP.
+    pub tcp_seq: u32,
     /// The first fragment of a fragmented datagram (offset 0, More Fragments set): its
     /// translation is recorded for the fragments that follow.
     pub first_fragment: bool,
@@ -131,16 +133,18 @@ pub fn parse_packet(ctx: &TcContext, header_len: usize) -> Option<Packet> {
     }
     let first_fragment = fragment & IP_MORE_FRAGMENTS != 0;
     let l4_offset = ETH_HLEN + header_len;
-    let (ports, tcp_flags) = if protocol == PROTOCOL_TCP {
+    let (ports, tcp_flags, tcp_seq) = if protocol == PROTOCOL_TCP {
         let tcp: *const [u8; 14] = ptr_at(ctx, l4_offset)?;
         // SAFETY: bounds-checked by ptr_at.
         let tcp = unsafe { &*tcp };
-        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
+        // RFC 793: the sequence number follows the two ports.
+        let seq = u32::from_ne_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS], seq)
     } else {
         let udp: *const [u8; 8] = ptr_at(ctx, l4_offset)?;
         // SAFETY: bounds-checked by ptr_at.
         let udp = unsafe { &*udp };
-        ([udp[0], udp[1], udp[2], udp[3]], 0)
+        ([udp[0], udp[1], udp[2], udp[3]], 0, 0)
     };
     Some(Packet::Flow(Flow {
         src_ip,
@@ -150,6 +154,7 @@ pub fn parse_packet(ctx: &TcContext, header_len: usize) -> Option<Packet> {
         protocol,
         l4_offset,
         tcp_flags,
+        tcp_seq,
         first_fragment,
         ip_id,
     }))
@@ -264,7 +269,12 @@ fn forward_entry_holds(flow: &Flow, entry: &ConntrackValue) -> bool {
         if !new_connection {
             return true;
         }
-        now_ns().wrapping_sub(entry.created_ns) < SYN_RETRANSMIT_WINDOW_NS && valid()
+        // The same SYN again (its sequence number): a retransmission keeps its backend. Another
+        // SYN on the same port pair is a new connection (the client reused its port, e.g. after
+        // the server closed first) and chooses afresh, affinity included.
+        entry.syn_seq == flow.tcp_seq
+            && now_ns().wrapping_sub(entry.created_ns) < SYN_RETRANSMIT_WINDOW_NS
+            && valid()
     } else {
         valid()
     }
@@ -318,7 +328,7 @@ fn translation_from_pod(flow: &Flow) -> Result<Option<ConntrackValue>, NatFailed
         dst_port: backend.port,
         backend_id: chosen.backend_id,
         service_id: frontend.service_id,
-        _pad: 0,
+        syn_seq: flow.tcp_seq,
         created_ns: now,
     };
     let reply_key = ConntrackKey {
@@ -337,7 +347,7 @@ fn translation_from_pod(flow: &Flow) -> Result<Option<ConntrackValue>, NatFailed
         dst_port: flow.src_port,
         backend_id: chosen.backend_id,
         service_id: frontend.service_id,
-        _pad: 0,
+        syn_seq: 0,
         created_ns: now,
     };
     // The reply entry first: a reply can only follow the forward packet.

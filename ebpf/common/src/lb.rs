@@ -259,8 +259,10 @@ pub struct ConntrackValue {
     pub backend_id: u32,
     /// The frontend's service id when the flow was made.
     pub service_id: u32,
-    /// Reserved, must be zero.
-    pub _pad: u32,
+    /// Sequence number of the SYN that made a TCP forward entry, as it sits in the packet
+    /// (network byte order); 0 otherwise. A SYN with the same number is a retransmission; a
+    /// SYN with another one is a new connection reusing the port pair, which chooses afresh.
+    pub syn_seq: u32,
     /// `bpf_ktime_get_ns()` when the entry was made.
     pub created_ns: u64,
 }

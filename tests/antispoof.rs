@@ -8,7 +8,6 @@ use std::{
     net::{Ipv4Addr, UdpSocket},
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
-    process::Stdio,
     time::Duration,
 };
 
@@ -296,33 +295,16 @@ fn a_pod_sending_from_a_spoofed_source_is_dropped_and_counted() {
         "ipam": { "subnet": "10.244.11.0/24", "dataDir": data.path() },
         "antiSpoof": { "pinDir": pin_dir },
     });
-    let run = |verb: &str,
-               id: &str,
-               pod: &NamespaceGuard,
-               extra: Option<(&str, serde_json::Value)>| {
-        let mut config = config.clone();
-        if let Some((key, value)) = extra {
-            config[key] = value;
-        }
-        let mut child = node
-            .command(env!("CARGO_BIN_EXE_strait-cni"))
-            .env_clear()
-            .env("CNI_COMMAND", verb)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", pod.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), config.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        (output.status.success(), stdout, String::from_utf8_lossy(&output.stderr).into_owned())
-    };
+    let run =
+        |verb: &str, id: &str, pod: &NamespaceGuard, extra: Option<(&str, serde_json::Value)>| {
+            let mut config = config.clone();
+            if let Some((key, value)) = extra {
+                config[key] = value;
+            }
+            let output = node.run_cni(verb, id, &pod.path(), &config);
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            (output.status.success(), stdout, String::from_utf8_lossy(&output.stderr).into_owned())
+        };
     // A failed ADD leaves no endpoint entry behind.
     let squatted = NamespaceGuard::new("antispoof-squat");
     squatted.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "squatter"]);

@@ -8,7 +8,6 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -28,7 +27,6 @@ use strait_dataplane::{
 use support::{DirGuard, NamespaceGuard, privileged, unique_name};
 
 const STRAIT: &str = env!("CARGO_BIN_EXE_strait");
-const CNI_BIN: &str = env!("CARGO_BIN_EXE_strait-cni");
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 const HTTP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 8081;
@@ -134,21 +132,7 @@ impl Topology {
         });
         let add = |id: &str| -> Pod {
             let ns = NamespaceGuard::new(&format!("{tag}-{id}"));
-            let mut child = node
-                .command(CNI_BIN)
-                .env_clear()
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", id)
-                .env("CNI_NETNS", ns.path())
-                .env("CNI_IFNAME", "eth0")
-                .env("CNI_PATH", "/usr/lib/cni")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(config.to_string().as_bytes()).unwrap();
-            let output = child.wait_with_output().unwrap();
+            let output = node.run_cni("ADD", id, &ns.path(), &config);
             let stdout = String::from_utf8_lossy(&output.stdout);
             assert!(output.status.success(), "ADD {id}: {stdout} {:?}", output.stderr);
             let result: Value = serde_json::from_str(&stdout).unwrap();

@@ -40,6 +40,18 @@ impl TempDataDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Opens (or reopens) a redb store at `store.redb` in this directory.
+    ///
+    /// # Panics
+    /// When the store cannot be opened.
+    pub fn open_store(&self) -> crate::store::SharedStore {
+        let path = self.path.join("store.redb");
+        match crate::store::RedbStore::open(&path, crate::store::RedbStoreOptions::default()) {
+            Ok(store) => std::sync::Arc::new(store),
+            Err(error) => panic!("opening the store {}: {error}", path.display()),
+        }
+    }
 }
 
 impl Drop for TempDataDir {

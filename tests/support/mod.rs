@@ -112,6 +112,36 @@ impl NamespaceGuard {
 
     /// A command that runs inside this namespace: the child joins it with setns(2) between
     /// fork and exec, so nothing but that child ever enters it.
+    /// Runs the strait-cni plugin in this (node) namespace the way a container runtime does:
+    /// `verb` for container `id` whose namespace is `netns`, interface `eth0`, the
+    /// configuration on stdin.
+    pub fn run_cni(
+        &self,
+        verb: &str,
+        id: &str,
+        netns: &std::path::Path,
+        config: &serde_json::Value,
+    ) -> std::process::Output {
+        use std::{io::Write as _, process::Stdio};
+        let mut child = self
+            .command(env!("CARGO_BIN_EXE_strait-cni"))
+            .env_clear()
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting strait-cni");
+        let mut stdin = child.stdin.take().expect("the plugin's stdin");
+        stdin.write_all(config.to_string().as_bytes()).expect("writing the CNI configuration");
+        drop(stdin);
+        child.wait_with_output().expect("waiting for strait-cni")
+    }
+
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
         use std::os::{fd::AsRawFd, unix::process::CommandExt};
         let fd = self.ns().fd().as_raw_fd();

@@ -186,15 +186,12 @@ mod tests {
 
     use super::{POD_CIDR_KEY_PREFIX, PodCidrAllocator};
     use crate::{
-        store::{RedbStore, RedbStoreOptions, SharedStore, TxnOutcome},
+        store::{SharedStore, TxnOutcome},
         testing::TempDataDir,
     };
 
     fn open(dir: &TempDataDir) -> SharedStore {
-        Arc::new(
-            RedbStore::open(&dir.path().join("store.redb"), RedbStoreOptions::default())
-                .expect("the store opens"),
-        )
+        dir.open_store()
     }
 
     fn net(text: &str) -> IpNet {

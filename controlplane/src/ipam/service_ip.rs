@@ -246,15 +246,12 @@ mod tests {
 
     use super::{RequestedIpError, ServiceIpAllocator, ServiceIpOwner};
     use crate::{
-        store::{RedbStore, RedbStoreOptions, SharedStore, TxnOutcome},
+        store::{SharedStore, TxnOutcome},
         testing::TempDataDir,
     };
 
     fn open(dir: &TempDataDir) -> SharedStore {
-        Arc::new(
-            RedbStore::open(&dir.path().join("store.redb"), RedbStoreOptions::default())
-                .expect("the store opens"),
-        )
+        dir.open_store()
     }
 
     fn owner(name: &str) -> ServiceIpOwner {

@@ -190,10 +190,6 @@ mod tests {
         testing::TempDataDir,
     };
 
-    fn open(dir: &TempDataDir) -> SharedStore {
-        dir.open_store()
-    }
-
     fn net(text: &str) -> IpNet {
         text.parse().expect("a valid CIDR")
     }
@@ -226,7 +222,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_claims_never_share_a_block() {
         let dir = TempDataDir::new("ipam-concurrent");
-        let store = open(&dir);
+        let store = dir.open_store();
         let allocator = Arc::new(PodCidrAllocator::new(net("10.244.0.0/20"), 24).unwrap());
         let mut tasks = Vec::new();
         for i in 0..24 {
@@ -253,12 +249,12 @@ mod tests {
         let dir = TempDataDir::new("ipam-reopen");
         let allocator = PodCidrAllocator::new(net("10.244.0.0/16"), 24).unwrap();
         let first = {
-            let store = open(&dir);
+            let store = dir.open_store();
             let a = claim(&allocator, &store, "a").await.unwrap();
             let b = claim(&allocator, &store, "b").await.unwrap();
             vec![a, b]
         };
-        let store = open(&dir);
+        let store = dir.open_store();
         let stored = allocator.allocations(store.as_ref()).await.unwrap();
         assert_eq!(stored, vec![(first[0], "a".to_owned()), (first[1], "b".to_owned())]);
         let c = claim(&allocator, &store, "c").await.unwrap();
@@ -268,7 +264,7 @@ mod tests {
     #[tokio::test]
     async fn released_blocks_can_be_claimed_again_and_only_by_their_owner() {
         let dir = TempDataDir::new("ipam-release");
-        let store = open(&dir);
+        let store = dir.open_store();
         let allocator = PodCidrAllocator::new(net("10.244.0.0/23"), 24).unwrap();
         let a = claim(&allocator, &store, "a").await.unwrap();
         let b = claim(&allocator, &store, "b").await.unwrap();

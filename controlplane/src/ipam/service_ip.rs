@@ -250,10 +250,6 @@ mod tests {
         testing::TempDataDir,
     };
 
-    fn open(dir: &TempDataDir) -> SharedStore {
-        dir.open_store()
-    }
-
     fn owner(name: &str) -> ServiceIpOwner {
         ServiceIpOwner { service: format!("default/{name}"), uid: format!("uid-{name}") }
     }
@@ -294,7 +290,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_claims_fill_the_range_without_duplicates_or_reserved_addresses() {
         let dir = TempDataDir::new("serviceip-concurrent");
-        let store = open(&dir);
+        let store = dir.open_store();
         // A /28: 16 addresses, 13 of them dynamic (network, broadcast and DNS excluded).
         let allocator = Arc::new(
             ServiceIpAllocator::new("10.96.0.0/28".parse().unwrap(), ip("10.96.0.10")).unwrap(),
@@ -322,7 +318,7 @@ mod tests {
     #[tokio::test]
     async fn a_released_address_is_not_handed_out_again_at_once() {
         let dir = TempDataDir::new("serviceip-cursor");
-        let store = open(&dir);
+        let store = dir.open_store();
         let allocator =
             ServiceIpAllocator::new("10.96.0.0/24".parse().unwrap(), ip("10.96.0.10")).unwrap();
         allocator.set_cursor(ip("10.96.0.20"));
@@ -343,7 +339,7 @@ mod tests {
     #[tokio::test]
     async fn requested_addresses_must_be_free_and_in_range() {
         let dir = TempDataDir::new("serviceip-requested");
-        let store = open(&dir);
+        let store = dir.open_store();
         let allocator =
             ServiceIpAllocator::new("10.96.0.0/24".parse().unwrap(), ip("10.96.0.10")).unwrap();
         let claim = allocator.plan_requested(store.as_ref(), ip("10.96.0.10"), &owner("dns")).await;

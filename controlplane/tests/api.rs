@@ -6,7 +6,10 @@ use futures::StreamExt;
 use http::{Method, StatusCode};
 use k8s_openapi::{
     api::core::v1::{Namespace, Node, Pod},
-    apimachinery::pkg::apis::meta::v1::{Status, WatchEvent},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{Status, WatchEvent},
+    },
 };
 use serde_json::{Value, json};
 use strait_controlplane::{
@@ -904,4 +907,60 @@ async fn transport_level_errors_are_status_objects_too() {
         status_of(&client, Method::GET, "/api/v1/pods?watch=true&timeoutSeconds=soon", "", "")
             .await;
     assert_eq!((code, status.reason.as_deref()), (StatusCode::BAD_REQUEST, Some("BadRequest")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_fits_nowhere_stays_pending_with_the_reasons_and_fits_once_room_appears() {
+    let server = TestController::start("api-scheduler-fit").await;
+    let client = server.client();
+    let with_allocatable = |name: &str, ip: &str, cpu: &str| {
+        let mut n = node(name, ip, true);
+        let status = n.status.as_mut().unwrap();
+        status.allocatable = Some(
+            [
+                ("cpu".to_owned(), Quantity(cpu.to_owned())),
+                ("memory".to_owned(), Quantity("8Gi".to_owned())),
+            ]
+            .into(),
+        );
+        n
+    };
+    client.create::<Node>(None, &with_allocatable("small", "172.20.0.1", "1")).await.unwrap();
+    let mut tainted = with_allocatable("tainted", "172.20.0.2", "8");
+    tainted.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+            key: "dedicated".to_owned(),
+            value: Some("db".to_owned()),
+            effect: "NoSchedule".to_owned(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    client.create::<Node>(None, &tainted).await.unwrap();
+
+    let mut big = pod("big");
+    big.spec.as_mut().unwrap().containers[0].resources =
+        Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some([("cpu".to_owned(), Quantity("2".to_owned()))].into()),
+            ..Default::default()
+        });
+    client.create::<Pod>(Some("default"), &big).await.unwrap();
+    let message = eventually("the pod to be marked unschedulable with reasons", 10, || async {
+        let pod: Pod = client.get(Some("default"), "big").await.unwrap().unwrap();
+        condition(&pod, "PodScheduled")?.message.clone()
+    })
+    .await;
+    assert_eq!(
+        message,
+        "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {dedicated: db}."
+    );
+
+    // A node with room appears: the pod is bound there, and never to the small one.
+    client.create::<Node>(None, &with_allocatable("roomy", "172.20.0.3", "4")).await.unwrap();
+    let placed = eventually("the big pod to be bound", 10, || async {
+        let pod: Pod = client.get(Some("default"), "big").await.unwrap().unwrap();
+        pod.spec.as_ref()?.node_name.clone()
+    })
+    .await;
+    assert_eq!(placed, "roomy");
 }

@@ -1,10 +1,19 @@
-//! The first scheduler: every pending pod (no node, not being deleted, for the default
-//! scheduler) is bound to the Ready, schedulable node that runs the fewest non-terminated pods
-//! (ties go to the first name). It is level-triggered: each pass looks at every pending pod, so
-//! a pod that found no node is retried whenever nodes or pods change. Pods created with a node
-//! are never moved. Binding goes through the same code path as the `binding` subresource.
+//! The scheduler: every pending pod (no node, not being deleted, for the default scheduler) is
+//! bound to a Ready, schedulable node that fits it ([`fit`]: taints, node selection, CPU and
+//! memory requests, host ports), preferring the node with the fewest pods of the same owner,
+//! then the least allocated one. A pod that fits nowhere gets `PodScheduled=False` with
+//! Kubernetes' `0/N nodes are available: …` message. It is level-triggered: each pass looks at
+//! every pending pod, so a pod that found no node is retried whenever nodes or pods change.
+//! Within a pass each placement is counted at once, so a burst is spread and never overcommits.
+//! Pods created with a node are never moved. Binding goes through the same code path as the
+//! `binding` subresource.
 
-use std::{collections::HashMap, sync::Arc};
+pub mod fit;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{Node, Pod, PodCondition};
@@ -49,8 +58,14 @@ fn is_schedulable(node: &Node, exclusions: &mut Exclusions) -> bool {
     true
 }
 
-/// The message of an Unschedulable condition (Kubernetes' `0/N nodes are available: …`).
-fn unschedulable_message(total: usize, exclusions: &Exclusions) -> String {
+/// The message of an Unschedulable condition (Kubernetes' `0/N nodes are available: …`):
+/// nodes left out for their state, then each reason a schedulable node did not fit, with the
+/// number of nodes it applied to.
+fn unschedulable_message(
+    total: usize,
+    exclusions: &Exclusions,
+    misfits: &BTreeMap<String, usize>,
+) -> String {
     if total == 0 {
         return "no nodes available to schedule pods".to_owned();
     }
@@ -61,15 +76,10 @@ fn unschedulable_message(total: usize, exclusions: &Exclusions) -> String {
     if exclusions.unschedulable > 0 {
         reasons.push(format!("{} node(s) were unschedulable", exclusions.unschedulable));
     }
+    for (reason, nodes) in misfits {
+        reasons.push(format!("{nodes} {reason}"));
+    }
     format!("0/{total} nodes are available: {}.", reasons.join(", "))
-}
-
-/// Picks the node with the fewest pods, ties by name. `load` counts pods per node.
-fn pick_node<'a>(candidates: &'a [String], load: &HashMap<String, usize>) -> Option<&'a str> {
-    candidates
-        .iter()
-        .min_by_key(|name| (load.get(name.as_str()).copied().unwrap_or(0), name.as_str()))
-        .map(String::as_str)
 }
 
 fn wants_scheduling(pod: &Pod) -> bool {
@@ -131,19 +141,22 @@ impl Scheduler {
     /// One scheduling pass over every pending pod.
     pub async fn schedule_pending(&mut self) -> Result<(), ApiError> {
         let mut exclusions = Exclusions::default();
-        let mut candidates: Vec<String> = self
+        let mut candidates: Vec<(Node, fit::NodeSummary)> = self
             .nodes
             .objects()
             .filter(|node| is_schedulable(node, &mut exclusions))
-            .filter_map(|node| node.metadata.name.clone())
+            .map(|node| (node.clone(), fit::NodeSummary::new(node)))
             .collect();
-        candidates.sort();
+        candidates.sort_by(|a, b| a.1.name.cmp(&b.1.name));
         let total_nodes = self.nodes.objects().count();
-
-        let mut load: HashMap<String, usize> = HashMap::new();
+        let index: HashMap<String, usize> =
+            candidates.iter().enumerate().map(|(i, (_, s))| (s.name.clone(), i)).collect();
         for pod in self.pods.objects() {
-            if !node_name(pod).is_empty() && !is_terminated(pod) {
-                *load.entry(node_name(pod).to_owned()).or_default() += 1;
+            if !node_name(pod).is_empty()
+                && !is_terminated(pod)
+                && let Some(&i) = index.get(node_name(pod))
+            {
+                candidates[i].1.add(pod);
             }
         }
         let mut pending: Vec<Pod> =
@@ -164,17 +177,31 @@ impl Scheduler {
         for pod in &pending {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
             let name = pod.metadata.name.as_deref().unwrap_or_default();
-            let Some(node) = pick_node(&candidates, &load) else {
-                let message = unschedulable_message(total_nodes, &exclusions);
+            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+            let chosen = candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, (node, summary))| {
+                    let misfits = fit::misfits(pod, node, summary);
+                    for misfit in &misfits {
+                        *reasons.entry(misfit.reason()).or_default() += 1;
+                    }
+                    misfits.is_empty()
+                })
+                .min_by_key(|(_, (_, summary))| fit::preference_key(pod, summary))
+                .map(|(i, _)| i);
+            let Some(i) = chosen else {
+                let message = unschedulable_message(total_nodes, &exclusions, &reasons);
                 if let Err(error) = mark_unschedulable(&self.registry, pod, &message).await {
                     first_error.get_or_insert(error);
                 }
                 continue;
             };
-            match bind_pod(&self.registry.pods, namespace, name, node).await {
+            let node = candidates[i].1.name.clone();
+            match bind_pod(&self.registry.pods, namespace, name, &node).await {
                 Ok(_) => {
                     tracing::info!(namespace, pod = name, node, "bound pod");
-                    *load.entry(node.to_owned()).or_default() += 1;
+                    candidates[i].1.add(pod);
                 }
                 // The cache was behind: the pod is already bound, or gone.
                 Err(ApiError::Conflict { .. } | ApiError::NotFound { .. }) => {}
@@ -217,11 +244,11 @@ impl Reconciler for Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
 
-    use super::{Exclusions, is_schedulable, pick_node, unschedulable_message};
+    use super::{Exclusions, is_schedulable, unschedulable_message};
 
     fn node(ready: &str, unschedulable: bool) -> Node {
         Node {
@@ -247,25 +274,14 @@ mod tests {
         assert!(!is_schedulable(&node("True", true), &mut exclusions));
         assert!(!is_schedulable(&Node::default(), &mut exclusions));
         assert_eq!(exclusions, Exclusions { not_ready: 3, unschedulable: 1 });
+        let misfits = BTreeMap::from([("Insufficient cpu".to_owned(), 2)]);
         assert_eq!(
-            unschedulable_message(4, &exclusions),
-            "0/4 nodes are available: 3 node(s) were not ready, 1 node(s) were unschedulable."
+            unschedulable_message(6, &exclusions, &misfits),
+            "0/6 nodes are available: 3 node(s) were not ready, 1 node(s) were unschedulable, 2 Insufficient cpu."
         );
         assert_eq!(
-            unschedulable_message(0, &Exclusions::default()),
+            unschedulable_message(0, &Exclusions::default(), &BTreeMap::new()),
             "no nodes available to schedule pods"
         );
-    }
-
-    #[test]
-    fn least_loaded_node_wins_and_ties_go_to_the_first_name() {
-        let candidates = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
-        let mut load = HashMap::new();
-        assert_eq!(pick_node(&candidates, &load), Some("a"));
-        load.insert("a".to_owned(), 2);
-        load.insert("b".to_owned(), 1);
-        load.insert("c".to_owned(), 1);
-        assert_eq!(pick_node(&candidates, &load), Some("b"));
-        assert_eq!(pick_node(&[], &load), None);
     }
 }

@@ -285,6 +285,15 @@ enum LabCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Pods scheduled per second from a burst of pending pods, beside the API's write rate.
+    Scheduler {
+        #[arg(long, default_value_t = 1000)]
+        pods: usize,
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Time `lab up` and `lab down` of a lab of N nodes.
     Lab {
         #[arg(long, default_value_t = 3)]
@@ -343,6 +352,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 let report =
                     bench::lab_up_down(nodes, runs, &sibling_binary("strait-cni")?).await?;
                 println!("{report}");
+            }
+            BenchCommand::Scheduler { pods, nodes, runs } => {
+                println!("{}", bench::scheduler::scheduler(pods, nodes, runs).await?)
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
         },

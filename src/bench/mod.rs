@@ -1,6 +1,8 @@
 //! Benchmarks strait ships. Each prints its figures beside a baseline measured in the same run
 //! on the same machine; none asserts a time (the machine is shared and noisy).
 
+pub mod scheduler;
+
 use std::{
     fmt,
     path::Path,

@@ -200,7 +200,7 @@ impl Scheduler {
             let node = candidates[i].1.name.clone();
             match bind_pod(&self.registry.pods, namespace, name, &node).await {
                 Ok(_) => {
-                    tracing::info!(namespace, pod = name, node, "bound pod");
+                    tracing::debug!(namespace, pod = name, node, "bound pod");
                     candidates[i].1.add(pod);
                 }
                 // The cache was behind: the pod is already bound, or gone.

@@ -16,6 +16,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod, PodCondition};
 
 use crate::{
@@ -33,6 +34,9 @@ use crate::{
     },
     controllers::{ObjectCache, Reconciler},
 };
+
+/// Binds and status writes in flight at once during a pass.
+const CONCURRENT_WRITES: usize = 16;
 
 /// The reason of `PodScheduled=False` when no node fits, as Kubernetes names it.
 pub const UNSCHEDULABLE: &str = "Unschedulable";
@@ -173,10 +177,11 @@ impl Scheduler {
             key(a).cmp(&key(b))
         });
 
-        let mut first_error = None;
+        // Placements are decided one pod after the other against the running summaries (so a
+        // burst spreads and never overcommits); the writes then go out concurrently.
+        let mut placements: Vec<(String, String, String)> = Vec::new();
+        let mut unschedulable: Vec<(Pod, String)> = Vec::new();
         for pod in &pending {
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-            let name = pod.metadata.name.as_deref().unwrap_or_default();
             let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
             let chosen = candidates
                 .iter()
@@ -190,24 +195,45 @@ impl Scheduler {
                 })
                 .min_by_key(|(_, (_, summary))| fit::preference_key(pod, summary))
                 .map(|(i, _)| i);
-            let Some(i) = chosen else {
-                let message = unschedulable_message(total_nodes, &exclusions, &reasons);
-                if let Err(error) = mark_unschedulable(&self.registry, pod, &message).await {
-                    first_error.get_or_insert(error);
-                }
-                continue;
-            };
-            let node = candidates[i].1.name.clone();
-            match bind_pod(&self.registry.pods, namespace, name, &node).await {
-                Ok(_) => {
-                    tracing::debug!(namespace, pod = name, node, "bound pod");
+            match chosen {
+                Some(i) => {
                     candidates[i].1.add(pod);
+                    placements.push((
+                        pod.metadata.namespace.clone().unwrap_or_default(),
+                        pod.metadata.name.clone().unwrap_or_default(),
+                        candidates[i].1.name.clone(),
+                    ));
                 }
-                // The cache was behind: the pod is already bound, or gone.
-                Err(ApiError::Conflict { .. } | ApiError::NotFound { .. }) => {}
-                Err(error) => {
-                    first_error.get_or_insert(error);
+                None => unschedulable
+                    .push((pod.clone(), unschedulable_message(total_nodes, &exclusions, &reasons))),
+            }
+        }
+        let binds = placements.into_iter().map(|(namespace, name, node)| {
+            let registry = Arc::clone(&self.registry);
+            async move {
+                match bind_pod(&registry.pods, &namespace, &name, &node).await {
+                    Ok(_) => {
+                        tracing::debug!(namespace, pod = name, node, "bound pod");
+                        Ok(())
+                    }
+                    // The cache was behind: the pod is already bound, or gone. The next pass,
+                    // with fresh caches, counts it where it really is.
+                    Err(ApiError::Conflict { .. } | ApiError::NotFound { .. }) => Ok(()),
+                    Err(error) => Err(error),
                 }
+            }
+        });
+        let marks = unschedulable.into_iter().map(|(pod, message)| {
+            let registry = Arc::clone(&self.registry);
+            async move { mark_unschedulable(&registry, &pod, &message).await }
+        });
+        let mut first_error = None;
+        let mut results = futures::stream::iter(binds)
+            .buffer_unordered(CONCURRENT_WRITES)
+            .chain(futures::stream::iter(marks).buffer_unordered(CONCURRENT_WRITES));
+        while let Some(result) = results.next().await {
+            if let Err(error) = result {
+                first_error.get_or_insert(error);
             }
         }
         first_error.map_or(Ok(()), Err)

@@ -285,6 +285,14 @@ enum LabCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Pod startup latency in a lab (create → Running and Ready), beside bare namespaces
+    /// running the same workload.
+    Startup {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
     /// Pods scheduled per second from a burst of pending pods, beside the API's write rate.
     Scheduler {
         #[arg(long, default_value_t = 1000)]
@@ -352,6 +360,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 let report =
                     bench::lab_up_down(nodes, runs, &sibling_binary("strait-cni")?).await?;
                 println!("{report}");
+            }
+            BenchCommand::Startup { pods, nodes } => {
+                let cni = sibling_binary("strait-cni")?;
+                println!("{}", bench::startup::startup(pods, nodes, &cni).await?)
             }
             BenchCommand::Scheduler { pods, nodes, runs } => {
                 println!("{}", bench::scheduler::scheduler(pods, nodes, runs).await?)

@@ -2,6 +2,7 @@
 //! on the same machine; none asserts a time (the machine is shared and noisy).
 
 pub mod scheduler;
+pub mod startup;
 
 use std::{
     fmt,

@@ -173,6 +173,10 @@ async fn serve(
         EndpointSliceController::new(Arc::clone(&registry)),
         stopped.clone(),
     ));
+    background.spawn(controllers::run(
+        controllers::replica_set::ReplicaSetController::new(Arc::clone(&registry)),
+        stopped.clone(),
+    ));
 
     let grpc = NodeSyncService::new(Arc::clone(&store), stopped.clone()).into_server();
     let app = router(ApiState {

@@ -30,6 +30,7 @@ use self::{
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
         pod::PodStrategy,
+        replica_set::ReplicaSetStrategy,
         service::ServiceStrategy,
     },
     typed::TypedKind,
@@ -51,6 +52,7 @@ pub struct Registry {
     pub pods: Arc<TypedKind<PodStrategy>>,
     pub services: Arc<TypedKind<ServiceStrategy>>,
     pub endpoint_slices: Arc<TypedKind<EndpointSliceStrategy>>,
+    pub replica_sets: Arc<TypedKind<ReplicaSetStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -71,14 +73,16 @@ impl Registry {
         let services =
             Arc::new(TypedKind::new(Arc::clone(&store), ServiceStrategy::new(cluster_ips)));
         let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));
+        let replica_sets = Arc::new(TypedKind::new(Arc::clone(&store), ReplicaSetStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
             Arc::new(Handler::new(Arc::clone(&pods))),
             Arc::new(Handler::new(Arc::clone(&services))),
             Arc::new(Handler::new(Arc::clone(&endpoint_slices))),
+            Arc::new(Handler::new(Arc::clone(&replica_sets))),
         ];
-        Self { store, namespaces, nodes, pods, services, endpoint_slices, handlers }
+        Self { store, namespaces, nodes, pods, services, endpoint_slices, replica_sets, handlers }
     }
 
     pub fn store(&self) -> &SharedStore {

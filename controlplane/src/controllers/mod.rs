@@ -6,6 +6,7 @@
 pub mod endpoint_slice;
 pub mod namespace;
 pub mod node_ipam;
+pub mod replica_set;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

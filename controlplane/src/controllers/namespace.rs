@@ -1,7 +1,7 @@
 //! The namespace controller: a Terminating namespace has its pods deleted (through the
-//! graceful path, so running pods are stopped by their node agents first), its services and
-//! endpoint slices deleted (releasing their cluster IPs), and is removed once nothing is left
-//! in it.
+//! graceful path, so running pods are stopped by their node agents first), its replica sets,
+//! services and endpoint slices deleted (releasing their cluster IPs), and is removed once
+//! nothing is left in it.
 
 use std::sync::Arc;
 
@@ -47,7 +47,8 @@ pub async fn reconcile_terminating(
     let (pods, _) = registry.pods.list(Some(name), &ListFilter::default()).await?;
     let (services, _) = registry.services.list(Some(name), &ListFilter::default()).await?;
     let (slices, _) = registry.endpoint_slices.list(Some(name), &ListFilter::default()).await?;
-    if pods.is_empty() && services.is_empty() && slices.is_empty() {
+    let (sets, _) = registry.replica_sets.list(Some(name), &ListFilter::default()).await?;
+    if pods.is_empty() && services.is_empty() && slices.is_empty() && sets.is_empty() {
         if registry.namespaces.remove(namespace).await? {
             tracing::info!(namespace = name, "removed the terminated namespace");
         }
@@ -61,6 +62,10 @@ pub async fn reconcile_terminating(
         }
     }
     let request = DeleteRequest::default();
+    // Replica sets first, so that none makes a new pod while its pods are being deleted.
+    for set in &sets {
+        registry.replica_sets.remove(set).await?;
+    }
     for service in &services {
         let service_name = service.metadata.name.as_deref().unwrap_or_default();
         match registry.services.delete(Some(name), service_name, &request, false).await {
@@ -76,7 +81,9 @@ pub async fn reconcile_terminating(
     let (pods, _) = registry.pods.list(Some(name), &ListFilter::default()).await?;
     let (services, _) = registry.services.list(Some(name), &ListFilter::default()).await?;
     let (slices, _) = registry.endpoint_slices.list(Some(name), &ListFilter::default()).await?;
+    let (sets, _) = registry.replica_sets.list(Some(name), &ListFilter::default()).await?;
     if pods.is_empty()
+        && sets.is_empty()
         && services.is_empty()
         && slices.is_empty()
         && registry.namespaces.remove(namespace).await?

@@ -4,4 +4,5 @@ pub mod endpoint_slice;
 pub mod namespace;
 pub mod node;
 pub mod pod;
+pub mod replica_set;
 pub mod service;

@@ -277,7 +277,7 @@ fn validate_container(
     }
 }
 
-fn validate_spec(spec: &PodSpec) -> Vec<FieldError> {
+pub(crate) fn validate_spec(spec: &PodSpec) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let mut volume_names = HashSet::new();
     for (index, volume) in spec.volumes.iter().flatten().enumerate() {

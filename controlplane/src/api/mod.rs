@@ -31,6 +31,7 @@ use self::{
         node::NodeStrategy,
         pod::PodStrategy,
         replica_set::ReplicaSetStrategy,
+        resource_quota::ResourceQuotaStrategy,
         service::ServiceStrategy,
     },
     typed::TypedKind,
@@ -53,6 +54,7 @@ pub struct Registry {
     pub services: Arc<TypedKind<ServiceStrategy>>,
     pub endpoint_slices: Arc<TypedKind<EndpointSliceStrategy>>,
     pub replica_sets: Arc<TypedKind<ReplicaSetStrategy>>,
+    pub resource_quotas: Arc<TypedKind<ResourceQuotaStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -74,6 +76,7 @@ impl Registry {
             Arc::new(TypedKind::new(Arc::clone(&store), ServiceStrategy::new(cluster_ips)));
         let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));
         let replica_sets = Arc::new(TypedKind::new(Arc::clone(&store), ReplicaSetStrategy));
+        let resource_quotas = Arc::new(TypedKind::new(Arc::clone(&store), ResourceQuotaStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -81,8 +84,19 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&services))),
             Arc::new(Handler::new(Arc::clone(&endpoint_slices))),
             Arc::new(Handler::new(Arc::clone(&replica_sets))),
+            Arc::new(Handler::new(Arc::clone(&resource_quotas))),
         ];
-        Self { store, namespaces, nodes, pods, services, endpoint_slices, replica_sets, handlers }
+        Self {
+            store,
+            namespaces,
+            nodes,
+            pods,
+            services,
+            endpoint_slices,
+            replica_sets,
+            resource_quotas,
+            handlers,
+        }
     }
 
     pub fn store(&self) -> &SharedStore {

@@ -275,7 +275,11 @@ mod tests {
         assert_eq!(pods["x-kubernetes-group-version-kind"]["kind"], "Pod");
         assert_eq!(pods["parameters"][0]["name"], "fieldValidation");
         assert!(document["paths"]["/api/v1/nodes/{name}"].is_object(), "cluster-scoped path");
-        assert!(v3_document(&registry, "apps", "v1").is_none());
+        assert!(v3_document(&registry, "batch", "v1").is_none(), "a group not served");
+        let apps = v3_document(&registry, "apps", "v1").expect("apps/v1 is served");
+        assert!(
+            apps["paths"]["/apis/apps/v1/namespaces/{namespace}/replicasets/{name}"].is_object()
+        );
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub async fn reconcile_terminating(
     for set in &sets {
         registry.replica_sets.remove(set).await?;
     }
+    let (quotas, _) = registry.resource_quotas.list(Some(name), &ListFilter::default()).await?;
+    for quota in &quotas {
+        registry.resource_quotas.remove(quota).await?;
+    }
     for service in &services {
         let service_name = service.metadata.name.as_deref().unwrap_or_default();
         match registry.services.delete(Some(name), service_name, &request, false).await {

@@ -5,4 +5,5 @@ pub mod namespace;
 pub mod node;
 pub mod pod;
 pub mod replica_set;
+pub mod resource_quota;
 pub mod service;

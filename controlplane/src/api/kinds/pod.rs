@@ -585,6 +585,12 @@ impl Strategy for PodStrategy {
         Some(new.spec != old.spec)
     }
 
+    /// Resource quotas of the namespace admit the pod (or refuse it with 403) in the same
+    /// transaction that creates it.
+    async fn before_create(&self, store: &dyn Store, pod: &mut Pod) -> Result<TxnExtras, ApiError> {
+        super::resource_quota::admit_pod(store, pod).await
+    }
+
     async fn plan_delete(
         &self,
         store: &dyn Store,

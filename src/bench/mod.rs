@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::Context as _;
 
+pub mod kube_proxy;
 pub mod services;
 pub mod worker;
 

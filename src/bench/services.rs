@@ -29,7 +29,10 @@ use strait_dataplane::{
     runtime::process::ChildSetup,
 };
 
-use super::worker::ConnRateReport;
+use super::{
+    kube_proxy::{self, RuleService},
+    worker::ConnRateReport,
+};
 
 /// The service range of the bench: large enough for 100,000 services and more.
 const SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -92,6 +95,13 @@ pub enum Mode {
     EbpfSocket,
     /// To the VIP from outside the hooked cgroup: packets are translated on the client's veth.
     EbpfTc,
+    /// kube-proxy's nftables-mode structure, loaded with `nft -f` in node A.
+    Nftables,
+    /// kube-proxy's iptables-mode structure, `iptables-nft-restore` in node A.
+    Iptables,
+    /// The same with `iptables-legacy-restore`. Measured last: the legacy nat table stays
+    /// registered in node A once made, so it would weigh on every mode after it.
+    IptablesLegacy,
 }
 
 impl Mode {
@@ -100,11 +110,21 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::EbpfSocket => "ebpf-socket",
             Mode::EbpfTc => "ebpf-tc",
+            Mode::Nftables => "nftables",
+            Mode::Iptables => "iptables",
+            Mode::IptablesLegacy => "iptables-legacy",
         }
     }
 }
 
-const ALL_MODES: [Mode; 3] = [Mode::Direct, Mode::EbpfSocket, Mode::EbpfTc];
+const ALL_MODES: [Mode; 6] = [
+    Mode::Direct,
+    Mode::EbpfSocket,
+    Mode::EbpfTc,
+    Mode::Nftables,
+    Mode::Iptables,
+    Mode::IptablesLegacy,
+];
 
 /// A child process killed and reaped on drop.
 struct ChildGuard(Child);
@@ -547,6 +567,14 @@ impl Lab {
                     self.lb.upsert_frontend(&frontend).context("writing a frontend")?;
                 }
             }
+            Mode::Nftables => {
+                let rules = kube_proxy::nft_ruleset(&self.rule_services(services, endpoints));
+                self.node_a_load("nft", &["-f", "-"], &rules)?;
+            }
+            Mode::Iptables | Mode::IptablesLegacy => {
+                let rules = kube_proxy::iptables_restore(&self.rule_services(services, endpoints));
+                self.node_a_load(iptables_restore(mode), &[], &rules)?;
+            }
         }
         Ok(started.elapsed())
     }
@@ -560,9 +588,61 @@ impl Lab {
                     self.lb.remove_frontend(&key).context("removing a frontend")?;
                 }
             }
+            Mode::Nftables | Mode::Iptables => {
+                // Both live in nf_tables: node A holds nothing else.
+                self.node_a_load("nft", &["flush", "ruleset"], "")?;
+            }
+            Mode::IptablesLegacy => {
+                self.node_a_load(iptables_restore(mode), &[], "*nat\nCOMMIT\n")?;
+            }
         }
         Ok(())
     }
+
+    fn rule_services(&self, services: usize, endpoints: usize) -> Vec<RuleService> {
+        (0..services).map(|index| self.rule_service(index, endpoints)).collect()
+    }
+
+    fn rule_service(&self, index: usize, endpoints: usize) -> RuleService {
+        RuleService {
+            name: format!("bench/svc-{index}"),
+            vip: SocketAddrV4::new(vip(index), SERVICE_PORT),
+            endpoints: self.backends[..endpoints]
+                .iter()
+                .map(|pod| SocketAddrV4::new(pod.ip, BACKEND_PORT))
+                .collect(),
+        }
+    }
+
+    /// Runs a rule loader inside node A (never the root namespace) with `input` on stdin.
+    fn node_a_load(&self, program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+        assert_not_root_namespace(&self.node_a.path())?;
+        let mut child = self
+            .node_a
+            .command(program)?
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program} in node A"))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let written = stdin.write_all(input.as_bytes());
+        drop(stdin);
+        let output = child.wait_with_output()?;
+        ensure!(
+            output.status.success(),
+            "{program} {} in node A: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).lines().take(5).collect::<Vec<_>>().join("; ")
+        );
+        written.with_context(|| format!("writing rules to {program}"))?;
+        Ok(())
+    }
+}
+
+fn iptables_restore(mode: Mode) -> &'static str {
+    if mode == Mode::IptablesLegacy { "iptables-legacy-restore" } else { "iptables-nft-restore" }
 }
 
 /// One mode at one (N, M).

@@ -114,12 +114,13 @@ pub fn iptables_restore(services: &[RuleService]) -> String {
 }
 
 /// One service added with `iptables-restore --noflush`: its chains, and KUBE-SERVICES
-/// rewritten whole (`services` includes the new one), as a partial sync does.
+/// rewritten whole (`services`, then the new one last), as a partial sync does.
 pub fn iptables_add(services: &[RuleService], added: &RuleService) -> String {
     let mut out = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     chain_declarations(&mut out, added);
     service_chains(&mut out, added);
     kube_services_rules(&mut out, services);
+    kube_services_rules(&mut out, std::slice::from_ref(added));
     out.push_str("COMMIT\n");
     out
 }

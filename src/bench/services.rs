@@ -474,6 +474,10 @@ impl Lab {
         duration: Duration,
     ) -> anyhow::Result<ConnRateReport> {
         check_interrupted()?;
+        // Client ports are reused from run to run, and the tc path's conntrack entries outlive
+        // a reset connection (LRU): a stale reverse entry would rewrite the answers of the
+        // next run's flows with the same ports. Every run starts from no flow state.
+        self.lb.clear_flows().context("clearing the eBPF flow state")?;
         let args: Vec<String> = vec![
             "conn-rate".into(),
             "--target".into(),
@@ -599,6 +603,79 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds and removes one service `changes` times with `services` present, each timed from
+    /// the change until a probe connection from the client pod (through the mode's path) sees
+    /// it: answered after an add, refused or unreachable after a remove.
+    fn change_latencies(
+        &mut self,
+        mode: Mode,
+        services: usize,
+        endpoints: usize,
+        changes: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+        use std::io::BufRead as _;
+        if mode == Mode::Direct {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut probe = ChildGuard(
+            self.client_command(mode, &["probe".to_owned()])?
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting the probe")?,
+        );
+        let mut requests = probe.0.stdin.take().expect("piped");
+        let mut answers = std::io::BufReader::new(probe.0.stdout.take().expect("piped"));
+        let present = self.rule_services(services, endpoints);
+        let (mut adds, mut removes) = (Vec::new(), Vec::new());
+        for change in 0..changes {
+            check_interrupted()?;
+            let index = services + change;
+            let service = self.rule_service(index, endpoints);
+            for adding in [true, false] {
+                // The rules are written before the clock starts; only loading them is timed.
+                let text = match (mode, adding) {
+                    (Mode::Nftables, true) => kube_proxy::nft_add(&service),
+                    (Mode::Nftables, false) => kube_proxy::nft_remove(&service),
+                    (Mode::Iptables | Mode::IptablesLegacy, true) => {
+                        kube_proxy::iptables_add(&present, &service)
+                    }
+                    (Mode::Iptables | Mode::IptablesLegacy, false) => {
+                        kube_proxy::iptables_remove(&present, &service)
+                    }
+                    _ => String::new(),
+                };
+                let want = if adding { "open" } else { "closed" };
+                let started = std::time::Instant::now();
+                writeln!(requests, "{want} {}", service.vip)?;
+                requests.flush()?;
+                match mode {
+                    Mode::Direct => {}
+                    Mode::EbpfSocket | Mode::EbpfTc if adding => {
+                        self.lb.upsert_frontend(&self.frontend(index, endpoints))?
+                    }
+                    Mode::EbpfSocket | Mode::EbpfTc => {
+                        self.lb.remove_frontend(&self.frontend(index, endpoints).key)?
+                    }
+                    Mode::Nftables => self.node_a_load("nft", &["-f", "-"], &text)?,
+                    Mode::Iptables | Mode::IptablesLegacy => {
+                        self.node_a_load(iptables_restore(mode), &["--noflush"], &text)?
+                    }
+                }
+                let mut answer = String::new();
+                answers.read_line(&mut answer).context("reading the probe")?;
+                let elapsed = started.elapsed();
+                ensure!(
+                    answer.starts_with("ok"),
+                    "{}: service {index} never became {want}: {answer:?}",
+                    mode.name()
+                );
+                if adding { adds.push(elapsed) } else { removes.push(elapsed) }
+            }
+        }
+        Ok((adds, removes))
+    }
+
     fn rule_services(&self, services: usize, endpoints: usize) -> Vec<RuleService> {
         (0..services).map(|index| self.rule_service(index, endpoints)).collect()
     }
@@ -662,7 +739,15 @@ pub struct ModeResult {
     /// Client + server CPU time per connection, microseconds.
     pub cpu_us_per_connection: f64,
     pub cold_programming_ms: f64,
-    /// conn/s over direct's at the same (N, M) in this run.
+    /// One service added with N present until a probe connects, p50/p99 in ms.
+    pub add_p50_ms: f64,
+    pub add_p99_ms: f64,
+    /// One service removed with N present until a probe is refused, p50/p99 in ms.
+    pub remove_p50_ms: f64,
+    pub remove_p99_ms: f64,
+    /// conn/s of `direct` in repetitions interleaved with this mode's.
+    pub direct_per_second: f64,
+    /// conn/s over `direct_per_second`.
     pub ratio_to_direct: f64,
 }
 
@@ -677,7 +762,16 @@ fn summarize(
     endpoints: usize,
     runs: Vec<ConnRateReport>,
     cold: Duration,
+    (adds, removes): (Vec<Duration>, Vec<Duration>),
 ) -> ModeResult {
+    let ms = |samples: &[Duration], fraction: f64| {
+        let mut sorted: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        sorted.sort_by(f64::total_cmp);
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        sorted[((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1]
+    };
     let pick = |f: fn(&ConnRateReport) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
     let rates: Vec<f64> = runs.iter().map(|r| r.per_second).collect();
     let cpu: f64 = runs.iter().map(|r| r.client_cpu_seconds).sum::<f64>()
@@ -695,6 +789,11 @@ fn summarize(
         p999_us: pick(|r| r.p999_us),
         cpu_us_per_connection: cpu * 1e6,
         cold_programming_ms: cold.as_secs_f64() * 1e3,
+        add_p50_ms: ms(&adds, 0.5),
+        add_p99_ms: ms(&adds, 0.99),
+        remove_p50_ms: ms(&removes, 0.5),
+        remove_p99_ms: ms(&removes, 0.99),
+        direct_per_second: 0.0,
         ratio_to_direct: 0.0,
         repetitions: runs,
     }
@@ -727,6 +826,8 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(seconds);
     let warmup = Duration::from_secs_f64((seconds / 5.0).min(0.5));
     let repetitions = args.repetitions.max(1);
+    // Each is one add and one remove.
+    let changes = if args.quick { 6 } else { 10 };
     let max_services = *services.iter().max().unwrap_or(&1) + 64;
     let max_endpoints = *endpoints.iter().max().unwrap_or(&1);
 
@@ -742,19 +843,30 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                 done += 1;
                 eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: programming", mode.name());
                 let cold = lab.program(mode, n, m)?;
+                // Conntrack of node A and the eBPF flow state: nothing a previous mode left
+                // translates a flow of this one (client ports are reused across modes).
                 lab.flush_conntrack()?;
+                lab.lb.clear_flows().context("clearing the eBPF flow state")?;
                 let target = match mode {
                     Mode::Direct => SocketAddrV4::new(lab.backends[0].ip, BACKEND_PORT),
                     // The last service programmed: a linear lookup pays its whole length.
                     _ => SocketAddrV4::new(vip(n - 1), SERVICE_PORT),
                 };
                 let mut runs = Vec::new();
+                let mut floors = Vec::new();
                 for rep in 0..repetitions {
                     eprint!(
                         "\r\x1b[K[{done}/{total}] {} N={n} M={m}: repetition {}/{repetitions}",
                         mode.name(),
                         rep + 1
                     );
+                    // Direct runs right beside every repetition: the shared machine's load
+                    // drifts within minutes, so the floor is taken at the same moment.
+                    if mode != Mode::Direct {
+                        let floor = SocketAddrV4::new(lab.backends[0].ip, BACKEND_PORT);
+                        floors
+                            .push(lab.conn_rate(Mode::Direct, floor, warmup, duration)?.per_second);
+                    }
                     let run = lab.conn_rate(mode, target, warmup, duration)?;
                     ensure!(
                         run.connections > 0,
@@ -764,24 +876,18 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                     );
                     runs.push(run);
                 }
-                results.push(summarize(mode, n, m, runs, cold));
+                eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: service changes", mode.name());
+                let changes = lab.change_latencies(mode, n, m, changes)?;
+                let mut result = summarize(mode, n, m, runs, cold, changes);
+                result.direct_per_second =
+                    if floors.is_empty() { result.conn_per_second } else { median(&mut floors) };
+                result.ratio_to_direct = result.conn_per_second / result.direct_per_second;
+                results.push(result);
                 lab.unprogram(mode)?;
             }
         }
     }
     eprintln!("\r\x1b[Kdone");
-    for index in 0..results.len() {
-        let floor = results
-            .iter()
-            .find(|r| {
-                r.mode == Mode::Direct
-                    && r.services == results[index].services
-                    && r.endpoints == results[index].endpoints
-            })
-            .map_or(0.0, |r| r.conn_per_second);
-        results[index].ratio_to_direct =
-            if floor > 0.0 { results[index].conn_per_second / floor } else { f64::NAN };
-    }
     drop(lab);
     print!("{}", table(&results, seconds, repetitions));
     let out = args.out.clone().unwrap_or_else(|| {
@@ -801,17 +907,29 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; latency in µs (median of the repetitions)"
+        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; ×DIRECT against direct runs interleaved with the mode's; latency in µs (median of the repetitions); CPU = client + server per connection; COLD = programming N services; ADD/DEL = one service changed with N present until a probe connection sees it"
     );
     let _ = writeln!(
         out,
-        "{:<12} {:>7} {:>3} {:>24} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10}",
-        "MODE", "N", "M", "CONN/S", "×DIRECT", "P50", "P90", "P99", "P99.9", "CPU µs/c", "COLD ms"
+        "{:<15} {:>7} {:>3} {:>24} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10} {:>15} {:>15}",
+        "MODE",
+        "N",
+        "M",
+        "CONN/S",
+        "×DIRECT",
+        "P50",
+        "P90",
+        "P99",
+        "P99.9",
+        "CPU µs/c",
+        "COLD ms",
+        "ADD p50/p99 ms",
+        "DEL p50/p99 ms"
     );
     for r in results {
         let _ = writeln!(
             out,
-            "{:<12} {:>7} {:>3} {:>8.0} [{:>6.0}–{:>6.0}] {:>8.3} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.1} {:>10.2}",
+            "{:<15} {:>7} {:>3} {:>8.0} [{:>6.0}–{:>6.0}] {:>8.3} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.1} {:>10.2} {:>7.2}/{:<7.2} {:>7.2}/{:<7.2}",
             r.mode.name(),
             r.services,
             r.endpoints,
@@ -825,6 +943,10 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
             r.p999_us,
             r.cpu_us_per_connection,
             r.cold_programming_ms,
+            r.add_p50_ms,
+            r.add_p99_ms,
+            r.remove_p50_ms,
+            r.remove_p99_ms,
         );
     }
     out

@@ -898,8 +898,43 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("services.json"), serde_json::to_string_pretty(&results)?)?;
-    println!("written: {}", out.join("services.json").display());
+    std::fs::write(out.join("services.csv"), csv(&results))?;
+    println!("written: {} and services.csv", out.join("services.json").display());
     Ok(())
+}
+
+fn csv(results: &[ModeResult]) -> String {
+    let mut out = String::from(
+        "mode,services,endpoints,conn_per_second,conn_per_second_min,conn_per_second_max,direct_per_second,ratio_to_direct,p50_us,p90_us,p99_us,p999_us,cpu_us_per_connection,cold_programming_ms,add_p50_ms,add_p99_ms,remove_p50_ms,remove_p99_ms\n",
+    );
+    for r in results {
+        let fields = [
+            r.conn_per_second,
+            r.conn_per_second_min,
+            r.conn_per_second_max,
+            r.direct_per_second,
+            r.ratio_to_direct,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p999_us,
+            r.cpu_us_per_connection,
+            r.cold_programming_ms,
+            r.add_p50_ms,
+            r.add_p99_ms,
+            r.remove_p50_ms,
+            r.remove_p99_ms,
+        ];
+        let fields: Vec<String> = fields.iter().map(|f| format!("{f:.3}")).collect();
+        out.push_str(&format!(
+            "{},{},{},{}\n",
+            r.mode.name(),
+            r.services,
+            r.endpoints,
+            fields.join(",")
+        ));
+    }
+    out
 }
 
 fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {

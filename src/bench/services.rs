@@ -552,8 +552,29 @@ impl Lab {
         }
     }
 
-    /// Programs `services` frontends of `endpoints` each; returns the time it took.
+    /// Programs `services` frontends of `endpoints` each; returns the time it took and the
+    /// memory it cost.
     fn program(
+        &mut self,
+        mode: Mode,
+        services: usize,
+        endpoints: usize,
+    ) -> anyhow::Result<(Duration, Memory)> {
+        let (rss_before, slab_before) = (status_kib("/proc/self/status", "VmRSS:"), slab_kib());
+        let elapsed = self.program_rules(mode, services, endpoints)?;
+        let memory = Memory {
+            bpf_map_memlock_kib: if matches!(mode, Mode::EbpfSocket | Mode::EbpfTc) {
+                bpf_map_memlock_kib(self.lb.pin_dir())
+            } else {
+                0
+            },
+            writer_rss_delta_kib: status_kib("/proc/self/status", "VmRSS:") - rss_before,
+            slab_delta_kib: slab_kib() - slab_before,
+        };
+        Ok((elapsed, memory))
+    }
+
+    fn program_rules(
         &mut self,
         mode: Mode,
         services: usize,
@@ -718,6 +739,52 @@ impl Lab {
     }
 }
 
+/// Memory a mode's programming cost. `slab_delta_kib` is the machine-wide `Slab` of
+/// /proc/meminfo before and after loading: it holds nf_tables/x_tables rule memory but also
+/// whatever else the shared machine allocated meanwhile, so it is a rough figure.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Memory {
+    /// `bytes_memlock` of the load balancer's maps (bpftool), summed: their whole capacity.
+    pub bpf_map_memlock_kib: i64,
+    /// RSS growth of the bench process, which holds the map writer as the agent would.
+    pub writer_rss_delta_kib: i64,
+    pub slab_delta_kib: i64,
+}
+
+fn status_kib(file: &str, field: &str) -> i64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with(field))?.to_owned();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn slab_kib() -> i64 {
+    status_kib("/proc/meminfo", "Slab:")
+}
+
+fn bpf_map_memlock_kib(pin_dir: &Path) -> i64 {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return 0 };
+    let mut bytes = 0i64;
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with("LB_") {
+            continue;
+        }
+        let Ok(output) = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(entry.path())
+            .output()
+        else {
+            continue;
+        };
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        bytes += info["bytes_memlock"].as_i64().unwrap_or(0);
+    }
+    bytes / 1024
+}
+
 fn iptables_restore(mode: Mode) -> &'static str {
     if mode == Mode::IptablesLegacy { "iptables-legacy-restore" } else { "iptables-nft-restore" }
 }
@@ -745,6 +812,7 @@ pub struct ModeResult {
     /// One service removed with N present until a probe is refused, p50/p99 in ms.
     pub remove_p50_ms: f64,
     pub remove_p99_ms: f64,
+    pub memory: Memory,
     /// conn/s of `direct` in repetitions interleaved with this mode's.
     pub direct_per_second: f64,
     /// conn/s over `direct_per_second`.
@@ -793,6 +861,7 @@ fn summarize(
         add_p99_ms: ms(&adds, 0.99),
         remove_p50_ms: ms(&removes, 0.5),
         remove_p99_ms: ms(&removes, 0.99),
+        memory: Memory::default(),
         direct_per_second: 0.0,
         ratio_to_direct: 0.0,
         repetitions: runs,
@@ -842,7 +911,7 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                 check_interrupted()?;
                 done += 1;
                 eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: programming", mode.name());
-                let cold = lab.program(mode, n, m)?;
+                let (cold, memory) = lab.program(mode, n, m)?;
                 // Conntrack of node A and the eBPF flow state: nothing a previous mode left
                 // translates a flow of this one (client ports are reused across modes).
                 lab.flush_conntrack()?;
@@ -879,6 +948,7 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                 eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: service changes", mode.name());
                 let changes = lab.change_latencies(mode, n, m, changes)?;
                 let mut result = summarize(mode, n, m, runs, cold, changes);
+                result.memory = memory;
                 result.direct_per_second =
                     if floors.is_empty() { result.conn_per_second } else { median(&mut floors) };
                 result.ratio_to_direct = result.conn_per_second / result.direct_per_second;
@@ -905,7 +975,7 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
 
 fn csv(results: &[ModeResult]) -> String {
     let mut out = String::from(
-        "mode,services,endpoints,conn_per_second,conn_per_second_min,conn_per_second_max,direct_per_second,ratio_to_direct,p50_us,p90_us,p99_us,p999_us,cpu_us_per_connection,cold_programming_ms,add_p50_ms,add_p99_ms,remove_p50_ms,remove_p99_ms\n",
+        "mode,services,endpoints,conn_per_second,conn_per_second_min,conn_per_second_max,direct_per_second,ratio_to_direct,p50_us,p90_us,p99_us,p999_us,cpu_us_per_connection,cold_programming_ms,add_p50_ms,add_p99_ms,remove_p50_ms,remove_p99_ms,bpf_map_memlock_kib,writer_rss_delta_kib,slab_delta_kib\n",
     );
     for r in results {
         let fields = [
@@ -927,11 +997,14 @@ fn csv(results: &[ModeResult]) -> String {
         ];
         let fields: Vec<String> = fields.iter().map(|f| format!("{f:.3}")).collect();
         out.push_str(&format!(
-            "{},{},{},{}\n",
+            "{},{},{},{},{},{},{}\n",
             r.mode.name(),
             r.services,
             r.endpoints,
-            fields.join(",")
+            fields.join(","),
+            r.memory.bpf_map_memlock_kib,
+            r.memory.writer_rss_delta_kib,
+            r.memory.slab_delta_kib,
         ));
     }
     out
@@ -942,11 +1015,11 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; ×DIRECT against direct runs interleaved with the mode's; latency in µs (median of the repetitions); CPU = client + server per connection; COLD = programming N services; ADD/DEL = one service changed with N present until a probe connection sees it"
+        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; ×DIRECT against direct runs interleaved with the mode's; latency in µs (median of the repetitions); CPU = client + server per connection; COLD = programming N services; ADD/DEL = one service changed with N present until a probe connection sees it; MAPS = memlock of the LB maps (capacity, not use), RSS = growth of this process (the map writer), SLAB = machine-wide /proc/meminfo Slab delta over the load (rough: shared machine)"
     );
     let _ = writeln!(
         out,
-        "{:<15} {:>7} {:>3} {:>24} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10} {:>15} {:>15}",
+        "{:<15} {:>7} {:>3} {:>24} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>10} {:>15} {:>15} {:>17}",
         "MODE",
         "N",
         "M",
@@ -959,12 +1032,13 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
         "CPU µs/c",
         "COLD ms",
         "ADD p50/p99 ms",
-        "DEL p50/p99 ms"
+        "DEL p50/p99 ms",
+        "MAPS/RSS/SLAB KiB"
     );
     for r in results {
         let _ = writeln!(
             out,
-            "{:<15} {:>7} {:>3} {:>8.0} [{:>6.0}–{:>6.0}] {:>8.3} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.1} {:>10.2} {:>7.2}/{:<7.2} {:>7.2}/{:<7.2}",
+            "{:<15} {:>7} {:>3} {:>8.0} [{:>6.0}–{:>6.0}] {:>8.3} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.1} {:>10.2} {:>7.2}/{:<7.2} {:>7.2}/{:<7.2} {}/{}/{}",
             r.mode.name(),
             r.services,
             r.endpoints,
@@ -982,6 +1056,9 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
             r.add_p99_ms,
             r.remove_p50_ms,
             r.remove_p99_ms,
+            r.memory.bpf_map_memlock_kib,
+            r.memory.writer_rss_delta_kib,
+            r.memory.slab_delta_kib,
         );
     }
     out

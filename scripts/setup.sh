@@ -12,7 +12,7 @@ fi
 # protoc builds the gRPC code; the rest are the tools the lab, the tests and the benchmarks use.
 packages=(
   llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev protobuf-compiler
-  iproute2 nftables iptables etcd-server bpftool containernetworking-plugins iperf3
+  iproute2 nftables iptables etcd-server bpftool containernetworking-plugins iperf3 conntrack
 )
 missing=()
 for package in "${packages[@]}"; do

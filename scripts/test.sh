@@ -26,17 +26,21 @@ cargo test --quiet 2>&1 | tee "$log" || status=$?
 
 failures=()
 if [ "$(id -u)" = 0 ]; then
+  # The service benchmark's quick preset (about 1.5 minutes here): it must run and clean up.
+  bench_out=$(mktemp -d)
+  "${CARGO_TARGET_DIR:-target}/debug/strait" bench services --quick --out "$bench_out" || status=$?
+  rm -rf "$bench_out"
   # A privileged test cannot skip here: with STRAIT_REQUIRE_PRIVILEGED=1 it fails instead
   # (tests/support). What remains to catch is a test marked #[ignore].
   if grep -Eq '[1-9][0-9]* ignored' "$log"; then
     failures+=("tests were ignored; every test must run in CI")
   fi
-  leftovers=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^strait-(e2e-|t-)' || true)
+  leftovers=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^strait-(e2e-|t-|bench-)' || true)
   [ -n "$leftovers" ] && failures+=("tests left network namespaces: $leftovers")
-  [ -n "$(ls -d /sys/fs/bpf/strait/e2e-* /sys/fs/bpf/strait/t-* 2>/dev/null)" ] && failures+=("tests left BPF pins")
+  [ -n "$(ls -d /sys/fs/bpf/strait/e2e-* /sys/fs/bpf/strait/t-* /sys/fs/bpf/strait/strait-bench-* 2>/dev/null)" ] && failures+=("tests left BPF pins")
   # The mount point is field 5; optional fields come before " - ", so match on the fstype.
   cg2=$(sed -n 's/^[^ ]* [^ ]* [^ ]* [^ ]* \([^ ]*\) .* - cgroup2 .*/\1/p' /proc/self/mountinfo | head -n 1)
-  [ -n "$(ls -d "$cg2"/strait/e2e-* 2>/dev/null)" ] && failures+=("tests left cgroups")
+  [ -n "$(ls -d "$cg2"/strait/e2e-* "$cg2"/strait/strait-bench-* 2>/dev/null)" ] && failures+=("tests left cgroups")
   [ "$(ip -4 route show)" != "$routes_before" ] && failures+=("the root namespace's routes changed")
   [ "$(sysctl -n net.ipv4.ip_forward)" != "$forward_before" ] && failures+=("net.ipv4.ip_forward changed in the root namespace")
 fi

@@ -45,6 +45,12 @@ enum Command {
     /// The built-in `strait/netexec` workload (what containers with that image run).
     #[command(hide = true)]
     Netexec(NetexecArgs),
+    /// The server, client and probe of `strait bench services`.
+    #[command(hide = true)]
+    BenchWorker {
+        #[command(subcommand)]
+        command: BenchWorkerCommand,
+    },
     /// The test client paired with netexec: prints what answered as JSON.
     #[command(hide = true)]
     Netclient {
@@ -311,6 +317,34 @@ enum BenchCommand {
     },
     /// CNI ADD/DEL latency of strait-cni beside the reference bridge + host-local plugins.
     Cni(bench::CniArgs),
+    /// New-connection rate and latency through a service: strait's socket and tc paths beside
+    /// direct pod-IP connections, in a lab of its own.
+    Services(bench::ServicesArgs),
+}
+
+/// The processes `strait bench services` runs inside its lab.
+#[derive(Subcommand)]
+enum BenchWorkerCommand {
+    /// Accept, read one byte, write it back, close; forever.
+    Serve {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        cpu: usize,
+    },
+    /// New connections one after another; prints a JSON report.
+    ConnRate {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 200)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        cpu: usize,
+    },
+    /// Waits for `open ADDR` / `closed ADDR` lines on stdin to come true.
+    Probe,
 }
 
 #[derive(Args)]
@@ -369,6 +403,20 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", bench::scheduler::scheduler(pods, nodes, runs).await?)
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
+            BenchCommand::Services(args) => bench::services(&args, &sibling_binary("strait-cni")?)?,
+        },
+        Command::BenchWorker { command } => match command {
+            BenchWorkerCommand::Serve { port, cpu } => bench::worker::serve(port, cpu)?,
+            BenchWorkerCommand::ConnRate { target, warmup_ms, duration_ms, cpu } => {
+                let report = bench::worker::conn_rate(
+                    target,
+                    Duration::from_millis(warmup_ms),
+                    Duration::from_millis(duration_ms),
+                    cpu,
+                )?;
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            BenchWorkerCommand::Probe => bench::worker::probe()?,
         },
         Command::Netclient { command } => {
             let report = match command {

@@ -12,6 +12,12 @@ use std::{
 
 use anyhow::Context as _;
 
+pub mod kube_proxy;
+pub mod services;
+pub mod worker;
+
+pub use services::{ServicesArgs, services};
+
 /// Timings of bringing a lab up (until every node is Ready) and down again, beside the floor:
 /// the same namespaces, bridge, veths and addresses made with iproute2 and nothing else.
 #[derive(Debug)]

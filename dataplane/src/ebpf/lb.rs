@@ -546,6 +546,32 @@ impl ServiceLb {
         )
     }
 
+    /// Empties the per-flow state (tc conntrack, socket translations, affinity, fragments),
+    /// leaving frontends and backends alone: what a benchmark does between modes so that no
+    /// flow of one mode is translated by what another left. Returns the entries removed.
+    pub fn clear_flows(&self) -> Result<u64, EbpfError> {
+        fn clear<K: aya::Pod, V: aya::Pod>(path: &Path) -> Result<u64, EbpfError> {
+            let Ok(data) = MapData::from_pin(path) else { return Ok(0) };
+            let map = match MapInfo::from_pin(path).map(|info| info.map_type()) {
+                Ok(Ok(aya::maps::MapType::LruHash)) => Map::LruHashMap(data),
+                _ => Map::HashMap(data),
+            };
+            let mut map = HashMap::<MapData, K, V>::try_from(map)
+                .map_err(map_error(format!("opening {}", path.display())))?;
+            let keys: Vec<K> = map.keys().take_while(Result::is_ok).flatten().collect();
+            for key in &keys {
+                remove_if_present(&mut map, key, || format!("clearing {}", path.display()))?;
+            }
+            Ok(keys.len() as u64)
+        }
+        let dir = &self.pin_dir;
+        Ok(clear::<layout::ConntrackKey, layout::ConntrackValue>(&dir.join(CONNTRACK_MAP))?
+            + clear::<layout::SockRevNatKey, layout::SockRevNatValue>(&dir.join(SOCK_REVNAT_MAP))?
+            + clear::<layout::SockFlowKey, layout::SockFlowValue>(&dir.join(SOCK_FLOWS_MAP))?
+            + clear::<layout::AffinityKey, layout::AffinityValue>(&dir.join(AFFINITY_MAP))?
+            + clear::<layout::FragmentKey, layout::FragmentValue>(&dir.join(FRAGMENTS_MAP))?)
+    }
+
     /// Entries per map against capacity. Each map walk stops at [`STATS_WALK_LIMIT`]; maps not
     /// created yet (the conntrack and fragment maps before the tc programs load) are left out.
     pub fn stats(&self) -> LbStats {

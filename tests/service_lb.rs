@@ -610,3 +610,28 @@ fn a_new_connection_reusing_its_source_port_chooses_afresh_on_the_tc_path() {
         assert!(counts(&report, "answers").len() > 1, "{path:?}: stuck on one backend: {report}");
     }
 }
+
+#[test]
+fn a_direct_connection_reusing_a_service_flows_ports_is_not_rewritten() {
+    if !privileged("a_direct_connection_reusing_a_service_flows_ports_is_not_rewritten") {
+        return;
+    }
+    let mut topology = Topology::new("lb-direct");
+    topology.upsert(tcp(vip(1), 80), &["pod-a"], None);
+    let pod_a = SocketAddrV4::new(topology.backends[0].ip, HTTP_PORT);
+    for path in PATHS {
+        // Through the service, then straight to the same backend, from one source port: the
+        // second connection's replies must not be taken for the first one's.
+        let via_vip = topology.tcp_client(
+            path,
+            SocketAddrV4::new(vip(1), 80),
+            1,
+            &["--source-port", "41999"],
+        );
+        assert_eq!(counts(&via_vip, "answers").get("pod-a"), Some(&1), "{path:?}: {via_vip}");
+        let direct = topology.tcp_client(path, pod_a, 3, &["--source-port", "41999"]);
+        assert_eq!(errors_total(&direct), 0, "{path:?}: {direct}");
+        assert_eq!(counts(&direct, "answers").get("pod-a"), Some(&3), "{path:?}: {direct}");
+        assert_eq!(direct["peer_mismatches"], 0, "{path:?}: {direct}");
+    }
+}

@@ -280,6 +280,34 @@ fn forward_entry_holds(flow: &Flow, entry: &ConntrackValue) -> bool {
     }
 }
 
+/// A flow straight to a pod (no service) may reuse the ports of an earlier service flow to
+/// the same backend: that flow's reply entry would then rewrite this one's replies to the VIP.
+/// A new TCP connection (SYN) or a UDP datagram toward a non-service address drops such an
+/// entry first. Established TCP never gets here with a stale entry: its SYN did.
+#[inline(always)]
+fn forget_stale_reply(flow: &Flow) {
+    let new_tcp = flow.protocol == PROTOCOL_TCP
+        && flow.tcp_flags & TCP_SYN != 0
+        && flow.tcp_flags & TCP_ACK == 0;
+    if !new_tcp && flow.protocol != PROTOCOL_UDP {
+        return;
+    }
+    let reply_key = ConntrackKey {
+        src_ip: flow.dst_ip,
+        dst_ip: flow.src_ip,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        protocol: flow.protocol,
+        direction: CT_REPLY,
+        _pad: 0,
+    };
+    // SAFETY (map read): plain data. A UDP datagram pays one lookup; only a stale entry costs
+    // a delete.
+    if unsafe { CONNTRACK.get(reply_key) }.is_some() {
+        let _ = CONNTRACK.remove(reply_key);
+    }
+}
+
 /// Ingress of a pod's host veth, after the anti-spoofing check.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, packet: &Packet) -> Result<(), NatFailed> {
@@ -311,7 +339,10 @@ fn translation_from_pod(flow: &Flow) -> Result<Option<ConntrackValue>, NatFailed
     }
     let frontend_key =
         FrontendKey { vip: flow.dst_ip, port: flow.dst_port, protocol: flow.protocol, _pad: 0 };
-    let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key) }) else { return Ok(None) };
+    let Some(frontend) = (unsafe { FRONTENDS.get(frontend_key) }) else {
+        forget_stale_reply(flow);
+        return Ok(None);
+    };
     let client =
         AffinityKey { service_id: frontend.service_id, client_ip: flow.src_ip, netns_cookie: 0 };
     let Some(chosen) = choose_backend(frontend, client) else { return Ok(None) };

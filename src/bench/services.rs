@@ -813,15 +813,21 @@ pub struct ModeResult {
     pub remove_p50_ms: f64,
     pub remove_p99_ms: f64,
     pub memory: Memory,
-    /// conn/s of `direct` in repetitions interleaved with this mode's.
+    /// conn/s of `direct` just before this mode was programmed and just after it was removed.
     pub direct_per_second: f64,
     /// conn/s over `direct_per_second`.
     pub ratio_to_direct: f64,
 }
 
+/// The middle value; for an even count the mean of the two middle ones.
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 fn summarize(
@@ -910,6 +916,20 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
             for &n in &services {
                 check_interrupted()?;
                 done += 1;
+                // The floor is measured without the mode's rules or frontends: kube-proxy's
+                // chains are walked by every new connection, direct ones included, so a floor
+                // taken with them in place would hide their cost. It brackets the mode's runs
+                // (just before programming, just after removing), for the machine's drifting
+                // load.
+                let floor_target = SocketAddrV4::new(lab.backends[0].ip, BACKEND_PORT);
+                let mut floors = Vec::new();
+                if mode != Mode::Direct {
+                    eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: floor", mode.name());
+                    lab.flush_conntrack()?;
+                    floors.push(
+                        lab.conn_rate(Mode::Direct, floor_target, warmup, duration)?.per_second,
+                    );
+                }
                 eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: programming", mode.name());
                 let (cold, memory) = lab.program(mode, n, m)?;
                 // Conntrack of node A and the eBPF flow state: nothing a previous mode left
@@ -922,20 +942,12 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                     _ => SocketAddrV4::new(vip(n - 1), SERVICE_PORT),
                 };
                 let mut runs = Vec::new();
-                let mut floors = Vec::new();
                 for rep in 0..repetitions {
                     eprint!(
                         "\r\x1b[K[{done}/{total}] {} N={n} M={m}: repetition {}/{repetitions}",
                         mode.name(),
                         rep + 1
                     );
-                    // Direct runs right beside every repetition: the shared machine's load
-                    // drifts within minutes, so the floor is taken at the same moment.
-                    if mode != Mode::Direct {
-                        let floor = SocketAddrV4::new(lab.backends[0].ip, BACKEND_PORT);
-                        floors
-                            .push(lab.conn_rate(Mode::Direct, floor, warmup, duration)?.per_second);
-                    }
                     let run = lab.conn_rate(mode, target, warmup, duration)?;
                     ensure!(
                         run.connections > 0,
@@ -949,11 +961,19 @@ pub fn services(args: &ServicesArgs, cni: &Path) -> anyhow::Result<()> {
                 let changes = lab.change_latencies(mode, n, m, changes)?;
                 let mut result = summarize(mode, n, m, runs, cold, changes);
                 result.memory = memory;
+                lab.unprogram(mode)?;
+                if mode != Mode::Direct {
+                    eprint!("\r\x1b[K[{done}/{total}] {} N={n} M={m}: floor", mode.name());
+                    lab.flush_conntrack()?;
+                    lab.lb.clear_flows().context("clearing the eBPF flow state")?;
+                    floors.push(
+                        lab.conn_rate(Mode::Direct, floor_target, warmup, duration)?.per_second,
+                    );
+                }
                 result.direct_per_second =
                     if floors.is_empty() { result.conn_per_second } else { median(&mut floors) };
                 result.ratio_to_direct = result.conn_per_second / result.direct_per_second;
                 results.push(result);
-                lab.unprogram(mode)?;
             }
         }
     }
@@ -1015,7 +1035,7 @@ fn table(results: &[ModeResult], seconds: f64, repetitions: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; ×DIRECT against direct runs interleaved with the mode's; latency in µs (median of the repetitions); CPU = client + server per connection; COLD = programming N services; ADD/DEL = one service changed with N present until a probe connection sees it; MAPS = memlock of the LB maps (capacity, not use), RSS = growth of this process (the map writer), SLAB = machine-wide /proc/meminfo Slab delta over the load (rough: shared machine)"
+        "new connections (connect, 1-byte request, 1-byte answer, close with reset): {repetitions} × {seconds}s each, median [min–max]; ×DIRECT against direct runs just before the mode is programmed and just after it is removed (no rules or frontends in place); latency in µs (median of the repetitions); CPU = client + server per connection; COLD = programming N services; ADD/DEL = one service changed with N present until a probe connection sees it; MAPS = memlock of the LB maps (capacity, not use), RSS = growth of this process (the map writer), SLAB = machine-wide /proc/meminfo Slab delta over the load (rough: shared machine)"
     );
     let _ = writeln!(
         out,

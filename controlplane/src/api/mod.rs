@@ -8,6 +8,7 @@ pub mod kind;
 pub mod kinds;
 pub mod merge_patch;
 pub mod openapi;
+pub mod quantity;
 pub mod selectors;
 pub mod table;
 pub mod typed;

@@ -31,36 +31,9 @@ impl Resources {
     }
 }
 
-/// A Kubernetes quantity (`100m`, `1.5`, `128Mi`, `1G`, `2e3`) scaled by `scale` (1000 for
-/// millicores, 1 for bytes), rounded up. `None` when it does not parse.
+/// A Kubernetes quantity scaled by `scale` (1000 for millicores, 1 for bytes), rounded up.
 pub fn parse_quantity(text: &str, scale: f64) -> Option<u64> {
-    let text = text.trim();
-    let suffixes: [(&str, f64); 14] = [
-        ("Ki", 1024f64),
-        ("Mi", 1024f64.powi(2)),
-        ("Gi", 1024f64.powi(3)),
-        ("Ti", 1024f64.powi(4)),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-    ];
-    let (number, factor) = suffixes
-        .iter()
-        .find_map(|(suffix, factor)| text.strip_suffix(suffix).map(|n| (n, *factor)))
-        .or_else(|| text.strip_suffix('E').map(|n| (n, 1e18)))
-        .unwrap_or((text, 1.0));
-    let value: f64 = number.parse().ok()?;
-    if !value.is_finite() || value < 0.0 {
-        return None;
-    }
-    Some((value * factor * scale).ceil() as u64)
+    crate::api::quantity::scaled(text, scale)
 }
 
 fn resources_of(map: Option<&BTreeMap<String, Quantity>>) -> Resources {
@@ -296,7 +269,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Node, Pod};
     use serde_json::json;
 
-    use super::{Misfit, NodeSummary, misfits, parse_quantity, pod_requests, preference_key};
+    use super::{Misfit, NodeSummary, misfits, pod_requests, preference_key};
 
     fn node(name: &str, extra: serde_json::Value) -> Node {
         let mut value = json!({
@@ -325,19 +298,6 @@ mod tests {
             }
             (base, extra) => *base = extra,
         }
-    }
-
-    #[test]
-    fn quantities_parse_as_kubernetes_writes_them() {
-        assert_eq!(parse_quantity("100m", 1000.0), Some(100));
-        assert_eq!(parse_quantity("1.5", 1000.0), Some(1500));
-        assert_eq!(parse_quantity("2", 1000.0), Some(2000));
-        assert_eq!(parse_quantity("128Mi", 1.0), Some(128 << 20));
-        assert_eq!(parse_quantity("1G", 1.0), Some(1_000_000_000));
-        assert_eq!(parse_quantity("2e3", 1.0), Some(2000));
-        assert_eq!(parse_quantity("1Ki", 1.0), Some(1024));
-        assert_eq!(parse_quantity("lots", 1.0), None);
-        assert_eq!(parse_quantity("-1", 1.0), None);
     }
 
     #[test]

@@ -119,28 +119,7 @@ fn default_container(container: &mut Container) {
 
 /// A resource quantity as a number (`500m` → 0.5, `1Gi` → 2^30), for comparisons.
 fn quantity_value(quantity: &Quantity) -> Option<f64> {
-    let text = quantity.0.trim();
-    const SUFFIXES: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1_048_576.0),
-        ("Gi", 1_073_741_824.0),
-        ("Ti", 1_099_511_627_776.0),
-        ("Pi", 1_125_899_906_842_624.0),
-        ("Ei", 1_152_921_504_606_846_976.0),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    for (suffix, factor) in SUFFIXES {
-        if let Some(number) = text.strip_suffix(suffix) {
-            return number.parse::<f64>().ok().map(|n| n * factor);
-        }
-    }
-    text.parse::<f64>().ok()
+    crate::api::quantity::value(&quantity.0)
 }
 
 /// The QoS class Kubernetes derives from requests and limits (`BestEffort`, `Burstable`,

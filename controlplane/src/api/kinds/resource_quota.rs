@@ -27,7 +27,7 @@ use crate::{
         typed::decode_object,
         validation::NameRule,
     },
-    scheduler::fit::{parse_quantity, pod_requests},
+    scheduler::fit::pod_requests,
     store::{Compare, Op, Store},
 };
 
@@ -55,7 +55,7 @@ const COLUMNS: &[Column] = &[
 /// A quota resource's amount in the unit admission counts in (pods, millicores, bytes).
 fn amount(resource: &str, quantity: &str) -> Option<u64> {
     let scale = if resource.ends_with("cpu") { 1000.0 } else { 1.0 };
-    parse_quantity(quantity, scale)
+    crate::api::quantity::scaled(quantity, scale)
 }
 
 fn format_amount(resource: &str, amount: u64) -> String {

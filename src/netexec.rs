@@ -3,7 +3,8 @@
 //!
 //! - HTTP (default port 8080): `/hostname` → the pod's name, `/clientip` → the peer address as
 //!   seen (`ip:port`), `/echo?msg=…` → `msg`, `POST /echo` → the request body (up to 1 MiB),
-//!   `/healthz` → `ok`.
+//!   `/port` → the HTTP port it listens on (which of a multi-port service's target ports was
+//!   reached), `/healthz` → `ok`.
 //! - UDP (default port 8081): `hostname` → the pod's name, `clientip` → the peer address as seen
 //!   (`ip:port`), anything else is echoed back unchanged.
 
@@ -62,6 +63,7 @@ pub async fn run(
                 .post(|body: axum::body::Bytes| async move { body })
                 .layer(axum::extract::DefaultBodyLimit::max(ECHO_BODY_LIMIT)),
         )
+        .route("/port", get(move || async move { ports.http.to_string() }))
         .route("/healthz", get(|| async { "ok" }));
     let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>());
     let udp_server = async move {

@@ -164,9 +164,14 @@ fn hold_report(path: &str, child: std::process::Child) -> Value {
     serde_json::from_slice(&output.stdout).expect("hold report")
 }
 
+/// A second netexec in `web` pods, on other ports, so that a multi-port service has two
+/// different target ports to reach.
+const ALT_CONTAINER: &str = "  - name: alt\n    image: strait/netexec\n    args: [\"--http-port\", \"9090\", \"--udp-port\", \"9091\"]\n    ports:\n    - {name: alt-http, containerPort: 9090}\n";
+
 async fn start_pods(lab: &TestLab, pods: &[(&str, &str, &str, bool)]) -> BTreeMap<String, Pod> {
     for (name, app, node, tc) in pods {
-        create(lab, &pod_manifest(name, app, node, *tc, &[]));
+        let extra = if *app == "web" { ALT_CONTAINER } else { "" };
+        create(lab, &format!("{}{extra}", pod_manifest(name, app, node, *tc, &[])));
     }
     let mut running = BTreeMap::new();
     for (name, ..) in pods {
@@ -230,6 +235,23 @@ async fn services_balance_pin_and_preserve_the_client_through_both_paths() {
             "{path}: replies must come from the VIP"
         );
         assert!(answered_by(&udp).iter().all(|a| backends.contains(&a.as_str())), "{udp}");
+    }
+
+    // A multi-port service: each service port reaches its own target port on every backend
+    // (netexec's `/port` says which one answered), through both paths.
+    let multi = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-multi\nspec:\n  selector:\n    app: web\n  ports:\n  - {name: main, port: 80, targetPort: http}\n  - {name: alt, port: 90, targetPort: alt-http}\n";
+    create(&lab, multi);
+    let multi_vip = cluster_ip(&lab, "web-multi").await;
+    for (path, client) in PATHS {
+        for (port, expected) in [(80, "8080"), (90, "9090")] {
+            let target = format!("{multi_vip}:{port}");
+            within(Duration::from_secs(5), &format!("{path}: {target} reaches {expected}"), || {
+                let report = tcp(&lab, client, &target, 30, "/port");
+                errors(&report) == 0
+                    && answered_by(&report) == [expected]
+                    && answers(&tcp(&lab, client, &target, 30, "/hostname")).len() == 3
+            });
+        }
     }
 
     // internalTrafficPolicy: Local: the clients on node-1 reach only node-1's backend.
@@ -379,7 +401,7 @@ async fn pods_resolve_services_through_the_cluster_dns() {
     if !support::privileged("pods_resolve_services_through_the_cluster_dns") {
         return;
     }
-    let lab = TestLab::up("svc-dns", 2).await;
+    let lab = TestLab::up("svc-dns", 3).await;
     let pods = start_pods(
         &lab,
         &[
@@ -477,7 +499,7 @@ async fn large_payloads_pass_and_an_agent_sigkill_breaks_no_connection() {
     if !support::privileged("large_payloads_pass_and_an_agent_sigkill_breaks_no_connection") {
         return;
     }
-    let lab = TestLab::up("svc-kill", 2).await;
+    let lab = TestLab::up("svc-kill", 3).await;
     start_pods(
         &lab,
         &[
@@ -531,7 +553,7 @@ async fn terminating_endpoints_keep_their_connections_and_serve_only_when_nothin
     ) {
         return;
     }
-    let lab = TestLab::up("svc-term", 2).await;
+    let lab = TestLab::up("svc-term", 3).await;
     // Backends that keep serving 20 s after SIGTERM, as a draining workload does.
     for (name, node) in [("old", "node-2"), ("new", "node-2")] {
         create(&lab, &pod_manifest(name, "web", node, false, &["--shutdown-delay-seconds", "20"]));
@@ -630,7 +652,7 @@ async fn unready_endpoints_serve_only_with_publish_not_ready_addresses() {
         return;
     }
     let flags = ReadyFlags::new("svc");
-    let lab = TestLab::up("svc-ready", 2).await;
+    let lab = TestLab::up("svc-ready", 3).await;
     flags.set("warm");
     create(&lab, &probed_pod_manifest("warm", "web", "node-2", false, &flags.path("warm")));
     create(&lab, &probed_pod_manifest("cold", "web", "node-2", false, &flags.path("cold")));

@@ -18,6 +18,8 @@ pub enum FieldErrorKind {
     Duplicate(Value),
     Forbidden,
     NotSupported(Value),
+    /// Longer than a limit; the detail says which (`must have at most 1048576 bytes`).
+    TooLong,
 }
 
 /// One invalid field: its JSON path (`spec.containers[0].image`) and why.
@@ -57,6 +59,10 @@ impl FieldError {
         Self { field: field.into(), kind: FieldErrorKind::Forbidden, detail: detail.into() }
     }
 
+    pub fn too_long(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { field: field.into(), kind: FieldErrorKind::TooLong, detail: detail.into() }
+    }
+
     pub fn not_supported(
         field: impl Into<String>,
         value: impl Into<Value>,
@@ -77,6 +83,7 @@ impl FieldError {
             FieldErrorKind::Duplicate(_) => "FieldValueDuplicate",
             FieldErrorKind::Forbidden => "FieldValueForbidden",
             FieldErrorKind::NotSupported(_) => "FieldValueNotSupported",
+            FieldErrorKind::TooLong => "FieldValueTooLong",
         }
     }
 
@@ -88,6 +95,7 @@ impl FieldError {
             FieldErrorKind::Duplicate(value) => ("Duplicate value", Some(value)),
             FieldErrorKind::Forbidden => ("Forbidden", None),
             FieldErrorKind::NotSupported(value) => ("Unsupported value", Some(value)),
+            FieldErrorKind::TooLong => ("Too long", None),
         };
         let mut message = what.to_owned();
         if let Some(value) = value {

@@ -70,6 +70,10 @@ pub async fn reconcile_terminating(
     for quota in &quotas {
         registry.resource_quotas.remove(quota).await?;
     }
+    let (config_maps, _) = registry.config_maps.list(Some(name), &ListFilter::default()).await?;
+    for config_map in &config_maps {
+        registry.config_maps.remove(config_map).await?;
+    }
     for service in &services {
         let service_name = service.metadata.name.as_deref().unwrap_or_default();
         match registry.services.delete(Some(name), service_name, &request, false).await {

@@ -161,6 +161,9 @@ struct ControllerArgs {
     /// The cluster IP of kube-system/kube-dns (inside --service-cidr).
     #[arg(long, default_value = "10.96.0.10")]
     cluster_dns_ip: Ipv4Addr,
+    /// How long an event is kept after it last happened, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    event_ttl_seconds: u64,
 }
 
 #[derive(Args)]
@@ -509,6 +512,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.node_cidr_prefix = args.node_cidr_prefix;
     config.service_cidr = args.service_cidr;
     config.cluster_dns_ip = args.cluster_dns_ip;
+    config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     tracing::info!(cluster = %args.cluster, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod client;
 pub mod controllers;
+pub mod events;
 pub mod ipam;
 pub mod nodesync;
 pub mod scheduler;

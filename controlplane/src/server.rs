@@ -52,6 +52,8 @@ pub struct ControllerConfig {
     pub watch_bookmark_interval: Duration,
     /// How long shutdown waits for open connections before closing them.
     pub shutdown_grace: Duration,
+    /// How long an event is kept after it last happened.
+    pub event_ttl: Duration,
 }
 
 impl ControllerConfig {
@@ -70,6 +72,7 @@ impl ControllerConfig {
             history_revisions: RedbStoreOptions::default().history_revisions,
             watch_bookmark_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            event_ttl: controllers::event_expiry::DEFAULT_EVENT_TTL,
         }
     }
 }
@@ -175,6 +178,10 @@ async fn serve(
     ));
     background.spawn(controllers::run(
         controllers::replica_set::ReplicaSetController::new(Arc::clone(&registry)),
+        stopped.clone(),
+    ));
+    background.spawn(controllers::run(
+        controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), config.event_ttl),
         stopped.clone(),
     ));
 

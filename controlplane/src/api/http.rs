@@ -422,22 +422,6 @@ async fn route(
         Some(PathKind::Resource(path)) => path,
         None => return Err(ApiError::UnknownPath),
     };
-    // Events are not stored yet; `kubectl describe` lists them and copes with none.
-    if path.group.is_empty() && path.resource == "events" && path.name.is_none() {
-        if method != Method::GET {
-            return Err(ApiError::MethodNotAllowed);
-        }
-        let revision = state
-            .registry
-            .store()
-            .revision()
-            .await
-            .map_err(ApiError::store("reading the revision"))?;
-        return Ok(json_response(
-            StatusCode::OK,
-            &json!({"kind": "EventList", "apiVersion": "v1", "metadata": {"resourceVersion": revision.to_string()}, "items": []}),
-        ));
-    }
     let handler = state
         .registry
         .handler(&path.group, &path.version, &path.resource)

@@ -29,6 +29,7 @@ use self::{
     kinds::{
         config_map::ConfigMapStrategy,
         endpoint_slice::EndpointSliceStrategy,
+        event::EventStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
         pod::PodStrategy,
@@ -58,6 +59,7 @@ pub struct Registry {
     pub replica_sets: Arc<TypedKind<ReplicaSetStrategy>>,
     pub resource_quotas: Arc<TypedKind<ResourceQuotaStrategy>>,
     pub config_maps: Arc<TypedKind<ConfigMapStrategy>>,
+    pub events: Arc<TypedKind<EventStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -81,6 +83,7 @@ impl Registry {
         let replica_sets = Arc::new(TypedKind::new(Arc::clone(&store), ReplicaSetStrategy));
         let resource_quotas = Arc::new(TypedKind::new(Arc::clone(&store), ResourceQuotaStrategy));
         let config_maps = Arc::new(TypedKind::new(Arc::clone(&store), ConfigMapStrategy));
+        let events = Arc::new(TypedKind::new(Arc::clone(&store), EventStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -90,6 +93,7 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&replica_sets))),
             Arc::new(Handler::new(Arc::clone(&resource_quotas))),
             Arc::new(Handler::new(Arc::clone(&config_maps))),
+            Arc::new(Handler::new(Arc::clone(&events))),
         ];
         Self {
             store,
@@ -101,6 +105,7 @@ impl Registry {
             replica_sets,
             resource_quotas,
             config_maps,
+            events,
             handlers,
         }
     }

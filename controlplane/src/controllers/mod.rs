@@ -4,6 +4,7 @@
 //! the watch's history is compacted).
 
 pub mod endpoint_slice;
+pub mod event_expiry;
 pub mod namespace;
 pub mod node_ipam;
 pub mod replica_set;

@@ -2,6 +2,7 @@
 
 pub mod config_map;
 pub mod endpoint_slice;
+pub mod event;
 pub mod namespace;
 pub mod node;
 pub mod pod;

@@ -27,6 +27,7 @@ use self::{
     error::ApiError,
     handler::{Handler, KindHandler},
     kinds::{
+        deployment::DeploymentStrategy,
         endpoint_slice::EndpointSliceStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
@@ -56,6 +57,7 @@ pub struct Registry {
     pub endpoint_slices: Arc<TypedKind<EndpointSliceStrategy>>,
     pub replica_sets: Arc<TypedKind<ReplicaSetStrategy>>,
     pub resource_quotas: Arc<TypedKind<ResourceQuotaStrategy>>,
+    pub deployments: Arc<TypedKind<DeploymentStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -78,6 +80,7 @@ impl Registry {
         let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));
         let replica_sets = Arc::new(TypedKind::new(Arc::clone(&store), ReplicaSetStrategy));
         let resource_quotas = Arc::new(TypedKind::new(Arc::clone(&store), ResourceQuotaStrategy));
+        let deployments = Arc::new(TypedKind::new(Arc::clone(&store), DeploymentStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -86,6 +89,7 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&endpoint_slices))),
             Arc::new(Handler::new(Arc::clone(&replica_sets))),
             Arc::new(Handler::new(Arc::clone(&resource_quotas))),
+            Arc::new(Handler::new(Arc::clone(&deployments))),
         ];
         Self {
             store,
@@ -96,6 +100,7 @@ impl Registry {
             endpoint_slices,
             replica_sets,
             resource_quotas,
+            deployments,
             handlers,
         }
     }

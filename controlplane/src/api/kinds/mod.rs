@@ -1,5 +1,6 @@
 //! The kinds served today. Each is a [`Strategy`](super::kind::Strategy).
 
+pub mod deployment;
 pub mod endpoint_slice;
 pub mod namespace;
 pub mod node;

@@ -460,3 +460,66 @@ async fn kubectl_1_27_serves_services() {
 async fn kubectl_1_33_serves_services() {
     kubectl_serves_services("1.33").await;
 }
+
+const DEPLOYMENT_YAML: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: api
+  template:
+    metadata:
+      labels:
+        app: api
+    spec:
+      containers:
+      - name: api
+        image: strait/netexec
+";
+
+/// `kubectl create deployment` (a JSON POST up to 1.31, protobuf from 1.32) or, for the
+/// versions that send protobuf, `kubectl apply -f` of the same deployment.
+async fn kubectl_creates_and_scales_deployments(version: &str) {
+    let server = TestController::start(&format!("kubectl-deploy-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+
+    let created = kubectl
+        .ok(&["create", "deployment", "web", "--image=strait/netexec", "--replicas=2"])
+        .await;
+    assert_eq!(created.trim(), "deployment.apps/web created");
+    let manifest = server.data_dir().join("deployment.yaml");
+    std::fs::write(&manifest, DEPLOYMENT_YAML).unwrap();
+    let applied = kubectl.ok(&["apply", "-f", &manifest.to_string_lossy()]).await;
+    assert_eq!(applied.trim(), "deployment.apps/api created");
+
+    let listed = kubectl.ok(&["get", "deploy"]).await;
+    assert_eq!(
+        header(&listed).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    );
+    assert_eq!(row(&listed, "web")[1], "0/2", "{listed}");
+    let wide = kubectl.ok(&["get", "deployments", "-o", "wide"]).await;
+    assert_eq!(
+        header(&wide).split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]
+    );
+    assert_eq!(&row(&wide, "web")[5..], ["netexec", "strait/netexec", "app=web"], "{wide}");
+
+    let scaled = kubectl.ok(&["scale", "deployment", "web", "--replicas=4"]).await;
+    assert_eq!(scaled.trim(), "deployment.apps/web scaled");
+    let stored: k8s_openapi::api::apps::v1::Deployment =
+        client.get(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(stored.spec.unwrap().replicas, Some(4));
+    let refused = kubectl.run(&["scale", "deployment", "web", "--replicas=-1"]).await;
+    assert!(!refused.ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_27_creates_and_scales_deployments() {
+    kubectl_creates_and_scales_deployments("1.27").await;
+}

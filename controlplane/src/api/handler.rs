@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream::BoxStream};
-use k8s_openapi::Metadata;
+use k8s_openapi::{
+    Metadata,
+    api::autoscaling::v1::{Scale, ScaleSpec, ScaleStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
@@ -102,6 +106,25 @@ pub trait KindHandler: Send + Sync {
     ) -> Result<Value, ApiError>;
     /// A BOOKMARK event's object at `revision`.
     fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value;
+    /// The `/scale` subresource of an object (`autoscaling/v1` `Scale`).
+    async fn get_scale(&self, namespace: Option<&str>, name: &str) -> Result<Value, ApiError>;
+    /// Writes the `/scale` subresource: only `spec.replicas` changes.
+    async fn write_scale(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        write: ScaleWrite<'_>,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError>;
+}
+
+/// A write of a `/scale` subresource.
+#[derive(Clone, Copy, Debug)]
+pub enum ScaleWrite<'a> {
+    /// PUT: the body is a whole `Scale`.
+    Replace(&'a [u8]),
+    /// PATCH: a JSON merge patch of the current `Scale`.
+    MergePatch(&'a Value),
 }
 
 /// Decodes a request body into `K`: malformed JSON and type mismatches are BadRequest,
@@ -230,6 +253,34 @@ impl<S: Strategy> Handler<S> {
                 ))
             }
         }
+    }
+
+    /// The `Scale` of an object, with the object's identity and resourceVersion.
+    fn scale_of(&self, object: &S::Object) -> Result<Scale, ApiError> {
+        let state = self.kind.strategy().scale(object).ok_or(ApiError::UnknownPath)?;
+        let meta = object.metadata();
+        Ok(Scale {
+            metadata: ObjectMeta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                creation_timestamp: meta.creation_timestamp.clone(),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ScaleSpec { replicas: Some(state.spec_replicas) }),
+            status: Some(ScaleStatus {
+                replicas: state.status_replicas,
+                selector: Some(state.selector).filter(|s| !s.is_empty()),
+            }),
+        })
+    }
+
+    fn scale_json(&self, object: &S::Object) -> Result<Value, ApiError> {
+        let mut value = to_json(&self.scale_of(object)?, "scale")?;
+        value["kind"] = "Scale".into();
+        value["apiVersion"] = "autoscaling/v1".into();
+        Ok(value)
     }
 
     fn watch_event(&self, item: WatchItem<S::Object>, format: ResponseFormat) -> WatchEventOut {
@@ -374,6 +425,51 @@ impl<S: Strategy> KindHandler for Handler<S> {
         body: &[u8],
     ) -> Result<Value, ApiError> {
         self.kind.strategy().post_subresource(&self.kind, namespace, name, subresource, body).await
+    }
+
+    async fn get_scale(&self, namespace: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        if !self.info().has_scale {
+            return Err(ApiError::UnknownPath);
+        }
+        self.scale_json(&self.kind.get(namespace, name).await?)
+    }
+
+    async fn write_scale(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        write: ScaleWrite<'_>,
+        options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        if !self.info().has_scale {
+            return Err(ApiError::UnknownPath);
+        }
+        let updated = self
+            .kind
+            .update(namespace, name, UpdateMode::Main, options.dry_run, |current| {
+                let scale: Scale = match write {
+                    ScaleWrite::Replace(body) => decode_body(body, "Scale", options.strict_fields)?,
+                    ScaleWrite::MergePatch(patch) => {
+                        let mut document = self.scale_json(current)?;
+                        merge_patch::apply(&mut document, patch);
+                        let body = serde_json::to_vec(&document)
+                            .map_err(|e| ApiError::internal("encoding the patched scale", e))?;
+                        decode_body(&body, "Scale", options.strict_fields)?
+                    }
+                };
+                check_identity(&scale, namespace, name, self.info().namespaced)?;
+                let mut new = current.clone();
+                // A resourceVersion in the Scale is a precondition on the object's.
+                if let Some(version) = scale.metadata.resource_version.filter(|v| !v.is_empty()) {
+                    new.metadata_mut().resource_version = Some(version);
+                }
+                // An absent `spec.replicas` is zero, as Go's omitempty int32 decodes it.
+                let replicas = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+                self.kind.strategy().set_replicas(&mut new, replicas);
+                Ok(new)
+            })
+            .await?;
+        self.scale_json(&updated)
     }
 
     fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value {

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::{
     Registry,
     error::ApiError,
-    handler::{KindHandler, WatchEventOut, WriteOptions},
+    handler::{KindHandler, ScaleWrite, WatchEventOut, WriteOptions},
     kind::DeleteRequest,
     openapi,
     selectors::{FieldSelector, LabelSelector},
@@ -192,6 +192,17 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
                 "singularName": "",
                 "namespaced": info.namespaced,
                 "kind": info.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if info.has_scale {
+            resources.push(json!({
+                "name": format!("{}/scale", info.plural),
+                "singularName": "",
+                "namespaced": info.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }
@@ -491,6 +502,28 @@ async fn route(
                 let deleted =
                     handler.delete(namespace, name, &request, params.write_options()?).await?;
                 Ok(json_response(StatusCode::OK, &deleted))
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        };
+    }
+    if path.subresource.as_deref() == Some("scale") && info.has_scale {
+        return match *method {
+            Method::GET => {
+                Ok(json_response(StatusCode::OK, &handler.get_scale(namespace, name).await?))
+            }
+            Method::PUT => {
+                require_json(headers)?;
+                let write = ScaleWrite::Replace(body);
+                let scale =
+                    handler.write_scale(namespace, name, write, params.write_options()?).await?;
+                Ok(json_response(StatusCode::OK, &scale))
+            }
+            Method::PATCH => {
+                let patch = merge_patch_body(headers, body)?;
+                let write = ScaleWrite::MergePatch(&patch);
+                let scale =
+                    handler.write_scale(namespace, name, write, params.write_options()?).await?;
+                Ok(json_response(StatusCode::OK, &scale))
             }
             _ => Err(ApiError::MethodNotAllowed),
         };

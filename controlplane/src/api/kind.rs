@@ -35,6 +35,9 @@ pub struct KindInfo {
     pub has_status: bool,
     /// Subresources that accept POST, with the kind of their body (`binding` → `Binding`).
     pub post_subresources: &'static [(&'static str, &'static str)],
+    /// Whether the kind has a `/scale` subresource (`autoscaling/v1` `Scale`), served
+    /// through [`Strategy::scale`] and [`Strategy::set_replicas`].
+    pub has_scale: bool,
 }
 
 impl KindInfo {
@@ -57,6 +60,7 @@ impl KindInfo {
             name_rule,
             has_status: true,
             post_subresources: &[],
+            has_scale: false,
         }
     }
 
@@ -119,6 +123,15 @@ pub enum DeletePlan<K> {
     Update(K),
     /// Deletion is already under way and this request does not change it.
     Unchanged,
+}
+
+/// What the `/scale` subresource shows of a scalable object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaleState {
+    pub spec_replicas: i32,
+    pub status_replicas: i32,
+    /// The pods' label selector in `labelSelector=` text form.
+    pub selector: String,
 }
 
 /// The per-kind behaviour behind the generic handlers.
@@ -200,6 +213,14 @@ pub trait Strategy: Send + Sync + Sized + 'static {
     fn field_value(&self, _object: &Self::Object, _field: &str) -> String {
         String::new()
     }
+
+    /// For kinds with [`KindInfo::has_scale`]: the replica counts and selector of an object.
+    fn scale(&self, _object: &Self::Object) -> Option<ScaleState> {
+        None
+    }
+
+    /// For kinds with [`KindInfo::has_scale`]: sets the desired replica count.
+    fn set_replicas(&self, _object: &mut Self::Object, _replicas: i32) {}
 
     /// Handles a POST to one of [`KindInfo::post_subresources`]; answers the created object.
     async fn post_subresource(

@@ -28,6 +28,7 @@ use self::{
     handler::{Handler, KindHandler},
     kinds::{
         config_map::ConfigMapStrategy,
+        deployment::DeploymentStrategy,
         endpoint_slice::EndpointSliceStrategy,
         event::EventStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
@@ -60,6 +61,7 @@ pub struct Registry {
     pub resource_quotas: Arc<TypedKind<ResourceQuotaStrategy>>,
     pub config_maps: Arc<TypedKind<ConfigMapStrategy>>,
     pub events: Arc<TypedKind<EventStrategy>>,
+    pub deployments: Arc<TypedKind<DeploymentStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -84,6 +86,7 @@ impl Registry {
         let resource_quotas = Arc::new(TypedKind::new(Arc::clone(&store), ResourceQuotaStrategy));
         let config_maps = Arc::new(TypedKind::new(Arc::clone(&store), ConfigMapStrategy));
         let events = Arc::new(TypedKind::new(Arc::clone(&store), EventStrategy));
+        let deployments = Arc::new(TypedKind::new(Arc::clone(&store), DeploymentStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -94,6 +97,7 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&resource_quotas))),
             Arc::new(Handler::new(Arc::clone(&config_maps))),
             Arc::new(Handler::new(Arc::clone(&events))),
+            Arc::new(Handler::new(Arc::clone(&deployments))),
         ];
         Self {
             store,
@@ -106,6 +110,7 @@ impl Registry {
             resource_quotas,
             config_maps,
             events,
+            deployments,
             handlers,
         }
     }

@@ -1,6 +1,7 @@
 //! The kinds served today. Each is a [`Strategy`](super::kind::Strategy).
 
 pub mod config_map;
+pub mod deployment;
 pub mod endpoint_slice;
 pub mod event;
 pub mod namespace;

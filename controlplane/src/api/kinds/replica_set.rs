@@ -7,14 +7,17 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    api::apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus},
+    api::{
+        apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus},
+        core::v1::PodTemplateSpec,
+    },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use serde_json::Value;
 
 use crate::api::{
     error::FieldError,
-    kind::{KindInfo, Strategy},
+    kind::{KindInfo, ScaleState, Strategy},
     kinds::pod,
     table::{self, Column},
     validation::NameRule,
@@ -22,6 +25,7 @@ use crate::api::{
 
 const INFO: KindInfo = KindInfo {
     categories: &["all"],
+    has_scale: true,
     ..KindInfo::of::<ReplicaSet>("replicaset", true, &["rs"], NameRule::Subdomain)
 };
 
@@ -61,6 +65,9 @@ const COLUMNS: &[Column] = &[
     Column::new("Current", "Number of created pods"),
     Column::new("Ready", "Number of ready pods"),
     Column::new("Age", "Time since the replica set was created"),
+    Column::new("Containers", "Names of each container in the template").wide(),
+    Column::new("Images", "Images referenced by each container in the template").wide(),
+    Column::new("Selector", "Label selector of the pods the replica set controls").wide(),
 ];
 
 fn validate_spec(spec: &ReplicaSetSpec) -> Vec<FieldError> {
@@ -72,14 +79,30 @@ fn validate_spec(spec: &ReplicaSetSpec) -> Vec<FieldError> {
             "must be greater than or equal to 0",
         ));
     }
-    let template_labels = spec.template.as_ref().and_then(|t| t.metadata.as_ref()?.labels.as_ref());
-    let selector = &spec.selector;
+    errors.extend(validate_selector_and_template(
+        &spec.selector,
+        spec.template.as_ref(),
+        "replicaset",
+    ));
+    errors
+}
+
+/// The checks a workload's selector and pod template share (ReplicaSet, Deployment): a
+/// non-empty selector that selects the template's labels, and a template that is a valid pod
+/// which restarts always. `kind` names the workload in the message, as Kubernetes words it.
+pub fn validate_selector_and_template(
+    selector: &LabelSelector,
+    template: Option<&PodTemplateSpec>,
+    kind: &str,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let template_labels = template.and_then(|t| t.metadata.as_ref()?.labels.as_ref());
     if selector.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
         && selector.match_expressions.as_ref().is_none_or(Vec::is_empty)
     {
         errors.push(FieldError::required(
             "spec.selector",
-            "empty selector is invalid for replicaset",
+            format!("empty selector is invalid for {kind}"),
         ));
     } else if !selects(selector, template_labels) {
         errors.push(FieldError::invalid(
@@ -88,7 +111,7 @@ fn validate_spec(spec: &ReplicaSetSpec) -> Vec<FieldError> {
             "`selector` does not match template `labels`",
         ));
     }
-    match spec.template.as_ref().and_then(|t| t.spec.as_ref()) {
+    match template.and_then(|t| t.spec.as_ref()) {
         Some(pod_spec) => {
             for mut error in pod::validate_spec(pod_spec) {
                 error.field = format!("spec.template.{}", error.field);
@@ -107,6 +130,44 @@ fn validate_spec(spec: &ReplicaSetSpec) -> Vec<FieldError> {
         None => errors.push(FieldError::required("spec.template.spec", "")),
     }
     errors
+}
+
+/// A label selector in the text form of `labelSelector=` and `kubectl get -o wide`
+/// (`app=web,tier in (be,fe)`), requirements sorted by key; empty when it selects everything.
+pub fn selector_text(selector: &LabelSelector) -> String {
+    let mut requirements: Vec<(String, String)> = Vec::new();
+    for (key, value) in selector.match_labels.iter().flatten() {
+        requirements.push((key.clone(), format!("{key}={value}")));
+    }
+    for expression in selector.match_expressions.iter().flatten() {
+        let key = &expression.key;
+        let mut values = expression.values.clone().unwrap_or_default();
+        values.sort();
+        let text = match expression.operator.as_str() {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.clone(),
+            "DoesNotExist" => format!("!{key}"),
+            other => format!("{key} {other} ({})", values.join(",")),
+        };
+        requirements.push((key.clone(), text));
+    }
+    requirements.sort();
+    requirements.into_iter().map(|(_, text)| text).collect::<Vec<_>>().join(",")
+}
+
+/// The `-o wide` cells a workload shares: its containers' names and images, and its selector.
+pub fn wide_cells(template: Option<&PodTemplateSpec>, selector: &LabelSelector) -> [Value; 3] {
+    let containers = template.and_then(|t| t.spec.as_ref()).map(|s| s.containers.as_slice());
+    let join = |part: fn(&k8s_openapi::api::core::v1::Container) -> String| {
+        containers.unwrap_or_default().iter().map(part).collect::<Vec<_>>().join(",")
+    };
+    let selector = selector_text(selector);
+    [
+        join(|c| c.name.clone()).into(),
+        join(|c| c.image.clone().unwrap_or_default()).into(),
+        if selector.is_empty() { "<none>".to_owned() } else { selector }.into(),
+    ]
 }
 
 #[async_trait]
@@ -165,13 +226,30 @@ impl Strategy for ReplicaSetStrategy {
 
     fn row(&self, set: &ReplicaSet) -> Vec<Value> {
         let status = set.status.clone().unwrap_or_default();
-        vec![
+        let mut cells = vec![
             set.metadata.name.clone().unwrap_or_default().into(),
             set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).into(),
             status.replicas.into(),
             status.ready_replicas.unwrap_or(0).into(),
             table::age(set.metadata.creation_timestamp.as_ref()).into(),
-        ]
+        ];
+        let spec = set.spec.as_ref();
+        let selector = spec.map(|s| s.selector.clone()).unwrap_or_default();
+        cells.extend(wide_cells(spec.and_then(|s| s.template.as_ref()), &selector));
+        cells
+    }
+
+    fn scale(&self, set: &ReplicaSet) -> Option<ScaleState> {
+        let spec = set.spec.as_ref();
+        Some(ScaleState {
+            spec_replicas: spec.and_then(|s| s.replicas).unwrap_or(1),
+            status_replicas: set.status.as_ref().map_or(0, |s| s.replicas),
+            selector: spec.map(|s| selector_text(&s.selector)).unwrap_or_default(),
+        })
+    }
+
+    fn set_replicas(&self, set: &mut ReplicaSet, replicas: i32) {
+        set.spec.get_or_insert_with(ReplicaSetSpec::default).replicas = Some(replicas);
     }
 }
 
@@ -182,7 +260,7 @@ mod tests {
     };
     use serde_json::json;
 
-    use super::{ReplicaSetStrategy, selects};
+    use super::{ReplicaSetStrategy, selector_text, selects};
     use crate::api::kind::Strategy;
 
     fn replica_set(value: serde_json::Value) -> ReplicaSet {
@@ -209,6 +287,25 @@ mod tests {
             Some(&labels)
         ));
         assert!(!selects(&LabelSelector::default(), Some(&labels)));
+    }
+
+    #[test]
+    fn selectors_print_as_label_selector_text_sorted_by_key() {
+        let selector: LabelSelector = serde_json::from_value(json!({
+            "matchLabels": {"tier": "fe", "app": "web"},
+            "matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["b", "a"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "env", "operator": "NotIn", "values": ["dev"]},
+                {"key": "owner", "operator": "Exists"},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(
+            selector_text(&selector),
+            "app=web,!canary,env notin (dev),owner,tier=fe,zone in (a,b)"
+        );
+        assert_eq!(selector_text(&LabelSelector::default()), "");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use self::{
     handler::{Handler, KindHandler},
     kinds::{
         endpoint_slice::EndpointSliceStrategy,
+        lease::LeaseStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
         pod::PodStrategy,
@@ -56,6 +57,7 @@ pub struct Registry {
     pub endpoint_slices: Arc<TypedKind<EndpointSliceStrategy>>,
     pub replica_sets: Arc<TypedKind<ReplicaSetStrategy>>,
     pub resource_quotas: Arc<TypedKind<ResourceQuotaStrategy>>,
+    pub leases: Arc<TypedKind<LeaseStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -78,6 +80,7 @@ impl Registry {
         let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));
         let replica_sets = Arc::new(TypedKind::new(Arc::clone(&store), ReplicaSetStrategy));
         let resource_quotas = Arc::new(TypedKind::new(Arc::clone(&store), ResourceQuotaStrategy));
+        let leases = Arc::new(TypedKind::new(Arc::clone(&store), LeaseStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -86,6 +89,7 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&endpoint_slices))),
             Arc::new(Handler::new(Arc::clone(&replica_sets))),
             Arc::new(Handler::new(Arc::clone(&resource_quotas))),
+            Arc::new(Handler::new(Arc::clone(&leases))),
         ];
         Self {
             store,
@@ -96,6 +100,7 @@ impl Registry {
             endpoint_slices,
             replica_sets,
             resource_quotas,
+            leases,
             handlers,
         }
     }

@@ -1,6 +1,7 @@
 //! The kinds served today. Each is a [`Strategy`](super::kind::Strategy).
 
 pub mod endpoint_slice;
+pub mod lease;
 pub mod namespace;
 pub mod node;
 pub mod pod;

@@ -31,6 +31,7 @@ use self::{
         deployment::DeploymentStrategy,
         endpoint_slice::EndpointSliceStrategy,
         event::EventStrategy,
+        lease::LeaseStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
         pod::PodStrategy,
@@ -62,6 +63,7 @@ pub struct Registry {
     pub config_maps: Arc<TypedKind<ConfigMapStrategy>>,
     pub events: Arc<TypedKind<EventStrategy>>,
     pub deployments: Arc<TypedKind<DeploymentStrategy>>,
+    pub leases: Arc<TypedKind<LeaseStrategy>>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -87,6 +89,7 @@ impl Registry {
         let config_maps = Arc::new(TypedKind::new(Arc::clone(&store), ConfigMapStrategy));
         let events = Arc::new(TypedKind::new(Arc::clone(&store), EventStrategy));
         let deployments = Arc::new(TypedKind::new(Arc::clone(&store), DeploymentStrategy));
+        let leases = Arc::new(TypedKind::new(Arc::clone(&store), LeaseStrategy));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -98,6 +101,7 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&config_maps))),
             Arc::new(Handler::new(Arc::clone(&events))),
             Arc::new(Handler::new(Arc::clone(&deployments))),
+            Arc::new(Handler::new(Arc::clone(&leases))),
         ];
         Self {
             store,
@@ -111,6 +115,7 @@ impl Registry {
             config_maps,
             events,
             deployments,
+            leases,
             handlers,
         }
     }

@@ -245,6 +245,21 @@ impl ApiClient {
         self.json(Method::PATCH, &path, "application/merge-patch+json", Some(body)).await
     }
 
+    /// Patches an object with a patch of media type `content_type`
+    /// (`application/strategic-merge-patch+json`, `application/json-patch+json`,
+    /// `application/merge-patch+json`).
+    pub async fn patch<K: Resource + DeserializeOwned>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        content_type: &str,
+        patch: &serde_json::Value,
+    ) -> Result<K, ClientError> {
+        let path = Self::object_path::<K>(namespace, name);
+        let body = Self::encode(&Method::PATCH, &path, patch)?;
+        self.json(Method::PATCH, &path, content_type, Some(body)).await
+    }
+
     /// Deletes an object. `grace_period_seconds: Some(0)` asks for immediate removal. Returns
     /// false when it was already gone.
     pub async fn delete<K: Resource>(

@@ -121,6 +121,18 @@ impl TestController {
         }
     }
 
+    /// Writes a kubeconfig that points kubectl at this controller, with `namespace` as the
+    /// default namespace. Tests build every kubeconfig through here, so that how clients
+    /// reach and authenticate to the API changes in one place.
+    ///
+    /// # Panics
+    /// When the file cannot be written or the controller is stopped.
+    pub fn write_kubeconfig(&self, path: &Path) {
+        if let Err(error) = std::fs::write(path, kubeconfig(&self.url(), "default")) {
+            panic!("writing the kubeconfig {}: {error}", path.display());
+        }
+    }
+
     /// Stops the controller (closing its store) and starts a new one on the same data
     /// directory, on a new port.
     ///
@@ -145,6 +157,29 @@ impl TestController {
             panic!("stopping the test controller: {error}");
         }
     }
+}
+
+/// A kubeconfig for the API server at `server`, with `namespace` as the default namespace.
+pub fn kubeconfig(server: &str, namespace: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: strait
+  cluster:
+    server: {server}
+contexts:
+- name: strait
+  context:
+    cluster: strait
+    user: tester
+    namespace: {namespace}
+current-context: strait
+users:
+- name: tester
+  user: {{}}
+"
+    )
 }
 
 pub fn meta(name: &str) -> ObjectMeta {

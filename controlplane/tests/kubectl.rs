@@ -1,11 +1,9 @@
 //! Stock kubectl (1.27 and 1.33, unmodified) against a controller on loopback. The test plays
 //! the node agent's part with `ApiClient` where one is needed (pod status, the final delete).
 
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+mod support;
+
+use std::{process::Stdio, time::Duration};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{Value, json};
@@ -13,12 +11,8 @@ use strait_controlplane::{
     client::ApiClient,
     testing::{TestController, eventually, node, pod},
 };
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::Command,
-};
-
-const KUBECTL_DIR: &str = "/usr/lib/google-cloud-sdk/bin";
+use support::kubectl::Kubectl;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const POD_YAML: &str = "\
 apiVersion: v1
@@ -34,84 +28,6 @@ spec:
     ports:
     - containerPort: 8080
 ";
-
-struct Kubectl {
-    binary: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Kubectl {
-    /// Writes a kubeconfig for `server` into `dir`.
-    fn new(version: &str, server: &str, dir: &Path) -> Self {
-        let binary = Path::new(KUBECTL_DIR).join(format!("kubectl.{version}"));
-        assert!(
-            binary.exists(),
-            "{} is missing: this test needs the real kubectl",
-            binary.display()
-        );
-        let kubeconfig = dir.join(format!("kubeconfig-{version}"));
-        let config = format!(
-            "apiVersion: v1
-kind: Config
-clusters:
-- name: strait
-  cluster:
-    server: {server}
-contexts:
-- name: strait
-  context:
-    cluster: strait
-    user: tester
-    namespace: default
-current-context: strait
-users:
-- name: tester
-  user: {{}}
-"
-        );
-        std::fs::write(&kubeconfig, config).expect("writing the kubeconfig");
-        Self { binary, kubeconfig }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.binary);
-        command
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            // No discovery cache shared between tests or with the user's.
-            .env("KUBECACHEDIR", self.kubeconfig.with_extension("cache"))
-            .env("HOME", self.kubeconfig.parent().unwrap_or(Path::new("/tmp")))
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        command
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let output = tokio::time::timeout(Duration::from_secs(30), self.command(args).output())
-            .await
-            .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within 30s"))
-            .expect("kubectl runs");
-        Output {
-            ok: output.status.success(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-
-    /// Runs kubectl and expects it to succeed.
-    async fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args).await;
-        assert!(output.ok, "kubectl {args:?} failed:\n{}\n{}", output.stdout, output.stderr);
-        output.stdout
-    }
-}
 
 /// The whitespace-separated cells of the line whose first cell is `name`.
 fn row<'a>(output: &'a str, name: &str) -> Vec<&'a str> {
@@ -129,7 +45,7 @@ fn header(output: &str) -> &str {
 async fn kubectl_drives_the_cluster(version: &str) {
     let server = TestController::start(&format!("kubectl-{version}")).await;
     let client = server.client();
-    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let kubectl = Kubectl::new(version, &server);
 
     // The agent of node-1 registers it.
     client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
@@ -294,7 +210,7 @@ async fn kubectl_1_33_drives_the_cluster() {
 async fn kubectl_validation_is_left_to_the_server(version: &str) {
     let server = TestController::start(&format!("kubectl-validation-{version}")).await;
     let client: ApiClient = server.client();
-    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let kubectl = Kubectl::new(version, &server);
     let write = |name: &str, text: &str| {
         let path = server.data_dir().join(name);
         std::fs::write(&path, text).unwrap();
@@ -370,7 +286,7 @@ spec:
 async fn kubectl_serves_services(version: &str) {
     let server = TestController::start(&format!("kubectl-svc-{version}")).await;
     let client = server.client();
-    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let kubectl = Kubectl::new(version, &server);
     let write = |name: &str, text: &str| {
         let path = server.data_dir().join(name);
         std::fs::write(&path, text).unwrap();

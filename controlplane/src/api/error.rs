@@ -128,6 +128,10 @@ pub enum ApiError {
     Invalid { kind: String, name: String, causes: Vec<FieldError> },
     #[error("{0}")]
     BadRequest(String),
+    /// A well-formed patch that does not apply to the object (a JSON patch's failed `test`,
+    /// a missing path): 422 as Kubernetes answers it.
+    #[error("the patch does not apply: {0}")]
+    PatchNotApplicable(String),
     #[error("{resource} {name:?} is forbidden: {message}")]
     Forbidden { resource: String, name: String, message: String, cause: Option<(String, String)> },
     #[error("the server does not allow this method on the requested resource")]
@@ -175,7 +179,7 @@ impl ApiError {
         match self {
             Self::NotFound { .. } | Self::UnknownPath => StatusCode::NOT_FOUND,
             Self::AlreadyExists { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
-            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Invalid { .. } | Self::PatchNotApplicable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -192,7 +196,7 @@ impl ApiError {
             Self::NotFound { .. } | Self::UnknownPath => "NotFound",
             Self::AlreadyExists { .. } => "AlreadyExists",
             Self::Conflict { .. } => "Conflict",
-            Self::Invalid { .. } => "Invalid",
+            Self::Invalid { .. } | Self::PatchNotApplicable(_) => "Invalid",
             Self::BadRequest(_) => "BadRequest",
             Self::Forbidden { .. } => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",

@@ -16,9 +16,12 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
+    json_patch::{self, JsonPatchError},
     kind::{DeleteRequest, KindInfo, Strategy},
     merge_patch,
+    patch_schema::kind_schema,
     selectors::FieldSelector,
+    strategic_merge,
     table::{self, ResponseFormat, Row},
     typed::{ListFilter, TypedKind, UpdateMode, WatchItem, WatchStart},
 };
@@ -34,6 +37,42 @@ pub struct WriteOptions {
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
     pub strict_fields: bool,
+}
+
+/// A PATCH body, by its media type.
+#[derive(Clone, Debug)]
+pub enum PatchBody {
+    /// `application/merge-patch+json` (RFC 7386).
+    Merge(Value),
+    /// `application/strategic-merge-patch+json`.
+    Strategic(Value),
+    /// `application/json-patch+json` (RFC 6902).
+    Json(Value),
+}
+
+impl PatchBody {
+    /// Applies the patch to `document`, the stored object as JSON.
+    pub fn apply_to(&self, document: &mut Value, kind: &str) -> Result<(), ApiError> {
+        match self {
+            Self::Merge(patch) => {
+                if !patch.is_object() {
+                    return Err(ApiError::BadRequest(
+                        "a merge patch of an object must be a JSON object".to_owned(),
+                    ));
+                }
+                merge_patch::apply(document, patch);
+            }
+            Self::Strategic(patch) => {
+                *document = strategic_merge::apply(document, patch, kind_schema(kind))
+                    .map_err(|e| ApiError::BadRequest(format!("the strategic merge patch: {e}")))?;
+            }
+            Self::Json(patch) => json_patch::apply(document, patch).map_err(|e| match e {
+                JsonPatchError::Malformed(_) => ApiError::BadRequest(e.to_string()),
+                JsonPatchError::NotApplicable { .. } => ApiError::PatchNotApplicable(e.to_string()),
+            })?,
+        }
+        Ok(())
+    }
 }
 
 /// One watch event, ready to encode.
@@ -82,11 +121,11 @@ pub trait KindHandler: Send + Sync {
         status: bool,
         options: WriteOptions,
     ) -> Result<Value, ApiError>;
-    async fn merge_patch(
+    async fn patch(
         &self,
         namespace: Option<&str>,
         name: &str,
-        patch: &Value,
+        patch: &PatchBody,
         status: bool,
         options: WriteOptions,
     ) -> Result<Value, ApiError>;
@@ -123,8 +162,8 @@ pub trait KindHandler: Send + Sync {
 pub enum ScaleWrite<'a> {
     /// PUT: the body is a whole `Scale`.
     Replace(&'a [u8]),
-    /// PATCH: a JSON merge patch of the current `Scale`.
-    MergePatch(&'a Value),
+    /// PATCH: a patch of the current `Scale`.
+    Patch(&'a PatchBody),
 }
 
 /// Decodes a request body into `K`: malformed JSON and type mismatches are BadRequest,
@@ -381,11 +420,11 @@ impl<S: Strategy> KindHandler for Handler<S> {
         to_json(&updated, self.plural())
     }
 
-    async fn merge_patch(
+    async fn patch(
         &self,
         namespace: Option<&str>,
         name: &str,
-        patch: &Value,
+        patch: &PatchBody,
         status: bool,
         options: WriteOptions,
     ) -> Result<Value, ApiError> {
@@ -395,7 +434,7 @@ impl<S: Strategy> KindHandler for Handler<S> {
             .kind
             .update(namespace, name, mode, options.dry_run, |current| {
                 let mut document = to_json(current, kind)?;
-                merge_patch::apply(&mut document, patch);
+                patch.apply_to(&mut document, kind)?;
                 let body = serde_json::to_vec(&document)
                     .map_err(|e| ApiError::internal("encoding the patched object", e))?;
                 let patched: S::Object = decode_body(&body, kind, options.strict_fields)?;
@@ -449,9 +488,9 @@ impl<S: Strategy> KindHandler for Handler<S> {
             .update(namespace, name, UpdateMode::Main, options.dry_run, |current| {
                 let scale: Scale = match write {
                     ScaleWrite::Replace(body) => decode_body(body, "Scale", options.strict_fields)?,
-                    ScaleWrite::MergePatch(patch) => {
+                    ScaleWrite::Patch(patch) => {
                         let mut document = self.scale_json(current)?;
-                        merge_patch::apply(&mut document, patch);
+                        patch.apply_to(&mut document, "Scale")?;
                         let body = serde_json::to_vec(&document)
                             .map_err(|e| ApiError::internal("encoding the patched scale", e))?;
                         decode_body(&body, "Scale", options.strict_fields)?

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::{
     Registry,
     error::ApiError,
-    handler::{KindHandler, ScaleWrite, WatchEventOut, WriteOptions},
+    handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions},
     kind::DeleteRequest,
     openapi,
     selectors::{FieldSelector, LabelSelector},
@@ -491,10 +491,9 @@ async fn route(
                 Ok(json_response(StatusCode::OK, &updated))
             }
             Method::PATCH => {
-                let patch = merge_patch_body(headers, body)?;
-                let patched = handler
-                    .merge_patch(namespace, name, &patch, status, params.write_options()?)
-                    .await?;
+                let patch = patch_body(headers, body)?;
+                let patched =
+                    handler.patch(namespace, name, &patch, status, params.write_options()?).await?;
                 Ok(json_response(StatusCode::OK, &patched))
             }
             Method::DELETE if !status => {
@@ -519,8 +518,8 @@ async fn route(
                 Ok(json_response(StatusCode::OK, &scale))
             }
             Method::PATCH => {
-                let patch = merge_patch_body(headers, body)?;
-                let write = ScaleWrite::MergePatch(&patch);
+                let patch = patch_body(headers, body)?;
+                let write = ScaleWrite::Patch(&patch);
                 let scale =
                     handler.write_scale(namespace, name, write, params.write_options()?).await?;
                 Ok(json_response(StatusCode::OK, &scale))
@@ -542,16 +541,23 @@ async fn route(
     }
 }
 
-/// A PATCH body: JSON merge patch only, for now. JSON patch, strategic merge patch and
-/// server-side apply are answered 415 so that clients see what is missing.
-fn merge_patch_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
-    match content_type(headers).as_str() {
-        "application/merge-patch+json" => serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}"))),
-        _ => Err(ApiError::UnsupportedMediaType {
-            accepted: "application/merge-patch+json".to_owned(),
-        }),
-    }
+/// The PATCH media types, as the 415 answer lists them.
+const PATCH_MEDIA_TYPES: &str = "application/json-patch+json, application/merge-patch+json, \
+                                 application/strategic-merge-patch+json";
+
+/// A PATCH body by its content type.
+fn patch_body(headers: &HeaderMap, body: &[u8]) -> Result<PatchBody, ApiError> {
+    let kind: fn(Value) -> PatchBody = match content_type(headers).as_str() {
+        "application/merge-patch+json" => PatchBody::Merge,
+        "application/strategic-merge-patch+json" => PatchBody::Strategic,
+        "application/json-patch+json" => PatchBody::Json,
+        _ => {
+            return Err(ApiError::UnsupportedMediaType { accepted: PATCH_MEDIA_TYPES.to_owned() });
+        }
+    };
+    let patch = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?;
+    Ok(kind(patch))
 }
 
 fn watch_line(event_type: &str, object: &Value) -> Bytes {

@@ -4,12 +4,15 @@
 pub mod error;
 pub mod handler;
 pub mod http;
+pub mod json_patch;
 pub mod kind;
 pub mod kinds;
 pub mod merge_patch;
 pub mod openapi;
+pub mod patch_schema;
 pub mod quantity;
 pub mod selectors;
+pub mod strategic_merge;
 pub mod table;
 pub mod typed;
 pub mod validation;

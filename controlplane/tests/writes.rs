@@ -1,0 +1,223 @@
+//! The write paths of the REST API as clients see them: the three patch types, optimistic
+//! concurrency on every write, and errors that leave the stored object as it was.
+
+use http::{Method, StatusCode};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use serde_json::{Value, json};
+use strait_controlplane::{
+    client::ApiClient,
+    testing::{TestController, namespace, node, pod},
+};
+
+const STRATEGIC: &str = "application/strategic-merge-patch+json";
+const JSON_PATCH: &str = "application/json-patch+json";
+const MERGE: &str = "application/merge-patch+json";
+
+/// Sends a request and returns the status code and the JSON answer.
+async fn request(
+    client: &ApiClient,
+    method: Method,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (StatusCode, Value) {
+    let (code, bytes) = client
+        .send(method, path, content_type, Some(body.as_bytes().to_vec()))
+        .await
+        .expect("the server answers");
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!("{code}: the answer is not JSON: {e}: {}", String::from_utf8_lossy(&bytes))
+    });
+    (code, value)
+}
+
+const WEB: &str = "/api/v1/namespaces/default/pods/web";
+const TEAM: &str = "/api/v1/namespaces/team";
+
+fn two_container_pod() -> Pod {
+    let mut pod = pod("web");
+    let spec = pod.spec.as_mut().expect("the helper's pod has a spec");
+    let mut sidecar = spec.containers[0].clone();
+    sidecar.name = "log".to_owned();
+    sidecar.image = Some("registry.example/log:1.0".to_owned());
+    spec.containers.push(sidecar);
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategic_merge_patch_merges_containers_by_name() {
+    let server = TestController::start("writes-smp").await;
+    let client = server.client();
+    client.create::<Pod>(Some("default"), &two_container_pod()).await.unwrap();
+
+    let patch = json!({
+        "metadata": {"labels": {"tier": "front"}},
+        "spec": {"containers": [{"name": "log", "image": "registry.example/log:2.0"}]},
+    });
+    let patched: Pod = client.patch(Some("default"), "web", STRATEGIC, &patch).await.unwrap();
+    let containers = &patched.spec.as_ref().unwrap().containers;
+    let images: Vec<(&str, Option<&str>)> =
+        containers.iter().map(|c| (c.name.as_str(), c.image.as_deref())).collect();
+    assert_eq!(
+        images,
+        [("app", Some("registry.example/app:1.0")), ("log", Some("registry.example/log:2.0"))]
+    );
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(stored.spec, patched.spec, "the answer is what was stored");
+    assert_eq!(
+        stored.metadata.labels.as_ref().and_then(|l| l.get("tier")).map(String::as_str),
+        Some("front")
+    );
+
+    // kubectl apply's shape: an order for the whole list, one element changed.
+    let patch = json!({"spec": {
+        "$setElementOrder/containers": [{"name": "app"}, {"name": "log"}],
+        "containers": [{"name": "app", "image": "registry.example/app:1.1"}],
+    }});
+    let patched: Pod = client.patch(Some("default"), "web", STRATEGIC, &patch).await.unwrap();
+    let names: Vec<&str> =
+        patched.spec.as_ref().unwrap().containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", "log"]);
+    assert_eq!(
+        patched.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("registry.example/app:1.1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordon_is_a_strategic_merge_patch_of_the_node() {
+    let server = TestController::start("writes-cordon").await;
+    let client = server.client();
+    client.create::<Node>(None, &node("n1", "172.20.0.2", true)).await.unwrap();
+    let patched: Node = client
+        .patch(None, "n1", STRATEGIC, &json!({"spec": {"unschedulable": true}}))
+        .await
+        .unwrap();
+    assert_eq!(patched.spec.as_ref().and_then(|s| s.unschedulable), Some(true));
+    assert!(
+        patched.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some(),
+        "the rest of the spec is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_patch_applies_all_operations_or_none() {
+    let server = TestController::start("writes-jsonpatch").await;
+    let client = server.client();
+    let created = client.create::<Pod>(Some("default"), &pod("web")).await.unwrap();
+    let patch = json!([
+        {"op": "test", "path": "/spec/containers/0/name", "value": "app"},
+        {"op": "replace", "path": "/spec/containers/0/image", "value": "registry.example/app:2.0"},
+        {"op": "add", "path": "/metadata/annotations", "value": {"note": "patched"}},
+    ]);
+    let patched: Pod = client.patch(Some("default"), "web", JSON_PATCH, &patch).await.unwrap();
+    assert_eq!(
+        patched.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("registry.example/app:2.0")
+    );
+    assert_ne!(patched.metadata.resource_version, created.metadata.resource_version);
+
+    // A failed test after a change: 422, and nothing of the patch is stored.
+    let failing = json!([
+        {"op": "replace", "path": "/spec/containers/0/image", "value": "registry.example/app:3.0"},
+        {"op": "test", "path": "/metadata/annotations/note", "value": "something else"},
+    ])
+    .to_string();
+    let (code, status) = request(&client, Method::PATCH, WEB, JSON_PATCH, &failing).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+    assert_eq!(status["reason"], "Invalid");
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(stored.metadata.resource_version, patched.metadata.resource_version);
+    assert_eq!(
+        stored.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("registry.example/app:2.0")
+    );
+
+    let (code, status) =
+        request(&client, Method::PATCH, WEB, JSON_PATCH, r#"[{"op":"jump","path":"/a"}]"#).await;
+    assert_eq!((code, status["reason"].as_str()), (StatusCode::BAD_REQUEST, Some("BadRequest")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_resource_version_is_a_conflict_on_every_write_path() {
+    // A namespace: no controller writes it behind the test's back.
+    let server = TestController::start("writes-stale").await;
+    let client = server.client();
+    let created = client.create::<Namespace>(None, &namespace("team")).await.unwrap();
+    let stale = created.metadata.resource_version.clone().unwrap();
+    client
+        .patch::<Namespace>(None, "team", MERGE, &json!({"metadata": {"labels": {"a": "1"}}}))
+        .await
+        .unwrap();
+    let current = client.get::<Namespace>(None, "team").await.unwrap().unwrap();
+
+    let mut replaced = current.clone();
+    replaced.metadata.resource_version = Some(stale.clone());
+    let stale_patch = json!({"metadata": {"resourceVersion": stale, "labels": {"b": "2"}}});
+    let cases = [
+        ("PUT", Method::PUT, "application/json", serde_json::to_string(&replaced).unwrap()),
+        ("merge patch", Method::PATCH, MERGE, stale_patch.to_string()),
+        ("strategic merge patch", Method::PATCH, STRATEGIC, stale_patch.to_string()),
+        (
+            "JSON patch",
+            Method::PATCH,
+            JSON_PATCH,
+            json!([{"op": "replace", "path": "/metadata/resourceVersion", "value": stale}])
+                .to_string(),
+        ),
+    ];
+    for (what, method, content_type, body) in cases {
+        let (code, status) = request(&client, method, TEAM, content_type, &body).await;
+        assert_eq!(code, StatusCode::CONFLICT, "{what}: {status}");
+        assert_eq!(status["reason"], "Conflict", "{what}");
+    }
+    let after = client.get::<Namespace>(None, "team").await.unwrap().unwrap();
+    assert_eq!(after, current, "no stale write changed the namespace");
+
+    // The current resourceVersion is accepted.
+    let fresh = current.metadata.resource_version.clone().unwrap();
+    let patched: Namespace = client
+        .patch(
+            None,
+            "team",
+            STRATEGIC,
+            &json!({"metadata": {"resourceVersion": fresh, "labels": {"b": "2"}}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.metadata.labels.unwrap().get("b").map(String::as_str), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_patches_are_bad_requests_that_change_nothing() {
+    let server = TestController::start("writes-badpatch").await;
+    let client = server.client();
+    client.create::<Pod>(Some("default"), &two_container_pod()).await.unwrap();
+    let before = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    let cases = [
+        ("not JSON", STRATEGIC, "{\"spec\":".to_owned()),
+        (
+            "a container without its name",
+            STRATEGIC,
+            json!({"spec": {"containers": [{"image": "x"}]}}).to_string(),
+        ),
+        ("an unknown directive", STRATEGIC, json!({"spec": {"$patch": "explode"}}).to_string()),
+        ("a merge patch that is a list", MERGE, "[]".to_owned()),
+        ("a JSON patch that is an object", JSON_PATCH, "{}".to_owned()),
+    ];
+    for (what, content_type, body) in cases {
+        let (code, status) = request(&client, Method::PATCH, WEB, content_type, &body).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{what}: {status}");
+        assert_eq!(status["kind"], "Status", "{what}");
+    }
+    // A patch that would make the pod invalid is 422 with the field, and is not stored.
+    let invalid = json!({"spec": {"containers": [{"name": "app", "image": ""}]}}).to_string();
+    let (code, status) = request(&client, Method::PATCH, WEB, STRATEGIC, &invalid).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+    assert!(
+        status["details"]["causes"].as_array().is_some_and(|c| !c.is_empty()),
+        "causes name the field: {status}"
+    );
+    let after = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!((after.metadata.labels, after.spec), (before.metadata.labels, before.spec));
+}

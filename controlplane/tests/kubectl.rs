@@ -402,7 +402,7 @@ spec:
 async fn kubectl_creates_and_scales_deployments(version: &str) {
     let server = TestController::start(&format!("kubectl-deploy-{version}")).await;
     let client = server.client();
-    let kubectl = Kubectl::new(version, &server.url(), server.data_dir());
+    let kubectl = Kubectl::new(version, &server);
 
     let created = kubectl
         .ok(&["create", "deployment", "web", "--image=strait/netexec", "--replicas=2"])

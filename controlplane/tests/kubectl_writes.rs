@@ -4,11 +4,11 @@
 mod support;
 
 use k8s_openapi::api::{
-    apps::v1::ReplicaSet,
-    core::v1::{Node, Pod, Service},
+    apps::v1::{Deployment, ReplicaSet},
+    core::v1::{ConfigMap, Namespace, Node, Pod, ResourceQuota, Service},
 };
 use strait_controlplane::testing::{TestController, node, pod};
-use support::kubectl::Kubectl;
+use support::{kubectl::Kubectl, recorder::Recorder};
 
 /// One test per kubectl version for each scenario.
 macro_rules! for_each_kubectl {
@@ -325,3 +325,99 @@ async fn server_side_apply_owns_conflicts_and_forces(version: &str) {
     assert_eq!(image.as_deref(), Some("registry.example/api:3.0"));
 }
 for_each_kubectl!(server_side_apply_owns_conflicts_and_forces);
+
+/// The kubectl versions that send protobuf bodies for `create <generator>`.
+fn sends_protobuf(version: &str) -> bool {
+    version >= "1.32"
+}
+
+async fn create_generators_store_what_they_describe(version: &str) {
+    let server = TestController::start(&format!("kubectl-create-{version}")).await;
+    let client = server.client();
+    let recorder = Recorder::start(client.clone()).await;
+    let kubectl = Kubectl::through(version, &server, recorder.url());
+
+    kubectl.ok(&["create", "namespace", "team"]).await;
+    kubectl
+        .ok(&[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            "team",
+            "--image=registry.example/web:1.0",
+            "--replicas=2",
+            "--port=8080",
+        ])
+        .await;
+    kubectl.ok(&["create", "service", "clusterip", "web", "-n", "team", "--tcp=80:8080"]).await;
+    let binary = kubectl.dir().join("blob.bin");
+    std::fs::write(&binary, [0u8, 159, 146, 150, 255]).unwrap();
+    let from_file = format!("--from-file=blob={}", binary.display());
+    kubectl
+        .ok(&[
+            "create",
+            "configmap",
+            "settings",
+            "-n",
+            "team",
+            "--from-literal=mode=fast",
+            &from_file,
+        ])
+        .await;
+    kubectl.ok(&["create", "quota", "limits", "-n", "team", "--hard=pods=10,cpu=2"]).await;
+
+    let namespace = client.get::<Namespace>(None, "team").await.unwrap().expect("namespace");
+    assert_eq!(managers(&namespace.metadata), [("kubectl-create".to_owned(), "Update".to_owned())]);
+
+    let deployment =
+        client.get::<Deployment>(Some("team"), "web").await.unwrap().expect("deployment");
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(spec.selector.match_labels.unwrap().get("app").map(String::as_str), Some("web"));
+    let container = &spec.template.spec.unwrap().containers[0];
+    assert_eq!(
+        (container.name.as_str(), container.image.as_deref()),
+        ("web", Some("registry.example/web:1.0"))
+    );
+    assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
+
+    let service = client.get::<Service>(Some("team"), "web").await.unwrap().expect("service");
+    let service_spec = service.spec.unwrap();
+    let port = &service_spec.ports.unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port), (Some("80-8080"), 80));
+    assert_eq!(serde_json::to_value(&port.target_port).unwrap(), 8080);
+    assert_eq!(service_spec.selector.unwrap().get("app").map(String::as_str), Some("web"));
+    assert_eq!(service_spec.type_.as_deref(), Some("ClusterIP"));
+
+    let settings =
+        client.get::<ConfigMap>(Some("team"), "settings").await.unwrap().expect("configmap");
+    assert_eq!(settings.data.unwrap().get("mode").map(String::as_str), Some("fast"));
+    assert_eq!(
+        settings.binary_data.unwrap().get("blob").map(|b| b.0.clone()),
+        Some(vec![0, 159, 146, 150, 255])
+    );
+
+    let quota = client.get::<ResourceQuota>(Some("team"), "limits").await.unwrap().expect("quota");
+    let hard = quota.spec.unwrap().hard.unwrap();
+    assert_eq!((hard["pods"].0.as_str(), hard["cpu"].0.as_str()), ("10", "2"));
+
+    // The bodies were what this version sends: protobuf from 1.32 on, JSON before.
+    let creates: Vec<_> = recorder.requests().into_iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(creates.len(), 5, "{creates:?}");
+    let expected = if sends_protobuf(version) {
+        "application/vnd.kubernetes.protobuf"
+    } else {
+        "application/json"
+    };
+    for request in &creates {
+        assert_eq!(request.content_type, expected, "{request:?}");
+        // How the fixtures of the protobuf unit tests (src/api/testdata) were recorded:
+        // `CAPTURE_DIR=<dir> cargo test --test kubectl_writes create_generators`.
+        if let Ok(dir) = std::env::var("CAPTURE_DIR") {
+            let name = request.path.split('?').next().unwrap().rsplit('/').next().unwrap();
+            std::fs::write(format!("{dir}/{name}-{version}.pb"), &request.body).unwrap();
+        }
+    }
+}
+for_each_kubectl!(create_generators_store_what_they_describe);

@@ -25,8 +25,8 @@ use super::{
     Registry,
     error::ApiError,
     handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
-    kind::DeleteRequest,
-    openapi,
+    kind::{DeleteRequest, KindInfo},
+    openapi, protobuf,
     selectors::{FieldSelector, LabelSelector},
     table::{self, ResponseFormat},
     typed::{ListFilter, WatchStart, parse_resource_version},
@@ -379,8 +379,28 @@ fn content_type(headers: &HeaderMap) -> String {
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     match content_type(headers).as_str() {
         "" | "application/json" => Ok(()),
-        _ => Err(ApiError::UnsupportedMediaType { accepted: "application/json".to_owned() }),
+        _ => Err(ApiError::UnsupportedMediaType {
+            accepted: format!("application/json, {}", protobuf::MEDIA_TYPE),
+        }),
     }
+}
+
+/// The body of a create or replace as JSON: JSON as sent, or a protobuf body (kubectl 1.32+
+/// `create` generators) decoded into JSON.
+fn object_body<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+    info: &KindInfo,
+) -> Result<std::borrow::Cow<'a, [u8]>, ApiError> {
+    if content_type(headers) != protobuf::MEDIA_TYPE {
+        require_json(headers)?;
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let object = protobuf::decode(body, &info.api_version(), info.kind)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    serde_json::to_vec(&object)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| ApiError::internal("encoding a decoded protobuf body", e))
 }
 
 fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiError> {
@@ -491,9 +511,9 @@ async fn route(
                 if info.namespaced && namespace.is_none() {
                     return Err(ApiError::UnknownPath);
                 }
-                require_json(headers)?;
+                let body = object_body(headers, body, info)?;
                 let created =
-                    handler.create(namespace, body, params.write_options(headers)?).await?;
+                    handler.create(namespace, &body, params.write_options(headers)?).await?;
                 Ok(written_response(&created))
             }
             _ => Err(ApiError::MethodNotAllowed),
@@ -516,9 +536,9 @@ async fn route(
                 Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
             }
             Method::PUT => {
-                require_json(headers)?;
+                let body = object_body(headers, body, info)?;
                 let updated = handler
-                    .replace(namespace, name, body, status, params.write_options(headers)?)
+                    .replace(namespace, name, &body, status, params.write_options(headers)?)
                     .await?;
                 Ok(written_response(&updated))
             }

@@ -11,6 +11,7 @@ pub mod managed_fields;
 pub mod merge_patch;
 pub mod openapi;
 pub mod patch_schema;
+pub mod protobuf;
 pub mod quantity;
 pub mod selectors;
 pub mod server_side_apply;

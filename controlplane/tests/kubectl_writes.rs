@@ -3,9 +3,12 @@
 
 mod support;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::{
+    apps::v1::{Deployment, ReplicaSet},
+    core::v1::{ConfigMap, Namespace, Node, Pod, ResourceQuota, Service},
+};
 use strait_controlplane::testing::{TestController, node, pod};
-use support::kubectl::Kubectl;
+use support::{kubectl::Kubectl, recorder::Recorder};
 
 /// One test per kubectl version for each scenario.
 macro_rules! for_each_kubectl {
@@ -121,3 +124,300 @@ async fn patch_of_each_type_and_label_annotate_cordon(version: &str) {
     assert_ne!(uncordoned.spec.as_ref().and_then(|s| s.unschedulable), Some(true));
 }
 for_each_kubectl!(patch_of_each_type_and_label_annotate_cordon);
+
+const SERVICE_V1: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  labels:
+    app: web
+    stage: test
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+";
+
+const SERVICE_V2: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+  - name: metrics
+    port: 9100
+";
+
+const REPLICA_SET: &str = "\
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata:
+  name: api
+spec:
+  replicas: 0
+  selector:
+    matchLabels:
+      app: api
+  template:
+    metadata:
+      labels:
+        app: api
+    spec:
+      containers:
+      - name: api
+        image: registry.example/api:IMAGE
+        env:
+        - name: MODE
+          value: MODE_VALUE
+      - name: sidecar
+        image: registry.example/sidecar:1.0
+";
+
+fn write(kubectl: &Kubectl, file: &str, content: &str) -> String {
+    let path = kubectl.dir().join(file);
+    std::fs::write(&path, content).expect("writing a manifest");
+    path.to_string_lossy().into_owned()
+}
+
+fn managers(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Vec<(String, String)> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .map(|e| (e.manager.clone().unwrap_or_default(), e.operation.clone().unwrap_or_default()))
+        .collect()
+}
+
+async fn client_side_apply_creates_then_patches_three_ways(version: &str) {
+    let server = TestController::start(&format!("kubectl-csa-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server);
+
+    let manifest = write(&kubectl, "svc.yaml", SERVICE_V1);
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let created = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    let annotations = created.metadata.annotations.clone().unwrap_or_default();
+    assert!(
+        annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"),
+        "{annotations:?}"
+    );
+    assert!(
+        managers(&created.metadata)
+            .contains(&("kubectl-client-side-apply".to_owned(), "Update".to_owned()))
+    );
+
+    // The second apply is a strategic merge patch: the dropped label goes, the port is added.
+    let manifest = write(&kubectl, "svc.yaml", SERVICE_V2);
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let updated = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    let labels = updated.metadata.labels.clone().unwrap_or_default();
+    assert!(!labels.contains_key("stage"), "{labels:?}");
+    let ports: Vec<i32> =
+        updated.spec.as_ref().unwrap().ports.iter().flatten().map(|p| p.port).collect();
+    assert_eq!(ports, [80, 9100]);
+    assert_eq!(
+        updated.spec.as_ref().unwrap().cluster_ip,
+        created.spec.as_ref().unwrap().cluster_ip
+    );
+
+    // An unchanged apply changes nothing.
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let again = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(again.metadata.resource_version, updated.metadata.resource_version);
+
+    // apps/v1: the template's containers merge by name, in the manifest's order.
+    let replica_set =
+        |image: &str, mode: &str| REPLICA_SET.replace("IMAGE", image).replace("MODE_VALUE", mode);
+    let manifest = write(&kubectl, "rs.yaml", &replica_set("1.0", "a"));
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let manifest = write(&kubectl, "rs.yaml", &replica_set("2.0", "b"));
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let stored = client.get::<ReplicaSet>(Some("default"), "api").await.unwrap().unwrap();
+    let template = stored.spec.unwrap().template.unwrap().spec.unwrap();
+    let containers: Vec<(String, Option<String>)> =
+        template.containers.iter().map(|c| (c.name.clone(), c.image.clone())).collect();
+    assert_eq!(
+        containers,
+        [
+            ("api".to_owned(), Some("registry.example/api:2.0".to_owned())),
+            ("sidecar".to_owned(), Some("registry.example/sidecar:1.0".to_owned())),
+        ]
+    );
+    let env = template.containers[0].env.clone().unwrap();
+    assert_eq!((env.len(), env[0].value.as_deref()), (1, Some("b")));
+}
+for_each_kubectl!(client_side_apply_creates_then_patches_three_ways);
+
+async fn server_side_apply_owns_conflicts_and_forces(version: &str) {
+    let server = TestController::start(&format!("kubectl-ssa-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server);
+
+    let manifest = write(&kubectl, "svc.yaml", SERVICE_V2);
+    kubectl.ok(&["apply", "--server-side", "-f", &manifest]).await;
+    let created = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(managers(&created.metadata), [("kubectl".to_owned(), "Apply".to_owned())]);
+
+    // Another manager changing kubectl's port: a conflict kubectl reports, nothing stored.
+    let theirs = write(
+        &kubectl,
+        "theirs.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - name: http\n    port: 80\n    targetPort: 9090\n",
+    );
+    let stderr =
+        kubectl.fails(&["apply", "--server-side", "--field-manager=ops", "-f", &theirs]).await;
+    assert!(stderr.contains("conflict"), "{stderr}");
+    assert!(stderr.contains(".spec.ports[port=80,protocol=\"TCP\"].targetPort"), "{stderr}");
+    let unchanged = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(unchanged.metadata.resource_version, created.metadata.resource_version);
+
+    kubectl
+        .ok(&["apply", "--server-side", "--field-manager=ops", "--force-conflicts", "-f", &theirs])
+        .await;
+    let forced = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    let target = forced.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].target_port.clone();
+    assert_eq!(serde_json::to_value(target).unwrap(), 9090);
+    assert_eq!(
+        managers(&forced.metadata),
+        [("kubectl".to_owned(), "Apply".to_owned()), ("ops".to_owned(), "Apply".to_owned())]
+    );
+
+    // kubectl drops the metrics port, which only it owned: it goes. (It leaves out the
+    // target port too, which ops owns now: re-applying its old value would conflict.)
+    let manifest = write(&kubectl, "svc.yaml", &SERVICE_V1.replace("    targetPort: 8080\n", ""));
+    kubectl.ok(&["apply", "--server-side", "-f", &manifest]).await;
+    let trimmed = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    let ports: Vec<i32> =
+        trimmed.spec.as_ref().unwrap().ports.iter().flatten().map(|p| p.port).collect();
+    assert_eq!(ports, [80]);
+    let target = trimmed.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].target_port.clone();
+    assert_eq!(serde_json::to_value(target).unwrap(), 9090, "ops's field stays");
+    assert_eq!(trimmed.metadata.labels.unwrap().get("stage").map(String::as_str), Some("test"));
+
+    // An object made by client-side apply moves to server-side apply without conflicts.
+    let replica_set = REPLICA_SET.replace("IMAGE", "1.0").replace("MODE_VALUE", "a");
+    let manifest = write(&kubectl, "rs.yaml", &replica_set);
+    kubectl.ok(&["apply", "-f", &manifest]).await;
+    let manifest = write(&kubectl, "rs.yaml", &replica_set.replace("api:1.0", "api:3.0"));
+    kubectl.ok(&["apply", "--server-side", "-f", &manifest]).await;
+    let stored = client.get::<ReplicaSet>(Some("default"), "api").await.unwrap().unwrap();
+    let image = stored.spec.unwrap().template.unwrap().spec.unwrap().containers[0].image.clone();
+    assert_eq!(image.as_deref(), Some("registry.example/api:3.0"));
+
+    // Server-side dry run stores nothing.
+    let manifest = write(&kubectl, "rs.yaml", &replica_set.replace("api:1.0", "api:4.0"));
+    kubectl.ok(&["apply", "--server-side", "--dry-run=server", "-f", &manifest]).await;
+    let after = client.get::<ReplicaSet>(Some("default"), "api").await.unwrap().unwrap();
+    let image = after.spec.unwrap().template.unwrap().spec.unwrap().containers[0].image.clone();
+    assert_eq!(image.as_deref(), Some("registry.example/api:3.0"));
+}
+for_each_kubectl!(server_side_apply_owns_conflicts_and_forces);
+
+/// The kubectl versions that send protobuf bodies for `create <generator>`.
+fn sends_protobuf(version: &str) -> bool {
+    version >= "1.32"
+}
+
+async fn create_generators_store_what_they_describe(version: &str) {
+    let server = TestController::start(&format!("kubectl-create-{version}")).await;
+    let client = server.client();
+    let recorder = Recorder::start(client.clone()).await;
+    let kubectl = Kubectl::through(version, &server, recorder.url());
+
+    kubectl.ok(&["create", "namespace", "team"]).await;
+    kubectl
+        .ok(&[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            "team",
+            "--image=registry.example/web:1.0",
+            "--replicas=2",
+            "--port=8080",
+        ])
+        .await;
+    kubectl.ok(&["create", "service", "clusterip", "web", "-n", "team", "--tcp=80:8080"]).await;
+    let binary = kubectl.dir().join("blob.bin");
+    std::fs::write(&binary, [0u8, 159, 146, 150, 255]).unwrap();
+    let from_file = format!("--from-file=blob={}", binary.display());
+    kubectl
+        .ok(&[
+            "create",
+            "configmap",
+            "settings",
+            "-n",
+            "team",
+            "--from-literal=mode=fast",
+            &from_file,
+        ])
+        .await;
+    kubectl.ok(&["create", "quota", "limits", "-n", "team", "--hard=pods=10,cpu=2"]).await;
+
+    let namespace = client.get::<Namespace>(None, "team").await.unwrap().expect("namespace");
+    assert_eq!(managers(&namespace.metadata), [("kubectl-create".to_owned(), "Update".to_owned())]);
+
+    let deployment =
+        client.get::<Deployment>(Some("team"), "web").await.unwrap().expect("deployment");
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(spec.selector.match_labels.unwrap().get("app").map(String::as_str), Some("web"));
+    let container = &spec.template.spec.unwrap().containers[0];
+    assert_eq!(
+        (container.name.as_str(), container.image.as_deref()),
+        ("web", Some("registry.example/web:1.0"))
+    );
+    assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
+
+    let service = client.get::<Service>(Some("team"), "web").await.unwrap().expect("service");
+    let service_spec = service.spec.unwrap();
+    let port = &service_spec.ports.unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port), (Some("80-8080"), 80));
+    assert_eq!(serde_json::to_value(&port.target_port).unwrap(), 8080);
+    assert_eq!(service_spec.selector.unwrap().get("app").map(String::as_str), Some("web"));
+    assert_eq!(service_spec.type_.as_deref(), Some("ClusterIP"));
+
+    let settings =
+        client.get::<ConfigMap>(Some("team"), "settings").await.unwrap().expect("configmap");
+    assert_eq!(settings.data.unwrap().get("mode").map(String::as_str), Some("fast"));
+    assert_eq!(
+        settings.binary_data.unwrap().get("blob").map(|b| b.0.clone()),
+        Some(vec![0, 159, 146, 150, 255])
+    );
+
+    let quota = client.get::<ResourceQuota>(Some("team"), "limits").await.unwrap().expect("quota");
+    let hard = quota.spec.unwrap().hard.unwrap();
+    assert_eq!((hard["pods"].0.as_str(), hard["cpu"].0.as_str()), ("10", "2"));
+
+    // The bodies were what this version sends: protobuf from 1.32 on, JSON before.
+    let creates: Vec<_> = recorder.requests().into_iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(creates.len(), 5, "{creates:?}");
+    let expected = if sends_protobuf(version) {
+        "application/vnd.kubernetes.protobuf"
+    } else {
+        "application/json"
+    };
+    for request in &creates {
+        assert_eq!(request.content_type, expected, "{request:?}");
+        // How the fixtures of the protobuf unit tests (src/api/testdata) were recorded:
+        // `CAPTURE_DIR=<dir> cargo test --test kubectl_writes create_generators`.
+        if let Ok(dir) = std::env::var("CAPTURE_DIR") {
+            let name = request.path.split('?').next().unwrap().rsplit('/').next().unwrap();
+            std::fs::write(format!("{dir}/{name}-{version}.pb"), &request.body).unwrap();
+        }
+    }
+}
+for_each_kubectl!(create_generators_store_what_they_describe);

@@ -2,7 +2,7 @@
 //! concurrency on every write, and errors that leave the stored object as it was.
 
 use http::{Method, StatusCode};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use serde_json::{Value, json};
 use strait_controlplane::{
     client::ApiClient,
@@ -220,4 +220,189 @@ async fn malformed_patches_are_bad_requests_that_change_nothing() {
     );
     let after = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
     assert_eq!((after.metadata.labels, after.spec), (before.metadata.labels, before.spec));
+}
+
+const APPLY: &str = "application/apply-patch+yaml";
+const WEB_SERVICE: &str = "/api/v1/namespaces/default/services/web";
+
+fn service_config(ports: Value, labels: Value) -> String {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "labels": labels},
+           "spec": {"selector": {"app": "web"}, "ports": ports}})
+    .to_string()
+}
+
+/// The managers of an object and their operations, in order.
+fn managers(object: &Value) -> Vec<(String, String)> {
+    object["metadata"]["managedFields"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| {
+                    (
+                        e["manager"].as_str().unwrap_or_default().to_owned(),
+                        e["operation"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn owned(manager: &str, operation: &str) -> (String, String) {
+    (manager.to_owned(), operation.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_creates_tracks_owners_and_removes_dropped_fields() {
+    let server = TestController::start("writes-apply").await;
+    let client = server.client();
+    let path =
+        |manager: &str| format!("{WEB_SERVICE}?fieldManager={manager}&fieldValidation=Strict");
+
+    let first = service_config(
+        json!([{"name": "http", "port": 80, "targetPort": 8080}, {"name": "https", "port": 443}]),
+        json!({"app": "web", "team": "net"}),
+    );
+    let (code, created) = request(&client, Method::PATCH, &path("alice"), APPLY, &first).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(managers(&created), [owned("alice", "Apply")]);
+    let fields = &created["metadata"]["managedFields"][0]["fieldsV1"];
+    assert!(
+        fields["f:spec"]["f:ports"].get("k:{\"port\":443,\"protocol\":\"TCP\"}").is_some(),
+        "ports are owned by port and protocol: {fields}"
+    );
+    assert!(created["spec"]["clusterIP"].is_string(), "defaults and allocation apply: {created}");
+
+    // The same configuration again is no write.
+    let (code, again) = request(&client, Method::PATCH, &path("alice"), APPLY, &first).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(again["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+
+    // bob changes a port alice owns: 409 naming alice and the field; nothing is stored.
+    let bob = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"ports": [{"port": 80, "targetPort": 9090}]}})
+    .to_string();
+    let (code, status) = request(&client, Method::PATCH, &path("bob"), APPLY, &bob).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert_eq!(status["reason"], "Conflict");
+    let cause = &status["details"]["causes"][0];
+    assert_eq!(cause["type"], "FieldManagerConflict");
+    assert_eq!(cause["field"], ".spec.ports[port=80,protocol=\"TCP\"].targetPort");
+    assert!(cause["message"].as_str().unwrap().contains("\"alice\""), "{cause}");
+    let stored = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(serde_json::to_value(&stored).unwrap()["spec"]["ports"][0]["targetPort"], 8080);
+
+    // Forced, bob takes the field; alice keeps the rest.
+    let forced = format!("{}&force=true", path("bob"));
+    let (code, taken) = request(&client, Method::PATCH, &forced, APPLY, &bob).await;
+    assert_eq!(code, StatusCode::OK, "{taken}");
+    assert_eq!(taken["spec"]["ports"][0]["targetPort"], 9090);
+    assert_eq!(managers(&taken), [owned("alice", "Apply"), owned("bob", "Apply")]);
+
+    // alice drops the https port, the team label and targetPort (now bob's): the first two
+    // go, bob's field stays.
+    let second = service_config(json!([{"name": "http", "port": 80}]), json!({"app": "web"}));
+    let (code, updated) = request(&client, Method::PATCH, &path("alice"), APPLY, &second).await;
+    assert_eq!(code, StatusCode::OK, "{updated}");
+    let stored = client.get::<Service>(Some("default"), "web").await.unwrap().unwrap();
+    let ports = stored.spec.as_ref().unwrap().ports.clone().unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0].port, 80);
+    assert_eq!(
+        serde_json::to_value(&ports[0].target_port).unwrap(),
+        json!(9090),
+        "bob's field is kept"
+    );
+    let labels = stored.metadata.labels.unwrap();
+    assert!(!labels.contains_key("team"), "{labels:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_own_the_fields_they_change_and_apply_conflicts_with_them() {
+    let server = TestController::start("writes-owners").await;
+    let client = server.client();
+    let body = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})
+    .to_string();
+    let (code, created) = request(
+        &client,
+        Method::POST,
+        "/api/v1/namespaces/default/services?fieldManager=kubectl-create",
+        "application/json",
+        &body,
+    )
+    .await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(managers(&created), [owned("kubectl-create", "Update")]);
+
+    // A merge patch by another manager takes the selector.
+    let (code, patched) = request(
+        &client,
+        Method::PATCH,
+        &format!("{WEB_SERVICE}?fieldManager=kubectl-edit"),
+        MERGE,
+        &json!({"spec": {"selector": {"app": "web2"}}}).to_string(),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{patched}");
+    assert_eq!(
+        managers(&patched),
+        [owned("kubectl-create", "Update"), owned("kubectl-edit", "Update")]
+    );
+    let editor_fields = &patched["metadata"]["managedFields"][1]["fieldsV1"];
+    assert_eq!(editor_fields, &json!({"f:spec": {"f:selector": {"f:app": {}}}}));
+    let creator_fields = &patched["metadata"]["managedFields"][0]["fieldsV1"];
+    assert!(creator_fields["f:spec"].get("f:selector").is_none(), "{creator_fields}");
+
+    // An apply changing the creator's port conflicts with kubectl-create.
+    let apply = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"ports": [{"port": 80, "targetPort": 81}]}})
+    .to_string();
+    let (code, status) =
+        request(&client, Method::PATCH, &format!("{WEB_SERVICE}?fieldManager=ops"), APPLY, &apply)
+            .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{status}");
+    assert!(status["message"].as_str().unwrap().contains("kubectl-create"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_requests_are_checked_before_anything_is_stored() {
+    let server = TestController::start("writes-apply-bad").await;
+    let client = server.client();
+    let good = service_config(json!([{"port": 80}]), json!({"app": "web"}));
+    let cases = [
+        ("no field manager", WEB_SERVICE.to_owned(), good.clone()),
+        (
+            "another kind",
+            format!("{WEB_SERVICE}?fieldManager=a"),
+            good.replace("\"Service\"", "\"Pod\""),
+        ),
+        (
+            "another name",
+            format!("{WEB_SERVICE}?fieldManager=a"),
+            good.replace("\"web\"", "\"db\""),
+        ),
+        ("malformed YAML", format!("{WEB_SERVICE}?fieldManager=a"), "kind: [unclosed".to_owned()),
+        (
+            "an unknown field under Strict",
+            format!("{WEB_SERVICE}?fieldManager=a&fieldValidation=Strict"),
+            good.replace("\"selector\"", "\"colour\":1,\"selector\""),
+        ),
+    ];
+    for (what, path, body) in cases {
+        let (code, status) = request(&client, Method::PATCH, &path, APPLY, &body).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{what}: {status}");
+        assert!(client.get::<Service>(Some("default"), "web").await.unwrap().is_none(), "{what}");
+    }
+
+    // YAML is accepted as well as JSON.
+    let yaml =
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n";
+    let (code, created) =
+        request(&client, Method::PATCH, &format!("{WEB_SERVICE}?fieldManager=a"), APPLY, yaml)
+            .await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(created["spec"]["ports"][0]["port"], 80);
 }

@@ -124,6 +124,10 @@ pub enum ApiError {
     AlreadyExists { resource: String, name: String },
     #[error("Operation cannot be fulfilled on {resource} {name:?}: {message}")]
     Conflict { resource: String, name: String, message: String },
+    /// Server-side apply would change fields other managers own: each conflict is the
+    /// owner (`conflict with "kubectl" using apps/v1`) and the field (`.spec.replicas`).
+    #[error("{}", apply_conflict_message(.conflicts))]
+    ApplyConflict { resource: String, name: String, conflicts: Vec<(String, String)> },
     #[error("{kind} {name:?} is invalid: {}", join_field_errors(.causes))]
     Invalid { kind: String, name: String, causes: Vec<FieldError> },
     #[error("{0}")]
@@ -156,6 +160,14 @@ pub enum ApiError {
     },
 }
 
+/// As Kubernetes words it: `Apply failed with 1 conflict: conflict with "a" using v1: .spec.x`.
+fn apply_conflict_message(conflicts: &[(String, String)]) -> String {
+    let noun = if conflicts.len() == 1 { "conflict" } else { "conflicts" };
+    let listed: Vec<String> =
+        conflicts.iter().map(|(owner, field)| format!("{owner}: {field}")).collect();
+    format!("Apply failed with {} {noun}: {}", conflicts.len(), listed.join("\n"))
+}
+
 fn join_field_errors(causes: &[FieldError]) -> String {
     let parts: Vec<String> = causes.iter().map(ToString::to_string).collect();
     if parts.len() == 1 { parts.join("") } else { format!("[{}]", parts.join(", ")) }
@@ -178,7 +190,9 @@ impl ApiError {
     pub fn code(&self) -> StatusCode {
         match self {
             Self::NotFound { .. } | Self::UnknownPath => StatusCode::NOT_FOUND,
-            Self::AlreadyExists { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::AlreadyExists { .. } | Self::Conflict { .. } | Self::ApplyConflict { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::Invalid { .. } | Self::PatchNotApplicable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -195,7 +209,7 @@ impl ApiError {
         match self {
             Self::NotFound { .. } | Self::UnknownPath => "NotFound",
             Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::Conflict { .. } => "Conflict",
+            Self::Conflict { .. } | Self::ApplyConflict { .. } => "Conflict",
             Self::Invalid { .. } | Self::PatchNotApplicable(_) => "Invalid",
             Self::BadRequest(_) => "BadRequest",
             Self::Forbidden { .. } => "Forbidden",
@@ -220,6 +234,15 @@ impl ApiError {
             | Self::AlreadyExists { resource, name }
             | Self::Conflict { resource, name, .. } => {
                 Some(json!({"name": name, "kind": resource}))
+            }
+            Self::ApplyConflict { resource, name, conflicts } => {
+                let causes: Vec<Value> = conflicts
+                    .iter()
+                    .map(|(owner, field)| {
+                        json!({"type": "FieldManagerConflict", "message": owner, "field": field})
+                    })
+                    .collect();
+                Some(json!({"name": name, "kind": resource, "causes": causes}))
             }
             Self::Forbidden { resource, name, cause, .. } => {
                 let mut details = json!({"name": name, "kind": resource});

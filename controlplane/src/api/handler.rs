@@ -18,12 +18,17 @@ use super::{
     error::ApiError,
     json_patch::{self, JsonPatchError},
     kind::{DeleteRequest, KindInfo, Strategy},
+    managed_fields::{Manager, OPERATION_APPLY},
     merge_patch,
     patch_schema::kind_schema,
     selectors::FieldSelector,
+    server_side_apply::{self, Applied, Conflict},
     strategic_merge,
     table::{self, ResponseFormat, Row},
-    typed::{ListFilter, TypedKind, UpdateMode, WatchItem, WatchStart},
+    typed::{
+        FieldOwnership, ListFilter, TypedKind, UpdateMode, WatchItem, WatchStart, WriteContext,
+        current_time,
+    },
 };
 use crate::store::Revision;
 
@@ -31,12 +36,40 @@ use crate::store::Revision;
 pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
 /// Options of a write request (query parameters).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
     /// `dryRun=All`: validate and answer, store nothing.
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
     pub strict_fields: bool,
+    /// The field manager of the write (`fieldManager`, else the client's `User-Agent` up to
+    /// its first `/`); `None` records no ownership.
+    pub field_manager: Option<String>,
+    /// Whether `fieldManager` was given explicitly (server-side apply requires it).
+    pub field_manager_given: bool,
+    /// `force=true`: a server-side apply takes conflicting fields from their owners.
+    pub force: bool,
+}
+
+impl WriteOptions {
+    fn context(&self, ownership: FieldOwnership) -> WriteContext {
+        WriteContext { dry_run: self.dry_run, ownership }
+    }
+
+    /// The context of a client's create, replace or patch: its changes are its manager's.
+    fn update_context(&self) -> WriteContext {
+        self.context(match &self.field_manager {
+            Some(manager) => FieldOwnership::Update(manager.clone()),
+            None => FieldOwnership::Untracked,
+        })
+    }
+}
+
+/// What a write answers: the object, and whether it was created (201) rather than changed.
+#[derive(Debug)]
+pub struct Written {
+    pub object: Value,
+    pub created: bool,
 }
 
 /// A PATCH body, by its media type.
@@ -48,6 +81,8 @@ pub enum PatchBody {
     Strategic(Value),
     /// `application/json-patch+json` (RFC 6902).
     Json(Value),
+    /// `application/apply-patch+yaml`: server-side apply of this configuration.
+    Apply(Value),
 }
 
 impl PatchBody {
@@ -70,6 +105,12 @@ impl PatchBody {
                 JsonPatchError::Malformed(_) => ApiError::BadRequest(e.to_string()),
                 JsonPatchError::NotApplicable { .. } => ApiError::PatchNotApplicable(e.to_string()),
             })?,
+            Self::Apply(_) => {
+                return Err(ApiError::internal(
+                    "applying a configuration as a patch",
+                    std::io::Error::other("server-side apply is not a patch of a document"),
+                ));
+            }
         }
         Ok(())
     }
@@ -93,7 +134,7 @@ pub trait KindHandler: Send + Sync {
         namespace: Option<&str>,
         body: &[u8],
         options: WriteOptions,
-    ) -> Result<Value, ApiError>;
+    ) -> Result<Written, ApiError>;
     async fn get(
         &self,
         namespace: Option<&str>,
@@ -120,7 +161,8 @@ pub trait KindHandler: Send + Sync {
         body: &[u8],
         status: bool,
         options: WriteOptions,
-    ) -> Result<Value, ApiError>;
+    ) -> Result<Written, ApiError>;
+    /// A PATCH; a server-side apply may create the object.
     async fn patch(
         &self,
         namespace: Option<&str>,
@@ -128,7 +170,7 @@ pub trait KindHandler: Send + Sync {
         patch: &PatchBody,
         status: bool,
         options: WriteOptions,
-    ) -> Result<Value, ApiError>;
+    ) -> Result<Written, ApiError>;
     async fn delete(
         &self,
         namespace: Option<&str>,
@@ -162,7 +204,7 @@ pub trait KindHandler: Send + Sync {
 pub enum ScaleWrite<'a> {
     /// PUT: the body is a whole `Scale`.
     Replace(&'a [u8]),
-    /// PATCH of the current `Scale`, of any patch type.
+    /// PATCH: a patch of the current `Scale`.
     Patch(&'a PatchBody),
 }
 
@@ -234,6 +276,130 @@ pub struct Handler<S: Strategy> {
 impl<S: Strategy> Handler<S> {
     pub fn new(kind: Arc<TypedKind<S>>) -> Self {
         Self { kind }
+    }
+
+    /// Server-side apply of `config` by the request's field manager: merged into the stored
+    /// object, or creating it when there is none.
+    async fn apply(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        config: &Value,
+        status: bool,
+        options: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        let info = self.info();
+        let manager_name = match &options.field_manager {
+            Some(manager) if options.field_manager_given => manager.clone(),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "fieldManager is required for apply requests (application/apply-patch+yaml)"
+                        .to_owned(),
+                ));
+            }
+        };
+        check_apply_config(config, info, namespace, name)?;
+        let api_version = info.api_version();
+        let manager = Manager {
+            name: &manager_name,
+            operation: OPERATION_APPLY,
+            api_version: &api_version,
+            subresource: status.then_some("status"),
+        };
+        let tracked = info.has_status.then_some(status);
+        let schema = kind_schema(info.kind);
+        let decode = |document: &Value| -> Result<S::Object, ApiError> {
+            let body = serde_json::to_vec(document)
+                .map_err(|e| ApiError::internal("encoding the applied object", e))?;
+            let object: S::Object = decode_body(&body, info.kind, options.strict_fields)?;
+            check_identity(&object, namespace, name, info.namespaced)?;
+            Ok(object)
+        };
+        let context = options.context(FieldOwnership::Given);
+        let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
+        for _ in 0..APPLY_ATTEMPTS {
+            if self.kind.get_opt(namespace, name).await?.is_none() {
+                if status {
+                    return Err(ApiError::NotFound {
+                        resource: info.plural.to_owned(),
+                        name: name.to_owned(),
+                    });
+                }
+                let mut document = match server_side_apply::apply(
+                    &json!({}),
+                    config,
+                    schema,
+                    &manager,
+                    options.force,
+                    tracked,
+                    current_time(),
+                ) {
+                    Applied::Object(document) => document,
+                    Applied::Conflicts(conflicts) => {
+                        return Err(self.apply_conflict(name, conflicts));
+                    }
+                };
+                document["metadata"]["name"] = json!(name);
+                match self.kind.create_with(namespace, decode(&document)?, &context).await {
+                    Ok(created) => {
+                        return Ok(Written {
+                            object: to_json(&created, self.plural())?,
+                            created: true,
+                        });
+                    }
+                    // Created meanwhile: apply to it.
+                    Err(ApiError::AlreadyExists { .. }) => continue,
+                    Err(error) => return Err(error),
+                }
+            }
+            let result = self
+                .kind
+                .update_with(namespace, name, mode, &context, |current| {
+                    let live = to_json(current, info.kind)?;
+                    match server_side_apply::apply(
+                        &live,
+                        config,
+                        schema,
+                        &manager,
+                        options.force,
+                        tracked,
+                        current_time(),
+                    ) {
+                        Applied::Object(document) => decode(&document),
+                        Applied::Conflicts(conflicts) => Err(self.apply_conflict(name, conflicts)),
+                    }
+                })
+                .await;
+            match result {
+                Ok(updated) => {
+                    return Ok(Written {
+                        object: to_json(&updated, self.plural())?,
+                        created: false,
+                    });
+                }
+                // Deleted meanwhile: create it.
+                Err(ApiError::NotFound { .. }) if !status => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(ApiError::Conflict {
+            resource: info.plural.to_owned(),
+            name: name.to_owned(),
+            message: "the object kept being created and deleted while it was applied".to_owned(),
+        })
+    }
+
+    fn apply_conflict(&self, name: &str, conflicts: Vec<Conflict>) -> ApiError {
+        ApiError::ApplyConflict {
+            resource: self.plural().to_owned(),
+            name: name.to_owned(),
+            conflicts: conflicts
+                .into_iter()
+                .map(|c| {
+                    (format!("conflict with \"{}\" using {}", c.manager, c.api_version), c.field)
+                })
+                .collect(),
+        }
     }
 
     fn plural(&self) -> &'static str {
@@ -363,10 +529,10 @@ impl<S: Strategy> KindHandler for Handler<S> {
         namespace: Option<&str>,
         body: &[u8],
         options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
-        let created = self.kind.create(namespace, object, options.dry_run).await?;
-        to_json(&created, self.plural())
+        let created = self.kind.create_with(namespace, object, &options.update_context()).await?;
+        Ok(Written { object: to_json(&created, self.plural())?, created: true })
     }
 
     async fn get(
@@ -409,15 +575,15 @@ impl<S: Strategy> KindHandler for Handler<S> {
         body: &[u8],
         status: bool,
         options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
         check_identity(&object, namespace, name, self.info().namespaced)?;
         let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
         let updated = self
             .kind
-            .update(namespace, name, mode, options.dry_run, |_| Ok(object.clone()))
+            .update_with(namespace, name, mode, &options.update_context(), |_| Ok(object.clone()))
             .await?;
-        to_json(&updated, self.plural())
+        Ok(Written { object: to_json(&updated, self.plural())?, created: false })
     }
 
     async fn patch(
@@ -427,12 +593,15 @@ impl<S: Strategy> KindHandler for Handler<S> {
         patch: &PatchBody,
         status: bool,
         options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
+        if let PatchBody::Apply(config) = patch {
+            return self.apply(namespace, name, config, status, &options).await;
+        }
         let kind = self.info().kind;
         let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
         let updated = self
             .kind
-            .update(namespace, name, mode, options.dry_run, |current| {
+            .update_with(namespace, name, mode, &options.update_context(), |current| {
                 let mut document = to_json(current, kind)?;
                 patch.apply_to(&mut document, kind)?;
                 let body = serde_json::to_vec(&document)
@@ -442,7 +611,7 @@ impl<S: Strategy> KindHandler for Handler<S> {
                 Ok(patched)
             })
             .await?;
-        to_json(&updated, self.plural())
+        Ok(Written { object: to_json(&updated, self.plural())?, created: false })
     }
 
     async fn delete(
@@ -485,7 +654,7 @@ impl<S: Strategy> KindHandler for Handler<S> {
         }
         let updated = self
             .kind
-            .update(namespace, name, UpdateMode::Main, options.dry_run, |current| {
+            .update_with(namespace, name, UpdateMode::Main, &options.update_context(), |current| {
                 let scale: Scale = match write {
                     ScaleWrite::Replace(body) => decode_body(body, "Scale", options.strict_fields)?,
                     ScaleWrite::Patch(patch) => {
@@ -528,6 +697,65 @@ impl<S: Strategy> KindHandler for Handler<S> {
             ),
         }
     }
+}
+
+/// How often an apply retries when the object is created or deleted between its read and its
+/// write.
+const APPLY_ATTEMPTS: usize = 4;
+
+/// An applied configuration must name the kind it is sent to and the object of the URL.
+fn check_apply_config(
+    config: &Value,
+    info: &KindInfo,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(), ApiError> {
+    if !config.is_object() {
+        return Err(ApiError::BadRequest(format!(
+            "an applied configuration must be an object ({})",
+            info.kind
+        )));
+    }
+    let api_version = info.api_version();
+    match config.get("apiVersion").and_then(Value::as_str) {
+        Some(given) if given == api_version => {}
+        given => {
+            return Err(ApiError::BadRequest(format!(
+                "the API version in the applied configuration ({}) does not match the expected API version ({api_version})",
+                given.unwrap_or("none")
+            )));
+        }
+    }
+    match config.get("kind").and_then(Value::as_str) {
+        Some(given) if given == info.kind => {}
+        given => {
+            return Err(ApiError::BadRequest(format!(
+                "the kind in the applied configuration ({}) does not match the expected kind ({})",
+                given.unwrap_or("none"),
+                info.kind
+            )));
+        }
+    }
+    let metadata = config.get("metadata");
+    if let Some(given) = metadata.and_then(|m| m.get("name")).and_then(Value::as_str)
+        && given != name
+    {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    if info.namespaced
+        && let (Some(given), Some(namespace)) =
+            (metadata.and_then(|m| m.get("namespace")).and_then(Value::as_str), namespace)
+        && !given.is_empty()
+        && given != namespace
+    {
+        return Err(ApiError::BadRequest(
+            "the namespace of the provided object does not match the namespace sent on the request"
+                .to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// The name and namespace in a body must be those of the URL (or empty).

@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use super::{
     Registry,
     error::ApiError,
-    handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions},
-    kind::DeleteRequest,
-    openapi,
+    handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
+    kind::{DeleteRequest, KindInfo},
+    openapi, protobuf,
     selectors::{FieldSelector, LabelSelector},
     table::{self, ResponseFormat},
     typed::{ListFilter, WatchStart, parse_resource_version},
@@ -297,6 +297,8 @@ struct Params {
     send_initial_events: Option<String>,
     dry_run: Option<String>,
     field_validation: Option<String>,
+    field_manager: Option<String>,
+    force: Option<String>,
     grace_period_seconds: Option<String>,
 }
 
@@ -304,8 +306,11 @@ fn flag(value: Option<&str>) -> bool {
     matches!(value, Some("true" | "1" | "True"))
 }
 
+/// Kubernetes' limit on a field manager's name.
+const MAX_FIELD_MANAGER_LEN: usize = 128;
+
 impl Params {
-    fn write_options(&self) -> Result<WriteOptions, ApiError> {
+    fn write_options(&self, headers: &HeaderMap) -> Result<WriteOptions, ApiError> {
         let dry_run = match self.dry_run.as_deref() {
             None | Some("") => false,
             Some("All") => true,
@@ -324,7 +329,32 @@ impl Params {
                 )));
             }
         };
-        Ok(WriteOptions { dry_run, strict_fields })
+        let given = self.field_manager.as_deref().filter(|m| !m.is_empty());
+        if let Some(manager) = given
+            && (manager.len() > MAX_FIELD_MANAGER_LEN || manager.chars().any(char::is_control))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "fieldManager must be at most {MAX_FIELD_MANAGER_LEN} printable characters"
+            )));
+        }
+        // Without `fieldManager`, the client's name (`kubectl/v1.33.0 (…)` → `kubectl`), as
+        // Kubernetes names the manager.
+        let from_agent = || {
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|agent| agent.split('/').next())
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(|name| name.chars().take(MAX_FIELD_MANAGER_LEN).collect::<String>())
+        };
+        Ok(WriteOptions {
+            dry_run,
+            strict_fields,
+            field_manager: given.map(str::to_owned).or_else(from_agent),
+            field_manager_given: given.is_some(),
+            force: flag(self.force.as_deref()),
+        })
     }
 
     fn filter(&self, handler: &dyn KindHandler) -> Result<ListFilter, ApiError> {
@@ -349,8 +379,28 @@ fn content_type(headers: &HeaderMap) -> String {
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     match content_type(headers).as_str() {
         "" | "application/json" => Ok(()),
-        _ => Err(ApiError::UnsupportedMediaType { accepted: "application/json".to_owned() }),
+        _ => Err(ApiError::UnsupportedMediaType {
+            accepted: format!("application/json, {}", protobuf::MEDIA_TYPE),
+        }),
     }
+}
+
+/// The body of a create or replace as JSON: JSON as sent, or a protobuf body (kubectl 1.32+
+/// `create` generators) decoded into JSON.
+fn object_body<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+    info: &KindInfo,
+) -> Result<std::borrow::Cow<'a, [u8]>, ApiError> {
+    if content_type(headers) != protobuf::MEDIA_TYPE {
+        require_json(headers)?;
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let object = protobuf::decode(body, &info.api_version(), info.kind)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    serde_json::to_vec(&object)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| ApiError::internal("encoding a decoded protobuf body", e))
 }
 
 fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiError> {
@@ -461,9 +511,10 @@ async fn route(
                 if info.namespaced && namespace.is_none() {
                     return Err(ApiError::UnknownPath);
                 }
-                require_json(headers)?;
-                let created = handler.create(namespace, body, params.write_options()?).await?;
-                Ok(json_response(StatusCode::CREATED, &created))
+                let body = object_body(headers, body, info)?;
+                let created =
+                    handler.create(namespace, &body, params.write_options(headers)?).await?;
+                Ok(written_response(&created))
             }
             _ => Err(ApiError::MethodNotAllowed),
         };
@@ -485,21 +536,24 @@ async fn route(
                 Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
             }
             Method::PUT => {
-                require_json(headers)?;
-                let updated =
-                    handler.replace(namespace, name, body, status, params.write_options()?).await?;
-                Ok(json_response(StatusCode::OK, &updated))
+                let body = object_body(headers, body, info)?;
+                let updated = handler
+                    .replace(namespace, name, &body, status, params.write_options(headers)?)
+                    .await?;
+                Ok(written_response(&updated))
             }
             Method::PATCH => {
                 let patch = patch_body(headers, body)?;
-                let patched =
-                    handler.patch(namespace, name, &patch, status, params.write_options()?).await?;
-                Ok(json_response(StatusCode::OK, &patched))
+                let patched = handler
+                    .patch(namespace, name, &patch, status, params.write_options(headers)?)
+                    .await?;
+                Ok(written_response(&patched))
             }
             Method::DELETE if !status => {
                 let request = delete_request(params, body)?;
-                let deleted =
-                    handler.delete(namespace, name, &request, params.write_options()?).await?;
+                let deleted = handler
+                    .delete(namespace, name, &request, params.write_options(headers)?)
+                    .await?;
                 Ok(json_response(StatusCode::OK, &deleted))
             }
             _ => Err(ApiError::MethodNotAllowed),
@@ -513,15 +567,17 @@ async fn route(
             Method::PUT => {
                 require_json(headers)?;
                 let write = ScaleWrite::Replace(body);
-                let scale =
-                    handler.write_scale(namespace, name, write, params.write_options()?).await?;
+                let scale = handler
+                    .write_scale(namespace, name, write, params.write_options(headers)?)
+                    .await?;
                 Ok(json_response(StatusCode::OK, &scale))
             }
             Method::PATCH => {
                 let patch = patch_body(headers, body)?;
                 let write = ScaleWrite::Patch(&patch);
-                let scale =
-                    handler.write_scale(namespace, name, write, params.write_options()?).await?;
+                let scale = handler
+                    .write_scale(namespace, name, write, params.write_options(headers)?)
+                    .await?;
                 Ok(json_response(StatusCode::OK, &scale))
             }
             _ => Err(ApiError::MethodNotAllowed),
@@ -543,7 +599,14 @@ async fn route(
 
 /// The PATCH media types, as the 415 answer lists them.
 const PATCH_MEDIA_TYPES: &str = "application/json-patch+json, application/merge-patch+json, \
-                                 application/strategic-merge-patch+json";
+                                 application/strategic-merge-patch+json, \
+                                 application/apply-patch+yaml";
+
+/// A write's answer: 201 when it created the object.
+fn written_response(written: &Written) -> Response {
+    let code = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    json_response(code, &written.object)
+}
 
 /// A PATCH body by its content type.
 fn patch_body(headers: &HeaderMap, body: &[u8]) -> Result<PatchBody, ApiError> {
@@ -551,13 +614,32 @@ fn patch_body(headers: &HeaderMap, body: &[u8]) -> Result<PatchBody, ApiError> {
         "application/merge-patch+json" => PatchBody::Merge,
         "application/strategic-merge-patch+json" => PatchBody::Strategic,
         "application/json-patch+json" => PatchBody::Json,
+        "application/apply-patch+yaml" => PatchBody::Apply,
         _ => {
             return Err(ApiError::UnsupportedMediaType { accepted: PATCH_MEDIA_TYPES.to_owned() });
         }
     };
-    let patch = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?;
+    let patch = if matches!(kind(Value::Null), PatchBody::Apply(_)) {
+        yaml_or_json(body)?
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?
+    };
     Ok(kind(patch))
+}
+
+/// An apply configuration: YAML, of which JSON (what kubectl sends) is a subset.
+fn yaml_or_json(body: &[u8]) -> Result<Value, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::BadRequest("the applied configuration is not UTF-8".to_owned()))?;
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).map_err(|e| {
+            ApiError::BadRequest(format!("the applied configuration is not valid JSON: {e}"))
+        });
+    }
+    serde_saphyr::from_str(text).map_err(|e| {
+        ApiError::BadRequest(format!("the applied configuration is not valid YAML: {e}"))
+    })
 }
 
 fn watch_line(event_type: &str, object: &Value) -> Bytes {

@@ -19,6 +19,8 @@ use super::{
     error::{ApiError, FieldError},
     kind::{DeletePlan, DeleteRequest, Strategy, TxnExtras},
     kinds::namespace::{NAMESPACE_TERMINATING, namespace_key},
+    managed_fields::{self, Manager, OPERATION_UPDATE},
+    patch_schema::kind_schema,
     selectors::{FieldSelector, LabelSelector},
     validation,
 };
@@ -44,6 +46,33 @@ pub enum UpdateMode {
     /// A server-side change made by the API server itself (binding): every field, with
     /// object validation but without the immutability rules meant for clients.
     Internal,
+}
+
+/// Who owns the fields a write sets (`metadata.managedFields`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum FieldOwnership {
+    /// The server's own writes (controllers, defaults): managed fields are carried over
+    /// as the new version has them, or kept from the stored one.
+    #[default]
+    Untracked,
+    /// A client's write: the fields it changes become this manager's (`Update` operation).
+    Update(String),
+    /// The new version carries its managed fields, computed already (server-side apply).
+    Given,
+}
+
+/// How a write is carried out.
+#[derive(Clone, Debug, Default)]
+pub struct WriteContext {
+    /// `dryRun=All`: everything but the commit.
+    pub dry_run: bool,
+    pub ownership: FieldOwnership,
+}
+
+impl WriteContext {
+    pub fn dry_run(dry_run: bool) -> Self {
+        Self { dry_run, ownership: FieldOwnership::Untracked }
+    }
 }
 
 /// Label and field selectors of a list or watch.
@@ -226,9 +255,70 @@ impl<S: Strategy> TypedKind<S> {
     pub async fn create(
         &self,
         namespace: Option<&str>,
-        mut object: S::Object,
+        object: S::Object,
         dry_run: bool,
     ) -> Result<S::Object, ApiError> {
+        self.create_with(namespace, object, &WriteContext::dry_run(dry_run)).await
+    }
+
+    /// The part of an object field managers own for a write in `mode`.
+    fn trackable(
+        &self,
+        object: &S::Object,
+        mode: UpdateMode,
+    ) -> Result<serde_json::Value, ApiError> {
+        let document = serde_json::to_value(object)
+            .map_err(|e| ApiError::internal(format!("encoding {}", self.plural()), e))?;
+        let status = self.strategy.info().has_status.then_some(mode == UpdateMode::Status);
+        Ok(managed_fields::trackable(&document, status))
+    }
+
+    /// Records in `new` the fields `manager` changed from `old` (`None`: created).
+    fn record_update(
+        &self,
+        manager: &str,
+        mode: UpdateMode,
+        old: Option<&S::Object>,
+        new: &mut S::Object,
+    ) -> Result<(), ApiError> {
+        let info = self.strategy.info();
+        let api_version = info.api_version();
+        let before = match old {
+            Some(old) => self.trackable(old, mode)?,
+            None => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        let after = self.trackable(new, mode)?;
+        let manager = Manager {
+            name: manager,
+            operation: OPERATION_UPDATE,
+            api_version: &api_version,
+            subresource: (mode == UpdateMode::Status).then_some("status"),
+        };
+        let managed = managed_fields::record_update(
+            new.metadata().managed_fields.as_deref(),
+            &before,
+            &after,
+            Some(kind_schema(info.kind)),
+            &manager,
+            now(),
+        );
+        new.metadata_mut().managed_fields = managed;
+        Ok(())
+    }
+
+    /// Creates an object as [`TypedKind::create`] does, recording field ownership as `context`
+    /// says.
+    pub async fn create_with(
+        &self,
+        namespace: Option<&str>,
+        mut object: S::Object,
+        context: &WriteContext,
+    ) -> Result<S::Object, ApiError> {
+        let dry_run = context.dry_run;
+        let given_fields = match context.ownership {
+            FieldOwnership::Given => object.metadata_mut().managed_fields.take(),
+            _ => None,
+        };
         let info = self.strategy.info();
         let namespace = self.namespace_of(namespace);
         {
@@ -267,6 +357,13 @@ impl<S: Strategy> TypedKind<S> {
         self.strategy.prepare_for_create(&mut object);
         self.strategy.default(&mut object);
         self.validate(&object, Vec::new())?;
+        match &context.ownership {
+            FieldOwnership::Untracked => {}
+            FieldOwnership::Given => object.metadata_mut().managed_fields = given_fields,
+            FieldOwnership::Update(manager) => {
+                self.record_update(manager, UpdateMode::Main, None, &mut object)?;
+            }
+        }
         let name = object.metadata().name.clone().unwrap_or_default();
         let key = self.key(namespace, &name);
 
@@ -400,6 +497,7 @@ impl<S: Strategy> TypedKind<S> {
         mode: UpdateMode,
         old: &S::Object,
         mut new: S::Object,
+        context: &WriteContext,
     ) -> Result<S::Object, ApiError> {
         let old_meta = old.metadata();
         let name = old_meta.name.clone().unwrap_or_default();
@@ -421,7 +519,11 @@ impl<S: Strategy> TypedKind<S> {
             meta.namespace = old_meta.namespace.clone();
             meta.uid = old_meta.uid.clone();
             meta.creation_timestamp = old_meta.creation_timestamp.clone();
-            meta.managed_fields = None;
+            // A write that leaves managed fields out keeps them; one that sets them (a JSON
+            // patch of `/metadata/managedFields`, an apply) replaces them.
+            if context.ownership != FieldOwnership::Given && meta.managed_fields.is_none() {
+                meta.managed_fields = old_meta.managed_fields.clone();
+            }
             meta.self_link = None;
             meta.resource_version = old_meta.resource_version.clone();
             // Deletion state and generation belong to the server; only its own (internal)
@@ -449,6 +551,9 @@ impl<S: Strategy> TypedKind<S> {
             UpdateMode::Status | UpdateMode::Internal => Vec::new(),
         };
         self.validate(&new, transition)?;
+        if let FieldOwnership::Update(manager) = &context.ownership {
+            self.record_update(manager, mode, Some(old), &mut new)?;
+        }
         Ok(new)
     }
 
@@ -463,7 +568,19 @@ impl<S: Strategy> TypedKind<S> {
         extras: TxnExtras,
         dry_run: bool,
     ) -> Result<WriteOutcome<S::Object>, ApiError> {
-        let new = self.prepare_update(mode, old, new)?;
+        self.write_update_with(mode, old, new, extras, &WriteContext::dry_run(dry_run)).await
+    }
+
+    async fn write_update_with(
+        &self,
+        mode: UpdateMode,
+        old: &S::Object,
+        new: S::Object,
+        extras: TxnExtras,
+        context: &WriteContext,
+    ) -> Result<WriteOutcome<S::Object>, ApiError> {
+        let dry_run = context.dry_run;
+        let new = self.prepare_update(mode, old, new, context)?;
         if (new == *old && extras.ops.is_empty()) || dry_run {
             return Ok(WriteOutcome::Written(new));
         }
@@ -494,6 +611,19 @@ impl<S: Strategy> TypedKind<S> {
         name: &str,
         mode: UpdateMode,
         dry_run: bool,
+        mutate: impl FnMut(&S::Object) -> Result<S::Object, ApiError> + Send,
+    ) -> Result<S::Object, ApiError> {
+        self.update_with(namespace, name, mode, &WriteContext::dry_run(dry_run), mutate).await
+    }
+
+    /// Updates an object as [`TypedKind::update`] does, recording field ownership as
+    /// `context` says.
+    pub async fn update_with(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        mode: UpdateMode,
+        context: &WriteContext,
         mut mutate: impl FnMut(&S::Object) -> Result<S::Object, ApiError> + Send,
     ) -> Result<S::Object, ApiError> {
         for _ in 0..MAX_ATTEMPTS {
@@ -505,7 +635,7 @@ impl<S: Strategy> TypedKind<S> {
             {
                 return Err(self.conflict(name));
             }
-            match self.write_update(mode, &old, new, TxnExtras::default(), dry_run).await? {
+            match self.write_update_with(mode, &old, new, TxnExtras::default(), context).await? {
                 WriteOutcome::Written(object) => return Ok(object),
                 WriteOutcome::Stale => continue,
             }

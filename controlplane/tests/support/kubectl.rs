@@ -38,6 +38,14 @@ impl Kubectl {
         Self { binary, kubeconfig }
     }
 
+    /// kubectl `version` against the API at `url` (a relay in front of `server`).
+    pub fn through(version: &str, server: &TestController, url: &str) -> Self {
+        let kubectl = Self::new(version, server);
+        let config = strait_controlplane::testing::kubeconfig(url, "default");
+        std::fs::write(&kubectl.kubeconfig, config).expect("writing the kubeconfig");
+        kubectl
+    }
+
     /// The directory for files a test hands to kubectl (manifests, editor scripts).
     pub fn dir(&self) -> &Path {
         self.kubeconfig.parent().unwrap_or(Path::new("/tmp"))

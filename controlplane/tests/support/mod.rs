@@ -3,3 +3,4 @@
 #![allow(dead_code, reason = "each test file uses a different part of the helpers")]
 
 pub mod kubectl;
+pub mod recorder;

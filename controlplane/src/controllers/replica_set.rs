@@ -35,6 +35,7 @@ use crate::api::{
     },
     typed::UpdateMode,
 };
+use crate::events::EventRecorder;
 
 /// How long a write this controller made may stay unseen in its cache before it stops
 /// counting it (the write may have been lost with a controller restart of the store).
@@ -46,6 +47,7 @@ pub struct ReplicaSetController {
     pods: ObjectCache<PodStrategy>,
     /// Per replica set uid: pods created and not yet seen, pods deleted and still seen active.
     expectations: HashMap<String, Expectations>,
+    events: EventRecorder,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +68,7 @@ impl ReplicaSetController {
         Self {
             sets: ObjectCache::new(Arc::clone(&registry.replica_sets)),
             pods: ObjectCache::new(Arc::clone(&registry.pods)),
+            events: EventRecorder::spawn(Arc::clone(&registry.events), "replicaset-controller"),
             registry,
             expectations: HashMap::new(),
         }
@@ -186,7 +189,13 @@ impl ReplicaSetController {
         let request = DeleteRequest::default();
         for name in failed.iter().chain(&to_delete) {
             match self.registry.pods.delete(Some(&namespace), name, &request, false).await {
-                Ok(_) | Err(ApiError::NotFound { .. }) => {
+                Ok(_) => {
+                    self.events.normal(set, "SuccessfulDelete", format!("Deleted pod: {name}"));
+                    if let Some(e) = self.expectations.get_mut(&uid) {
+                        e.deleted.insert(name.clone(), Instant::now());
+                    }
+                }
+                Err(ApiError::NotFound { .. }) => {
                     if let Some(e) = self.expectations.get_mut(&uid) {
                         e.deleted.insert(name.clone(), Instant::now());
                     }
@@ -201,11 +210,13 @@ impl ReplicaSetController {
                 Ok(pod) => {
                     let name = pod.metadata.name.unwrap_or_default();
                     tracing::debug!(namespace, replica_set = ?set.metadata.name, pod = name, "created pod");
+                    self.events.normal(set, "SuccessfulCreate", format!("Created pod: {name}"));
                     if let Some(e) = self.expectations.get_mut(&uid) {
                         e.created.insert(name, Instant::now());
                     }
                 }
                 Err(error) => {
+                    self.events.warning(set, "FailedCreate", format!("Error creating: {error}"));
                     first_error.get_or_insert(error);
                     break;
                 }

@@ -1,6 +1,7 @@
 //! The Kubernetes-style API server: REST layout, JSON and Table output, watch, and the served
 //! kinds (Namespace, Node, Pod, Service, EndpointSlice, ConfigMap, ...).
 
+pub mod deletion;
 pub mod error;
 pub mod handler;
 pub mod http;
@@ -8,6 +9,7 @@ pub mod json_patch;
 pub mod kind;
 pub mod kinds;
 pub mod merge_patch;
+pub mod metadata;
 pub mod openapi;
 pub mod patch_schema;
 pub mod quantity;

@@ -181,6 +181,10 @@ async fn serve(
         stopped.clone(),
     ));
     background.spawn(controllers::run(
+        controllers::garbage_collector::GarbageCollector::new(Arc::clone(&registry)),
+        stopped.clone(),
+    ));
+    background.spawn(controllers::run(
         controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), config.event_ttl),
         stopped.clone(),
     ));

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
 use strait_controlplane::{
     client::ApiClient,
     events::{Occurrence, object_reference, post_through_api},
-    testing::{TestController, eventually, pod},
+    testing::{TestController, eventually, pod, pod_on},
 };
 
 fn agent_source() -> EventSource {
@@ -33,8 +33,11 @@ async fn events_about(
 async fn a_repeated_occurrence_bumps_one_event_and_describe_selectors_find_it() {
     let controller = TestController::start("events-aggregate").await;
     let client = controller.client();
-    let web: Pod = client.create(Some("default"), &pod("web")).await.expect("creating web");
-    let db: Pod = client.create(Some("default"), &pod("db")).await.expect("creating db");
+    // Created bound, so that the scheduler has nothing to report about them.
+    let web: Pod =
+        client.create(Some("default"), &pod_on("web", "node-1")).await.expect("creating web");
+    let db: Pod =
+        client.create(Some("default"), &pod_on("db", "node-1")).await.expect("creating db");
     let source = agent_source();
     let backoff = Occurrence::warning(
         object_reference(&web),
@@ -129,7 +132,8 @@ async fn events_expire_after_their_time_to_live_unless_they_happen_again() {
     let controller =
         TestController::start_with("events-expiry", |config| config.event_ttl = ttl).await;
     let client = controller.client();
-    let web: Pod = client.create(Some("default"), &pod("web")).await.expect("creating web");
+    let web: Pod =
+        client.create(Some("default"), &pod_on("web", "node-1")).await.expect("creating web");
     let source = agent_source();
     let once = Occurrence::normal(object_reference(&web), "Pulled", "image already present");
     let repeated =
@@ -169,4 +173,104 @@ async fn events_expire_after_their_time_to_live_unless_they_happen_again() {
         "expired {:?} after its last occurrence, before its TTL of {ttl:?}",
         kept_until.elapsed()
     );
+}
+
+/// The events about one object, by reason, once `reasons` are all there.
+async fn wait_for_reasons(
+    client: &ApiClient,
+    involved: &ObjectReference,
+    reasons: &[&str],
+) -> Vec<Event> {
+    let what = format!("events {reasons:?} about {:?}", involved.name);
+    eventually(&what, 10, || async {
+        let events = events_about(client, involved.namespace.as_deref(), involved).await;
+        reasons
+            .iter()
+            .all(|r| events.iter().any(|e| e.reason.as_deref() == Some(*r)))
+            .then_some(events)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_and_the_replica_set_controller_report_what_they_did() {
+    use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Node};
+    use strait_controlplane::testing::node;
+
+    let controller = TestController::start("events-controllers").await;
+    let client = controller.client();
+    let mut picky = pod("picky");
+    picky.spec.as_mut().unwrap().node_selector =
+        Some([("disk".to_owned(), "ssd".to_owned())].into());
+    let picky: Pod = client.create(Some("default"), &picky).await.unwrap();
+    let failed = wait_for_reasons(&client, &object_reference(&picky), &["FailedScheduling"]).await;
+    let failed = failed.iter().find(|e| e.reason.as_deref() == Some("FailedScheduling")).unwrap();
+    assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    assert_eq!(failed.message.as_deref(), Some("no nodes available to schedule pods"));
+    assert_eq!(
+        failed.source.as_ref().and_then(|s| s.component.as_deref()),
+        Some("default-scheduler")
+    );
+
+    client.create::<Node>(None, &node("node-1", "172.20.0.1", true)).await.unwrap();
+    let web: Pod = client.create(Some("default"), &pod("web")).await.unwrap();
+    let scheduled = wait_for_reasons(&client, &object_reference(&web), &["Scheduled"]).await;
+    assert_eq!(
+        scheduled[0].message.as_deref(),
+        Some("Successfully assigned default/web to node-1")
+    );
+    assert_eq!(scheduled[0].type_.as_deref(), Some("Normal"));
+    // The picky pod's reason changed with the new node: a second FailedScheduling event.
+    eventually("the new unschedulable reason as an event", 10, || async {
+        let events = events_about(&client, Some("default"), &object_reference(&picky)).await;
+        events
+            .iter()
+            .any(|e| {
+                e.message.as_deref()
+                    == Some("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.")
+            })
+            .then_some(())
+    })
+    .await;
+
+    let set: ReplicaSet = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "front"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "front"}},
+            "template": {
+                "metadata": {"labels": {"app": "front"}},
+                "spec": {"containers": [{"name": "web", "image": "strait/netexec"}]},
+            },
+        },
+    }))
+    .unwrap();
+    let set = client.create(Some("default"), &set).await.unwrap();
+    let created = eventually("two SuccessfulCreate events", 10, || async {
+        let events = events_about(&client, Some("default"), &object_reference(&set)).await;
+        let created: Vec<String> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
+            .filter_map(|e| e.message.clone())
+            .collect();
+        (created.len() == 2).then_some(created)
+    })
+    .await;
+    let (pods, _) = client.list::<Pod>(Some("default"), "labelSelector=app%3Dfront").await.unwrap();
+    for pod in &pods {
+        let expected = format!("Created pod: {}", pod.metadata.name.as_deref().unwrap());
+        assert!(created.contains(&expected), "{expected} in {created:?}");
+    }
+    client
+        .merge_patch::<ReplicaSet>(
+            Some("default"),
+            "front",
+            &serde_json::json!({"spec": {"replicas": 1}}),
+            false,
+        )
+        .await
+        .unwrap();
+    let deleted = wait_for_reasons(&client, &object_reference(&set), &["SuccessfulDelete"]).await;
+    let deleted = deleted.iter().find(|e| e.reason.as_deref() == Some("SuccessfulDelete")).unwrap();
+    assert!(deleted.message.as_deref().unwrap().starts_with("Deleted pod: front-"), "{deleted:?}");
 }

@@ -20,6 +20,7 @@ use super::{
     kind::{DeleteRequest, KindInfo, Strategy},
     managed_fields::{Manager, OPERATION_APPLY},
     merge_patch,
+    metadata::MetadataAccess,
     patch_schema::kind_schema,
     selectors::FieldSelector,
     server_side_apply::{self, Applied, Conflict},
@@ -187,6 +188,8 @@ pub trait KindHandler: Send + Sync {
     ) -> Result<Value, ApiError>;
     /// A BOOKMARK event's object at `revision`.
     fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value;
+    /// The kind's objects through their metadata (garbage collection, namespace deletion).
+    fn metadata_access(&self) -> &dyn MetadataAccess;
     /// The `/scale` subresource of an object (`autoscaling/v1` `Scale`).
     async fn get_scale(&self, namespace: Option<&str>, name: &str) -> Result<Value, ApiError>;
     /// Writes the `/scale` subresource: only `spec.replicas` changes.
@@ -633,6 +636,10 @@ impl<S: Strategy> KindHandler for Handler<S> {
         body: &[u8],
     ) -> Result<Value, ApiError> {
         self.kind.strategy().post_subresource(&self.kind, namespace, name, subresource, body).await
+    }
+
+    fn metadata_access(&self) -> &dyn MetadataAccess {
+        self.kind.as_ref()
     }
 
     async fn get_scale(&self, namespace: Option<&str>, name: &str) -> Result<Value, ApiError> {

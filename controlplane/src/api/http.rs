@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use super::{
     Registry,
+    deletion::PropagationPolicy,
     error::ApiError,
     handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
     kind::{DeleteRequest, KindInfo},
@@ -300,6 +301,8 @@ struct Params {
     field_manager: Option<String>,
     force: Option<String>,
     grace_period_seconds: Option<String>,
+    propagation_policy: Option<String>,
+    orphan_dependents: Option<String>,
 }
 
 fn flag(value: Option<&str>) -> bool {
@@ -415,6 +418,8 @@ fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiErro
     struct DeleteOptionsBody {
         grace_period_seconds: Option<i64>,
         preconditions: Option<Preconditions>,
+        propagation_policy: Option<String>,
+        orphan_dependents: Option<bool>,
     }
     let options: DeleteOptionsBody = if body.iter().all(u8::is_ascii_whitespace) {
         DeleteOptionsBody::default()
@@ -428,11 +433,22 @@ fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiErro
         })?),
         None => None,
     };
+    let query_orphan = match params.orphan_dependents.as_deref() {
+        Some(text) => Some(text.parse::<bool>().map_err(|_| {
+            ApiError::BadRequest(format!("orphanDependents {text:?} is not a boolean"))
+        })?),
+        None => None,
+    };
+    let propagation_policy = PropagationPolicy::of_request(
+        options.propagation_policy.as_deref().or(params.propagation_policy.as_deref()),
+        options.orphan_dependents.or(query_orphan),
+    )?;
     let preconditions = options.preconditions.unwrap_or_default();
     Ok(DeleteRequest {
         grace_period_seconds: options.grace_period_seconds.or(query_grace),
         precondition_uid: preconditions.uid,
         precondition_resource_version: preconditions.resource_version,
+        propagation_policy,
     })
 }
 

@@ -112,6 +112,9 @@ pub struct DeleteRequest {
     pub grace_period_seconds: Option<i64>,
     pub precondition_uid: Option<String>,
     pub precondition_resource_version: Option<String>,
+    /// What happens to the object's dependents (none given: Background, or what the object's
+    /// finalizers already say).
+    pub propagation_policy: Option<super::deletion::PropagationPolicy>,
 }
 
 /// How a kind carries out a DELETE of one object.

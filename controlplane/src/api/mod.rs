@@ -1,6 +1,7 @@
 //! The Kubernetes-style API server: REST layout, JSON and Table output, watch, and the served
 //! kinds (Namespace, Node, Pod, Service, EndpointSlice, ConfigMap, ...).
 
+pub mod deletion;
 pub mod error;
 pub mod handler;
 pub mod http;
@@ -9,6 +10,7 @@ pub mod kind;
 pub mod kinds;
 pub mod managed_fields;
 pub mod merge_patch;
+pub mod metadata;
 pub mod openapi;
 pub mod patch_schema;
 pub mod protobuf;

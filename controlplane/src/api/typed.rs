@@ -16,6 +16,7 @@ use k8s_openapi::{
 use rand::Rng;
 
 use super::{
+    deletion,
     error::{ApiError, FieldError},
     kind::{DeletePlan, DeleteRequest, Strategy, TxnExtras},
     kinds::namespace::{NAMESPACE_TERMINATING, namespace_key},
@@ -356,7 +357,7 @@ impl<S: Strategy> TypedKind<S> {
         }
         self.strategy.prepare_for_create(&mut object);
         self.strategy.default(&mut object);
-        self.validate(&object, Vec::new())?;
+        self.validate(&object, deletion::finalizer_errors(object.metadata(), None))?;
         match &context.ownership {
             FieldOwnership::Untracked => {}
             FieldOwnership::Given => object.metadata_mut().managed_fields = given_fields,
@@ -546,10 +547,13 @@ impl<S: Strategy> TypedKind<S> {
         if mode == UpdateMode::Main && self.strategy.spec_changed(&new, old) == Some(true) {
             new.metadata_mut().generation = Some(old_meta.generation.unwrap_or(1) + 1);
         }
-        let transition = match mode {
+        let mut transition = match mode {
             UpdateMode::Main => self.strategy.validate_update(&new, old),
             UpdateMode::Status | UpdateMode::Internal => Vec::new(),
         };
+        // The server's own deletion writes may add the garbage collector's finalizers.
+        let before = (mode != UpdateMode::Internal).then_some(old.metadata());
+        transition.extend(deletion::finalizer_errors(new.metadata(), before));
         self.validate(&new, transition)?;
         if let FieldOwnership::Update(manager) = &context.ownership {
             self.record_update(manager, mode, Some(old), &mut new)?;
@@ -584,6 +588,11 @@ impl<S: Strategy> TypedKind<S> {
         if (new == *old && extras.ops.is_empty()) || dry_run {
             return Ok(WriteOutcome::Written(new));
         }
+        if let Some(removal) =
+            deletion::removal_on_update(self.strategy.as_ref(), self.store.as_ref(), &new).await?
+        {
+            return self.remove_instead_of_update(old, new, removal, extras).await;
+        }
         let meta = old.metadata();
         let name = meta.name.clone().unwrap_or_default();
         let revision = parse_resource_version(meta.resource_version.as_deref().unwrap_or("0"))?;
@@ -599,6 +608,24 @@ impl<S: Strategy> TypedKind<S> {
                 Ok(WriteOutcome::Written(new))
             }
             TxnOutcome::CompareFailed { .. } => Ok(WriteOutcome::Stale),
+        }
+    }
+
+    /// The update that empties a deleted object's finalizers removes it (see [`deletion`]),
+    /// provided `old` is still the stored version.
+    async fn remove_instead_of_update(
+        &self,
+        old: &S::Object,
+        last: S::Object,
+        mut removal: TxnExtras,
+        extras: TxnExtras,
+    ) -> Result<WriteOutcome<S::Object>, ApiError> {
+        removal.compares.extend(extras.compares);
+        removal.ops.extend(extras.ops);
+        if self.remove_with(old, removal).await? {
+            Ok(WriteOutcome::Written(last))
+        } else {
+            Ok(WriteOutcome::Stale)
         }
     }
 
@@ -678,7 +705,9 @@ impl<S: Strategy> TypedKind<S> {
                     ),
                 });
             }
-            match self.strategy.plan_delete(self.store.as_ref(), &current, request).await? {
+            match deletion::plan(self.strategy.as_ref(), self.store.as_ref(), &current, request)
+                .await?
+            {
                 DeletePlan::Unchanged => return Ok(current),
                 DeletePlan::Update(new) => {
                     match self

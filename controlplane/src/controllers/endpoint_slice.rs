@@ -43,6 +43,7 @@ use crate::api::{
     },
     typed::{UpdateMode, WriteOutcome},
 };
+use crate::events::EventRecorder;
 
 /// The `endpointslice.kubernetes.io/managed-by` value of the slices this controller owns.
 pub const CONTROLLER_NAME: &str = "endpointslice-controller.strait.io";
@@ -66,6 +67,7 @@ pub struct EndpointSliceController {
     /// Whether a change arrived since the last pass; a pass without one (the periodic resync,
     /// a retry) looks at every service.
     changed: bool,
+    events: EventRecorder,
 }
 
 impl EndpointSliceController {
@@ -74,6 +76,7 @@ impl EndpointSliceController {
             services: ObjectCache::logging_changes(Arc::clone(&registry.services)),
             pods: ObjectCache::logging_changes(Arc::clone(&registry.pods)),
             slices: ObjectCache::logging_changes(Arc::clone(&registry.endpoint_slices)),
+            events: EventRecorder::spawn(Arc::clone(&registry.events), "endpoint-slice-controller"),
             registry,
             dirty: BTreeSet::new(),
             changed: false,
@@ -496,6 +499,21 @@ impl Reconciler for EndpointSliceController {
         for key in targets {
             if let Err(error) = self.reconcile_service(&key).await {
                 tracing::debug!(namespace = key.0, service = key.1, %error, "endpoint slices not converged");
+                // A conflict is a write that raced another and is retried at once; anything
+                // else is worth telling the service's owner.
+                if !matches!(error, ApiError::Conflict { .. })
+                    && let Some(service) =
+                        self.services.get(&self.registry.services.key(Some(&key.0), &key.1))
+                {
+                    self.events.warning(
+                        service,
+                        "FailedToUpdateEndpointSlices",
+                        format!(
+                            "Error updating Endpoint Slices for Service {}/{}: {error}",
+                            key.0, key.1
+                        ),
+                    );
+                }
                 self.dirty.insert(key);
                 first_error.get_or_insert(error);
             }

@@ -5,6 +5,7 @@
 
 pub mod endpoint_slice;
 pub mod event_expiry;
+pub mod garbage_collector;
 pub mod namespace;
 pub mod node_ipam;
 pub mod replica_set;

@@ -1,9 +1,9 @@
 //! The replica set controller: each ReplicaSet keeps `replicas` active pods (not terminating,
 //! not finished) that it controls (a controller ownerReference with its uid), made from its
 //! template. Missing pods are created with `generateName: <set>-`, surplus ones deleted
-//! gracefully (unscheduled, then unready, then the newest first), failed ones deleted so that
-//! they are replaced, and pods whose controlling replica set is gone are deleted (background
-//! cascading deletion). Status counts replicas, ready and available pods.
+//! gracefully (unscheduled, then unready, then the newest first), and failed ones deleted so
+//! that they are replaced. Status counts replicas, ready and available pods. Pods whose replica
+//! set is gone are the garbage collector's (their ownerReference).
 //!
 //! Caches lag behind writes, so pods this controller created or deleted but has not seen yet
 //! through its watch are remembered ("expectations") and counted as they will be: a pass never
@@ -35,6 +35,7 @@ use crate::api::{
     },
     typed::UpdateMode,
 };
+use crate::events::EventRecorder;
 
 /// How long a write this controller made may stay unseen in its cache before it stops
 /// counting it (the write may have been lost with a controller restart of the store).
@@ -46,6 +47,7 @@ pub struct ReplicaSetController {
     pods: ObjectCache<PodStrategy>,
     /// Per replica set uid: pods created and not yet seen, pods deleted and still seen active.
     expectations: HashMap<String, Expectations>,
+    events: EventRecorder,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +68,7 @@ impl ReplicaSetController {
         Self {
             sets: ObjectCache::new(Arc::clone(&registry.replica_sets)),
             pods: ObjectCache::new(Arc::clone(&registry.pods)),
+            events: EventRecorder::spawn(Arc::clone(&registry.events), "replicaset-controller"),
             registry,
             expectations: HashMap::new(),
         }
@@ -186,7 +189,13 @@ impl ReplicaSetController {
         let request = DeleteRequest::default();
         for name in failed.iter().chain(&to_delete) {
             match self.registry.pods.delete(Some(&namespace), name, &request, false).await {
-                Ok(_) | Err(ApiError::NotFound { .. }) => {
+                Ok(_) => {
+                    self.events.normal(set, "SuccessfulDelete", format!("Deleted pod: {name}"));
+                    if let Some(e) = self.expectations.get_mut(&uid) {
+                        e.deleted.insert(name.clone(), Instant::now());
+                    }
+                }
+                Err(ApiError::NotFound { .. }) => {
                     if let Some(e) = self.expectations.get_mut(&uid) {
                         e.deleted.insert(name.clone(), Instant::now());
                     }
@@ -201,11 +210,13 @@ impl ReplicaSetController {
                 Ok(pod) => {
                     let name = pod.metadata.name.unwrap_or_default();
                     tracing::debug!(namespace, replica_set = ?set.metadata.name, pod = name, "created pod");
+                    self.events.normal(set, "SuccessfulCreate", format!("Created pod: {name}"));
                     if let Some(e) = self.expectations.get_mut(&uid) {
                         e.created.insert(name, Instant::now());
                     }
                 }
                 Err(error) => {
+                    self.events.warning(set, "FailedCreate", format!("Error creating: {error}"));
                     first_error.get_or_insert(error);
                     break;
                 }
@@ -229,45 +240,6 @@ impl ReplicaSetController {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    /// Deletes pods whose controlling replica set no longer exists.
-    async fn collect_orphans(&mut self) -> Result<(), ApiError> {
-        let live: HashSet<&str> =
-            self.sets.objects().filter_map(|s| s.metadata.uid.as_deref()).collect();
-        let orphans: Vec<(String, String)> = self
-            .pods
-            .objects()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                controller_of(p)
-                    .is_some_and(|o| o.kind == "ReplicaSet" && !live.contains(o.uid.as_str()))
-            })
-            .map(|p| {
-                (
-                    p.metadata.namespace.clone().unwrap_or_default(),
-                    p.metadata.name.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
-        for (namespace, name) in orphans {
-            match self
-                .registry
-                .pods
-                .delete(Some(&namespace), &name, &DeleteRequest::default(), false)
-                .await
-            {
-                Ok(_) | Err(ApiError::NotFound { .. }) => {
-                    tracing::info!(
-                        namespace,
-                        pod = name,
-                        "deleted a pod whose replica set is gone"
-                    );
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -308,9 +280,6 @@ impl Reconciler for ReplicaSetController {
             if let Err(error) = self.reconcile_set(set).await {
                 first_error.get_or_insert(error);
             }
-        }
-        if let Err(error) = self.collect_orphans().await {
-            first_error.get_or_insert(error);
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -33,6 +33,7 @@ use crate::{
         typed::{UpdateMode, current_time},
     },
     controllers::{ObjectCache, Reconciler},
+    events::EventRecorder,
 };
 
 /// Binds and status writes in flight at once during a pass.
@@ -95,10 +96,14 @@ fn wants_scheduling(pod: &Pod) -> bool {
         && scheduler == DEFAULT_SCHEDULER
 }
 
+/// The event source of the scheduler, as Kubernetes names it.
+pub const SCHEDULER_COMPONENT: &str = "default-scheduler";
+
 pub struct Scheduler {
     registry: Arc<Registry>,
     pods: ObjectCache<PodStrategy>,
     nodes: ObjectCache<NodeStrategy>,
+    events: EventRecorder,
 }
 
 impl Scheduler {
@@ -106,21 +111,30 @@ impl Scheduler {
         Self {
             pods: ObjectCache::new(Arc::clone(&registry.pods)),
             nodes: ObjectCache::new(Arc::clone(&registry.nodes)),
+            events: EventRecorder::spawn(Arc::clone(&registry.events), SCHEDULER_COMPONENT),
             registry,
         }
     }
 }
 
-/// Records on the pod why it stays pending (written only when the reason changes).
-async fn mark_unschedulable(registry: &Registry, pod: &Pod, message: &str) -> Result<(), ApiError> {
+/// Records on the pod why it stays pending (written only when the reason changes), with a
+/// FailedScheduling event when it does.
+async fn mark_unschedulable(
+    registry: &Registry,
+    events: &EventRecorder,
+    pod: &Pod,
+    message: &str,
+) -> Result<(), ApiError> {
     let namespace = pod.metadata.namespace.as_deref();
     let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let mut changed = false;
     let result = registry
         .pods
         .update(namespace, name, UpdateMode::Status, false, |current| {
             let mut updated = current.clone();
+            changed = false;
             if wants_scheduling(current) {
-                set_condition(
+                changed = set_condition(
                     &mut updated,
                     PodCondition {
                         type_: POD_SCHEDULED.to_owned(),
@@ -136,7 +150,13 @@ async fn mark_unschedulable(registry: &Registry, pod: &Pod, message: &str) -> Re
         })
         .await;
     match result {
-        Ok(_) | Err(ApiError::NotFound { .. }) => Ok(()),
+        Ok(updated) => {
+            if changed {
+                events.warning(&updated, "FailedScheduling", message);
+            }
+            Ok(())
+        }
+        Err(ApiError::NotFound { .. }) => Ok(()),
         Err(error) => Err(error),
     }
 }
@@ -210,10 +230,16 @@ impl Scheduler {
         }
         let binds = placements.into_iter().map(|(namespace, name, node)| {
             let registry = Arc::clone(&self.registry);
+            let events = self.events.clone();
             async move {
                 match bind_pod(&registry.pods, &namespace, &name, &node).await {
-                    Ok(_) => {
+                    Ok(pod) => {
                         tracing::debug!(namespace, pod = name, node, "bound pod");
+                        events.normal(
+                            &pod,
+                            "Scheduled",
+                            format!("Successfully assigned {namespace}/{name} to {node}"),
+                        );
                         Ok(())
                     }
                     // The cache was behind: the pod is already bound, or gone. The next pass,
@@ -225,7 +251,8 @@ impl Scheduler {
         });
         let marks = unschedulable.into_iter().map(|(pod, message)| {
             let registry = Arc::clone(&self.registry);
-            async move { mark_unschedulable(&registry, &pod, &message).await }
+            let events = self.events.clone();
+            async move { mark_unschedulable(&registry, &events, &pod, &message).await }
         });
         let mut first_error = None;
         let mut results = futures::stream::iter(binds)

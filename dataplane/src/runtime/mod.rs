@@ -7,6 +7,7 @@
 
 pub mod cni;
 pub mod dns_config;
+pub mod events;
 pub mod image;
 pub mod probe;
 pub mod process;

@@ -20,7 +20,7 @@ use super::{
     PodTarget, RuntimeContext,
     cni::{Attachment, POD_IFNAME},
     dns_config::{PodResolvConf, pod_resolv_conf},
-    image,
+    events, image,
     probe::{self, ProbeChange, ProbeEvent, ProbeTarget, ProbeTask},
     process::{self, Launch},
     record::{ContainerRecord, ExitRecord, PodRecord},
@@ -109,10 +109,16 @@ pub(super) async fn run(
             PodTarget::Hold => {}
             PodTarget::Run(pod) => {
                 worker.sync(&pod).await;
+                let before = worker.last_reported.clone().or_else(|| pod.status.clone());
                 worker.report(&pod).await;
+                if let Some(after) = &worker.last_reported {
+                    events::post(&context, events::status_changes(&pod, before.as_ref(), after));
+                }
                 last_pod = Some(pod);
             }
             PodTarget::Terminate(pod) => {
+                let reported = worker.last_reported.as_ref().or(pod.status.as_ref());
+                events::post(&context, events::stopping(&pod, reported));
                 let grace = grace_period(&pod);
                 if worker.terminate(grace, &mut exit_events).await {
                     worker.remove_pod_object(&pod, &mut target).await;

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::{
     api::{
         error::{ApiError, FieldError},
-        kind::{DeletePlan, DeleteRequest, KindInfo, Strategy},
+        kind::{DeletePlan, DeleteRequest, KindInfo, Strategy, TxnExtras},
         table::{self, Column},
         typed::current_time,
         validation::NameRule,
@@ -125,8 +125,15 @@ impl Strategy for NamespaceStrategy {
                 cause: None,
             });
         }
+        // Once the namespace controller has finalized it (emptied `spec.finalizers`), it goes.
+        let finalized =
+            namespace.spec.as_ref().and_then(|s| s.finalizers.as_ref()).is_none_or(Vec::is_empty);
         if is_terminating(namespace) {
-            return Ok(DeletePlan::Unchanged);
+            return Ok(if finalized {
+                DeletePlan::Remove(TxnExtras::default())
+            } else {
+                DeletePlan::Unchanged
+            });
         }
         let mut terminating = namespace.clone();
         terminating.metadata.deletion_timestamp = Some(current_time());

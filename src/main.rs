@@ -164,6 +164,15 @@ struct ControllerArgs {
     /// How long an event is kept after it last happened, in seconds.
     #[arg(long, default_value_t = 3600)]
     event_ttl_seconds: u64,
+    /// Seconds a node's lease may go unrenewed before the node is marked Unknown.
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace_period_seconds: u64,
+    /// Seconds pods tolerate a not-ready node by default before they are evicted.
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: i64,
+    /// Seconds pods tolerate an unreachable node by default before they are evicted.
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: i64,
 }
 
 #[derive(Args)]
@@ -513,6 +522,13 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.service_cidr = args.service_cidr;
     config.cluster_dns_ip = args.cluster_dns_ip;
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    config.node_lifecycle.grace_period =
+        Duration::from_secs(args.node_monitor_grace_period_seconds);
+    config.registry.default_tolerations =
+        strait_controlplane::api::kinds::pod::DefaultTolerationSeconds {
+            not_ready: args.default_not_ready_toleration_seconds,
+            unreachable: args.default_unreachable_toleration_seconds,
+        };
     tracing::info!(cluster = %args.cluster, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())

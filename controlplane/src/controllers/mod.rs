@@ -7,6 +7,7 @@ pub mod endpoint_slice;
 pub mod event_expiry;
 pub mod namespace;
 pub mod node_ipam;
+pub mod node_lifecycle;
 pub mod replica_set;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};

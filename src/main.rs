@@ -203,9 +203,18 @@ struct AgentArgs {
     /// Where to write `10-strait.conflist` for other container runtimes.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
-    /// Seconds between node heartbeats.
+    /// Seconds between checks of the Node's status (written only when it changed).
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Seconds after which the Node's status is written even if nothing changed.
+    #[arg(long, default_value_t = 300)]
+    status_refresh_seconds: u64,
+    /// The node lease's duration in seconds.
+    #[arg(long, default_value_t = 40)]
+    lease_duration_seconds: u64,
+    /// Milliseconds between renewals of the node lease.
+    #[arg(long, default_value_t = 10_000)]
+    lease_renew_ms: u64,
     /// The cluster's service CIDR (the controller's `--service-cidr`).
     #[arg(long, default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -572,6 +581,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         cluster: args.cluster,
         state_dir: args.state_dir,
         heartbeat: Duration::from_secs(args.heartbeat_seconds),
+        status_refresh: Duration::from_secs(args.status_refresh_seconds),
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        lease_renew_interval: Duration::from_millis(args.lease_renew_ms),
         service_cidr: args.service_cidr,
         cluster_dns: args.cluster_dns,
         cluster_domain: args.cluster_domain,

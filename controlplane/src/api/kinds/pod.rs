@@ -440,6 +440,23 @@ fn add_default_toleration(spec: &mut PodSpec, key: &str, seconds: i64) {
     }
 }
 
+/// The defaults of a pod spec (also a pod template's). Admission defaults (the default
+/// tolerations) are not among them: they are the pod strategy's, applied to pods only.
+pub fn default_spec(spec: &mut PodSpec) {
+    spec.restart_policy.get_or_insert_with(|| "Always".to_owned());
+    spec.termination_grace_period_seconds.get_or_insert(DEFAULT_TERMINATION_GRACE_SECONDS);
+    spec.dns_policy.get_or_insert_with(|| "ClusterFirst".to_owned());
+    spec.scheduler_name.get_or_insert_with(|| DEFAULT_SCHEDULER.to_owned());
+    spec.enable_service_links.get_or_insert(true);
+    spec.security_context.get_or_insert_with(PodSecurityContext::default);
+    // What Kubernetes' Priority admission sets when no priority class is named.
+    spec.priority.get_or_insert(0);
+    spec.preemption_policy.get_or_insert_with(|| "PreemptLowerPriority".to_owned());
+    for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        default_container(container);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct PodStrategy {
     default_tolerations: DefaultTolerationSeconds,
@@ -545,19 +562,7 @@ impl Strategy for PodStrategy {
 
     fn default(&self, pod: &mut Pod) {
         let spec = pod.spec.get_or_insert_with(PodSpec::default);
-        spec.restart_policy.get_or_insert_with(|| "Always".to_owned());
-        spec.termination_grace_period_seconds.get_or_insert(DEFAULT_TERMINATION_GRACE_SECONDS);
-        spec.dns_policy.get_or_insert_with(|| "ClusterFirst".to_owned());
-        spec.scheduler_name.get_or_insert_with(|| DEFAULT_SCHEDULER.to_owned());
-        spec.enable_service_links.get_or_insert(true);
-        spec.security_context.get_or_insert_with(PodSecurityContext::default);
-        // What Kubernetes' Priority admission sets when no priority class is named.
-        spec.priority.get_or_insert(0);
-        spec.preemption_policy.get_or_insert_with(|| "PreemptLowerPriority".to_owned());
-        for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten())
-        {
-            default_container(container);
-        }
+        default_spec(spec);
         let defaults = self.default_tolerations;
         add_default_toleration(spec, TAINT_NOT_READY, defaults.not_ready);
         add_default_toleration(spec, TAINT_UNREACHABLE, defaults.unreachable);

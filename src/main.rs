@@ -164,6 +164,15 @@ struct ControllerArgs {
     /// How long an event is kept after it last happened, in seconds.
     #[arg(long, default_value_t = 3600)]
     event_ttl_seconds: u64,
+    /// Seconds a node's lease may go unrenewed before the node is marked Unknown.
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace_period_seconds: u64,
+    /// Seconds pods tolerate a not-ready node by default before they are evicted.
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: i64,
+    /// Seconds pods tolerate an unreachable node by default before they are evicted.
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: i64,
 }
 
 #[derive(Args)]
@@ -194,9 +203,18 @@ struct AgentArgs {
     /// Where to write `10-strait.conflist` for other container runtimes.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
-    /// Seconds between node heartbeats.
+    /// Seconds between checks of the Node's status (written only when it changed).
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Seconds after which the Node's status is written even if nothing changed.
+    #[arg(long, default_value_t = 300)]
+    status_refresh_seconds: u64,
+    /// The node lease's duration in seconds.
+    #[arg(long, default_value_t = 40)]
+    lease_duration_seconds: u64,
+    /// Milliseconds between renewals of the node lease.
+    #[arg(long, default_value_t = 10_000)]
+    lease_renew_ms: u64,
     /// The cluster's service CIDR (the controller's `--service-cidr`).
     #[arg(long, default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -513,6 +531,13 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.service_cidr = args.service_cidr;
     config.cluster_dns_ip = args.cluster_dns_ip;
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    config.node_lifecycle.grace_period =
+        Duration::from_secs(args.node_monitor_grace_period_seconds);
+    config.registry.default_tolerations =
+        strait_controlplane::api::kinds::pod::DefaultTolerationSeconds {
+            not_ready: args.default_not_ready_toleration_seconds,
+            unreachable: args.default_unreachable_toleration_seconds,
+        };
     tracing::info!(cluster = %args.cluster, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())
@@ -556,6 +581,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         cluster: args.cluster,
         state_dir: args.state_dir,
         heartbeat: Duration::from_secs(args.heartbeat_seconds),
+        status_refresh: Duration::from_secs(args.status_refresh_seconds),
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        lease_renew_interval: Duration::from_millis(args.lease_renew_ms),
         service_cidr: args.service_cidr,
         cluster_dns: args.cluster_dns,
         cluster_domain: args.cluster_domain,

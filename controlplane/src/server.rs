@@ -15,13 +15,17 @@ use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
     api::{
-        Registry,
+        Registry, RegistryOptions,
         error::ApiError,
         http::{ApiState, router},
     },
     controllers::{
-        self, endpoint_slice::EndpointSliceController, namespace::NamespaceController,
-        node_ipam::PodCidrReconciler, shutdown_signalled,
+        self,
+        endpoint_slice::EndpointSliceController,
+        namespace::NamespaceController,
+        node_ipam::PodCidrReconciler,
+        node_lifecycle::{NodeLifecycleConfig, NodeLifecycleController},
+        shutdown_signalled,
     },
     ipam::{IpamError, PodCidrAllocator, ServiceIpAllocator, ServiceIpError},
     nodesync::NodeSyncService,
@@ -54,6 +58,10 @@ pub struct ControllerConfig {
     pub shutdown_grace: Duration,
     /// How long an event is kept after it last happened.
     pub event_ttl: Duration,
+    /// When nodes are judged unreachable.
+    pub node_lifecycle: NodeLifecycleConfig,
+    /// Admission defaults of the served kinds (pods' default tolerations).
+    pub registry: RegistryOptions,
 }
 
 impl ControllerConfig {
@@ -73,6 +81,8 @@ impl ControllerConfig {
             watch_bookmark_interval: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             event_ttl: controllers::event_expiry::DEFAULT_EVENT_TTL,
+            node_lifecycle: NodeLifecycleConfig::default(),
+            registry: RegistryOptions::default(),
         }
     }
 }
@@ -149,10 +159,11 @@ async fn serve(
         .map_err(ControllerError::PodCidrs)?;
     let cluster_ips = ServiceIpAllocator::new(config.service_cidr, config.cluster_dns_ip)
         .map_err(ControllerError::ServiceIps)?;
-    let registry = Arc::new(Registry::with_service_ips(
+    let registry = Arc::new(Registry::with_options(
         Arc::clone(&store),
         Arc::new(allocator),
         Arc::new(cluster_ips),
+        config.registry.clone(),
     ));
     registry.ensure_system_namespaces().await.map_err(ControllerError::Bootstrap)?;
     match registry.ensure_cluster_dns().await {
@@ -186,6 +197,10 @@ async fn serve(
     ));
     background.spawn(controllers::run(
         controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), config.event_ttl),
+        stopped.clone(),
+    ));
+    background.spawn(controllers::run(
+        NodeLifecycleController::new(Arc::clone(&registry), config.node_lifecycle),
         stopped.clone(),
     ));
 

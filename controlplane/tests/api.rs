@@ -603,7 +603,8 @@ async fn nodes_get_distinct_pod_cidrs_and_agents_write_status() {
     assert_eq!(cidr(&two), "10.244.1.0/24");
     assert_eq!(two.spec.as_ref().unwrap().pod_cidrs, Some(vec!["10.244.1.0/24".to_owned()]));
 
-    let mut ready = one.clone();
+    // Read again, as an agent does: the node lifecycle controller taints a NotReady node.
+    let mut ready: Node = client.get(None, "node-1").await.unwrap().unwrap();
     ready.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "True".to_owned();
     let written: Node = client.replace_status(None, "node-1", &ready).await.unwrap();
     assert_eq!(cidr(&written), "10.244.0.0/24", "status writes keep the spec");

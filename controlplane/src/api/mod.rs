@@ -42,7 +42,7 @@ use self::{
         lease::LeaseStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
-        pod::PodStrategy,
+        pod::{DefaultTolerationSeconds, PodStrategy},
         replica_set::ReplicaSetStrategy,
         resource_quota::ResourceQuotaStrategy,
         service::ServiceStrategy,
@@ -57,6 +57,13 @@ use crate::{
 /// The cluster DNS service: node agents answer DNS at its cluster IP themselves.
 pub const CLUSTER_DNS_NAMESPACE: &str = "kube-system";
 pub const CLUSTER_DNS_NAME: &str = "kube-dns";
+
+/// What admission defaults the served kinds apply.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// The tolerations of not-ready and unreachable nodes every pod gets unless it has its own.
+    pub default_tolerations: DefaultTolerationSeconds,
+}
 
 /// Every served kind, typed (for in-process controllers) and as handlers (for HTTP).
 pub struct Registry {
@@ -86,9 +93,21 @@ impl Registry {
         pod_cidrs: Arc<PodCidrAllocator>,
         cluster_ips: Arc<ServiceIpAllocator>,
     ) -> Self {
+        Self::with_options(store, pod_cidrs, cluster_ips, RegistryOptions::default())
+    }
+
+    pub fn with_options(
+        store: SharedStore,
+        pod_cidrs: Arc<PodCidrAllocator>,
+        cluster_ips: Arc<ServiceIpAllocator>,
+        options: RegistryOptions,
+    ) -> Self {
         let namespaces = Arc::new(TypedKind::new(Arc::clone(&store), NamespaceStrategy));
         let nodes = Arc::new(TypedKind::new(Arc::clone(&store), NodeStrategy::new(pod_cidrs)));
-        let pods = Arc::new(TypedKind::new(Arc::clone(&store), PodStrategy));
+        let pods = Arc::new(TypedKind::new(
+            Arc::clone(&store),
+            PodStrategy::new(options.default_tolerations),
+        ));
         let services =
             Arc::new(TypedKind::new(Arc::clone(&store), ServiceStrategy::new(cluster_ips)));
         let endpoint_slices = Arc::new(TypedKind::new(Arc::clone(&store), EndpointSliceStrategy));

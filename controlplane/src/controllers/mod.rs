@@ -8,6 +8,7 @@ pub mod event_expiry;
 pub mod garbage_collector;
 pub mod namespace;
 pub mod node_ipam;
+pub mod node_lifecycle;
 pub mod replica_set;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};

@@ -1,8 +1,8 @@
 //! Where a pod may go and which node suits it best: the scheduler's filters and scores, pure
 //! functions over the pod and a per-node summary of what is already placed there.
 //!
-//! Filters, as Kubernetes defines them: NoSchedule and NoExecute taints the pod does not
-//! tolerate; `nodeSelector` and required node affinity; CPU and memory requests against the
+//! Filters, as Kubernetes defines them: a cordoned node, unless the pod tolerates its
+//! unschedulable taint; NoSchedule and NoExecute taints the pod does not tolerate; `nodeSelector` and required node affinity; CPU and memory requests against the
 //! node's allocatable (never overcommitted); host ports already taken. Scores: fewer pods of
 //! the same owner first (spread), then the least allocated node, then the fewest pods.
 
@@ -14,6 +14,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::api::resource::Quantity,
 };
+
+use crate::api::kinds::node::TAINT_UNSCHEDULABLE;
 
 /// CPU in millicores and memory in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,6 +119,9 @@ impl NodeSummary {
 /// Why a node cannot take a pod, in the words of Kubernetes' Unschedulable messages.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Misfit {
+    /// Cordoned (`spec.unschedulable`), and the pod does not tolerate
+    /// `node.kubernetes.io/unschedulable:NoSchedule`.
+    Unschedulable,
     UntoleratedTaint(String),
     NodeAffinity,
     InsufficientCpu,
@@ -127,6 +132,7 @@ pub enum Misfit {
 impl Misfit {
     pub fn reason(&self) -> String {
         match self {
+            Self::Unschedulable => "node(s) were unschedulable".to_owned(),
             Self::UntoleratedTaint(taint) => format!("node(s) had untolerated taint {{{taint}}}"),
             Self::NodeAffinity => "node(s) didn't match Pod's node affinity/selector".to_owned(),
             Self::InsufficientCpu => "Insufficient cpu".to_owned(),
@@ -138,7 +144,8 @@ impl Misfit {
     }
 }
 
-fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
+/// Whether `toleration` tolerates `taint` (Kubernetes' `ToleratesTaint`).
+pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
     if let Some(effect) = toleration.effect.as_deref()
         && !effect.is_empty()
         && effect != taint.effect
@@ -224,6 +231,18 @@ fn matches_node_selection(node: &Node, spec: &PodSpec) -> bool {
 /// it fits.
 pub fn misfits(pod: &Pod, node: &Node, summary: &NodeSummary) -> Vec<Misfit> {
     let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
+    // A cordoned node is left out for that reason alone, as Kubernetes' NodeUnschedulable
+    // filter does before any other: its unschedulable taint is not counted a second time.
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        let cordon = Taint {
+            key: TAINT_UNSCHEDULABLE.to_owned(),
+            effect: "NoSchedule".to_owned(),
+            ..Taint::default()
+        };
+        if !spec.tolerations.iter().flatten().any(|t| tolerates(t, &cordon)) {
+            return vec![Misfit::Unschedulable];
+        }
+    }
     let mut misfits = Vec::new();
     if let Some(taint) = untolerated_taint(node, spec) {
         misfits.push(Misfit::UntoleratedTaint(taint));
@@ -341,6 +360,21 @@ mod tests {
         let soft =
             node("n2", json!({"spec": {"taints": [{"key": "x", "effect": "PreferNoSchedule"}]}}));
         assert!(misfits(&pod(json!({})), &soft, &NodeSummary::new(&soft)).is_empty());
+    }
+
+    #[test]
+    fn a_cordoned_node_takes_only_pods_that_tolerate_its_unschedulable_taint() {
+        let cordoned = node(
+            "n1",
+            json!({"spec": {"unschedulable": true, "taints": [
+                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}),
+        );
+        let summary = NodeSummary::new(&cordoned);
+        assert_eq!(misfits(&pod(json!({})), &cordoned, &summary), [Misfit::Unschedulable]);
+        assert_eq!(Misfit::Unschedulable.reason(), "node(s) were unschedulable");
+        let daemon = pod(json!({"spec": {"tolerations": [
+            {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"}]}}));
+        assert!(misfits(&daemon, &cordoned, &summary).is_empty());
     }
 
     #[test]

@@ -49,10 +49,10 @@ struct Exclusions {
     unschedulable: usize,
 }
 
+/// Whether a node can take pods at all. A cordoned one (`spec.unschedulable`) still can take
+/// pods that tolerate its unschedulable taint: [`fit::misfits`] decides per pod.
 fn is_schedulable(node: &Node, exclusions: &mut Exclusions) -> bool {
-    if node.metadata.deletion_timestamp.is_some()
-        || node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
-    {
+    if node.metadata.deletion_timestamp.is_some() {
         exclusions.unschedulable += 1;
         return false;
     }
@@ -324,8 +324,12 @@ mod tests {
         assert!(is_schedulable(&node("True", false), &mut exclusions));
         assert!(!is_schedulable(&node("False", false), &mut exclusions));
         assert!(!is_schedulable(&node("Unknown", false), &mut exclusions));
-        assert!(!is_schedulable(&node("True", true), &mut exclusions));
+        // Cordoned nodes are left to the per-pod filter (pods may tolerate the cordon).
+        assert!(is_schedulable(&node("True", true), &mut exclusions));
         assert!(!is_schedulable(&Node::default(), &mut exclusions));
+        let mut deleting = node("True", false);
+        deleting.metadata.deletion_timestamp = Some(crate::api::typed::current_time());
+        assert!(!is_schedulable(&deleting, &mut exclusions));
         assert_eq!(exclusions, Exclusions { not_ready: 3, unschedulable: 1 });
         let misfits = BTreeMap::from([("Insufficient cpu".to_owned(), 2)]);
         assert_eq!(

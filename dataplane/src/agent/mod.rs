@@ -69,7 +69,16 @@ pub struct AgentConfig {
     pub cni_conf_dir: Option<PathBuf>,
     /// The `strait` binary (runs the built-in workload).
     pub strait_exe: PathBuf,
+    /// How often the stored Node is compared with what the agent would report (and written
+    /// when they differ).
     pub heartbeat: Duration,
+    /// How often the Node's status is written even when nothing changed (the kubelet's
+    /// `nodeStatusReportFrequency`, 5 minutes).
+    pub status_refresh: Duration,
+    /// The node lease's `leaseDurationSeconds` (40 s, as the kubelet's).
+    pub lease_duration: Duration,
+    /// How often the node lease is renewed (10 s, a quarter of its duration, as the kubelet's).
+    pub lease_renew_interval: Duration,
     /// Service VIPs come from here; the node marks it `unreachable` so that a VIP the load
     /// balancer did not translate is refused at once.
     pub service_cidr: Ipv4Net,
@@ -177,7 +186,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
     let api = ApiClient::new(&config.controller).context("configuring the API client")?;
     let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
-    register_until_done(&api, &identity).await;
+    let registration = register_until_done(&api, &identity).await;
+    let lease = tokio::spawn(lease_loop(
+        node::NodeLease::new(
+            api.clone(),
+            &identity.name,
+            registration.node.metadata.uid.clone(),
+            config.lease_duration,
+        ),
+        config.lease_renew_interval,
+    ));
 
     let (cni_sender, cni_receiver) = watch::channel(None::<CniInvoker>);
     let runtime = Arc::new(PodRuntime::new(RuntimeContext {
@@ -200,10 +218,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
     let (ready, ready_receiver) = watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat_loop(
-        api.clone(),
-        identity.clone(),
+        node::StatusReporter::new(api.clone(), identity.clone(), config.status_refresh),
         ready_receiver,
         config.heartbeat,
+        registration.created,
     ));
 
     let routing = rtnetlink::new_connection().context("opening a netlink socket")?;
@@ -290,17 +308,18 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         () = shutdown => tracing::info!("shutting down; pods keep running"),
     }
     heartbeat.abort();
+    lease.abort();
     route_task.abort();
     Ok(())
 }
 
-async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) {
+async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) -> node::Registration {
     let mut delay = Duration::from_millis(100);
     loop {
         match node::register(api, identity).await {
-            Ok(_) => {
-                tracing::info!(node = %identity.name, "node registered");
-                return;
+            Ok(registration) => {
+                tracing::info!(node = %identity.name, created = registration.created, "node registered");
+                return registration;
             }
             Err(error) => tracing::warn!(%error, ?delay, "cannot register the node yet"),
         }
@@ -309,11 +328,14 @@ async fn register_until_done(api: &ApiClient, identity: &NodeIdentity) {
     }
 }
 
+/// Keeps the node's status current. A node that already existed (the agent restarted) is not
+/// reported NotReady while the agent waits for its first snapshot: its pods, routes and pinned
+/// maps kept serving all along, and a NotReady blip would take its pods out of every service.
 async fn heartbeat_loop(
-    api: ApiClient,
-    identity: NodeIdentity,
+    mut reporter: node::StatusReporter,
     mut ready: watch::Receiver<bool>,
     interval: Duration,
+    new_node: bool,
 ) {
     loop {
         let is_ready = *ready.borrow_and_update();
@@ -322,14 +344,50 @@ async fn heartbeat_loop(
         } else {
             "waiting for the first state snapshot from the controller"
         };
-        if let Err(error) = node::report_status(&api, &identity, is_ready, message).await {
-            tracing::warn!(%error, "cannot report the node status");
+        if is_ready || new_node {
+            match reporter.sync(is_ready, message).await {
+                Ok(true) => tracing::debug!(ready = is_ready, "node status written"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "cannot report the node status"),
+            }
         }
-        // The next beat, or at once when the node turns Ready.
+        // The next check, or at once when the node turns Ready.
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             changed = ready.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+/// Renews the node lease every `interval`; a failed renewal is retried sooner (a quarter of
+/// the interval), each attempt bounded by the interval so that a dead connection cannot hold
+/// the heartbeat up for long.
+async fn lease_loop(mut lease: node::NodeLease, interval: Duration) {
+    let retry = (interval / 4).max(Duration::from_millis(200));
+    let mut failing = false;
+    loop {
+        let attempt = tokio::time::timeout(interval.max(Duration::from_secs(1)), lease.renew());
+        let wait = match attempt.await {
+            Ok(Ok(())) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the node lease is renewed again");
+                }
+                interval
+            }
+            Ok(Err(error)) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(%error, "cannot renew the node lease; retrying");
+                }
+                retry
+            }
+            Err(_) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(?interval, "renewing the node lease timed out; retrying");
+                }
+                retry
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

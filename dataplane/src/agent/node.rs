@@ -1,16 +1,23 @@
-//! The node's own Node object: registration, addresses, capacity, and the Ready heartbeat.
+//! The node's own Node object (registration, addresses, capacity, the Ready condition) and
+//! its Lease, the heartbeat the node lifecycle controller watches.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::{
-    api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo},
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo},
+    },
     apimachinery::pkg::{
         api::resource::Quantity,
-        apis::meta::v1::{ObjectMeta, Time},
+        apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time},
     },
     jiff::Timestamp,
 };
-use strait_controlplane::client::{ApiClient, ClientError};
+use strait_controlplane::{
+    api::kinds::lease::NODE_LEASE_NAMESPACE,
+    client::{ApiClient, ClientError},
+};
 
 /// What the agent says about its node.
 #[derive(Clone, Debug)]
@@ -114,11 +121,21 @@ fn merge_status(
     status
 }
 
+/// What [`register`] found.
+pub struct Registration {
+    pub node: Node,
+    /// Whether this call created the Node (a new node) rather than finding it (a restart).
+    pub created: bool,
+}
+
 /// Creates the Node if it does not exist. An existing Node (an agent restart, or a node
 /// re-joining) is kept with its podCIDR.
-pub async fn register(api: &ApiClient, identity: &NodeIdentity) -> Result<Node, ClientError> {
+pub async fn register(
+    api: &ApiClient,
+    identity: &NodeIdentity,
+) -> Result<Registration, ClientError> {
     if let Some(node) = api.get::<Node>(None, &identity.name).await? {
-        return Ok(node);
+        return Ok(Registration { node, created: false });
     }
     let node = Node {
         metadata: ObjectMeta {
@@ -137,42 +154,151 @@ pub async fn register(api: &ApiClient, identity: &NodeIdentity) -> Result<Node, 
         ..Default::default()
     };
     match api.create(None, &node).await {
-        Ok(created) => Ok(created),
+        Ok(created) => Ok(Registration { node: created, created: true }),
         // Registered concurrently (a restart racing the previous instance): take that one.
         Err(error) if error.code() == Some(409) => {
-            api.get::<Node>(None, &identity.name).await?.ok_or(error)
+            let node = api.get::<Node>(None, &identity.name).await?.ok_or(error)?;
+            Ok(Registration { node, created: false })
         }
         Err(error) => Err(error),
     }
 }
 
-/// Writes the node's status with the Ready condition, read-modify-write with optimistic
-/// concurrency so conditions written by the controller are kept.
-pub async fn report_status(
-    api: &ApiClient,
-    identity: &NodeIdentity,
-    ready: bool,
-    message: &str,
-) -> Result<(), ClientError> {
-    for _attempt in 0..5 {
-        let Some(mut node) = api.get::<Node>(None, &identity.name).await? else {
-            register(api, identity).await?;
-            continue;
-        };
-        node.status = Some(merge_status(identity, node.status.take(), ready, message));
-        match api.replace_status(None, &identity.name, &node).await {
-            Ok(_) => return Ok(()),
-            Err(error) if error.code() == Some(409) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(error) => return Err(error),
-        }
+/// A status without its heartbeat times: what decides whether a write is needed.
+fn without_heartbeats(status: &NodeStatus) -> NodeStatus {
+    let mut status = status.clone();
+    for condition in status.conditions.iter_mut().flatten() {
+        condition.last_heartbeat_time = None;
     }
-    Err(ClientError::Status {
-        method: http::Method::PUT,
-        path: ApiClient::object_path::<Node>(None, &identity.name),
-        code: 409,
-        reason: "Conflict".to_owned(),
-        message: "the node status kept changing under five attempts".to_owned(),
-    })
+    status
+}
+
+/// Keeps the node's status current, as the kubelet does: the stored Node is read every
+/// [`StatusReporter::sync`], and written only when what the agent would write differs from it
+/// (the Ready condition changed, the controller marked the node Unknown while the agent was
+/// unreachable, an address moved) or when `refresh` has passed since the last write. The
+/// node's liveness is its [`NodeLease`], not these writes.
+pub struct StatusReporter {
+    api: ApiClient,
+    identity: NodeIdentity,
+    refresh: Duration,
+    last_write: Option<tokio::time::Instant>,
+}
+
+impl StatusReporter {
+    pub fn new(api: ApiClient, identity: NodeIdentity, refresh: Duration) -> Self {
+        Self { api, identity, refresh, last_write: None }
+    }
+
+    /// Reads the Node and writes its status if needed, read-modify-write with optimistic
+    /// concurrency so that conditions and taints written by the controller are kept. Returns
+    /// whether it wrote.
+    pub async fn sync(&mut self, ready: bool, message: &str) -> Result<bool, ClientError> {
+        for _attempt in 0..5 {
+            let Some(mut node) = self.api.get::<Node>(None, &self.identity.name).await? else {
+                register(&self.api, &self.identity).await?;
+                continue;
+            };
+            let current = node.status.take();
+            let wanted = merge_status(&self.identity, current.clone(), ready, message);
+            let changed =
+                current.as_ref().map(without_heartbeats) != Some(without_heartbeats(&wanted));
+            let due = self.last_write.is_none_or(|at| at.elapsed() >= self.refresh);
+            if !changed && !due {
+                return Ok(false);
+            }
+            node.status = Some(wanted);
+            match self.api.replace_status(None, &self.identity.name, &node).await {
+                Ok(_) => {
+                    self.last_write = Some(tokio::time::Instant::now());
+                    return Ok(true);
+                }
+                Err(error) if error.code() == Some(409) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(ClientError::Status {
+            method: http::Method::PUT,
+            path: ApiClient::object_path::<Node>(None, &self.identity.name),
+            code: 409,
+            reason: "Conflict".to_owned(),
+            message: "the node status kept changing under five attempts".to_owned(),
+        })
+    }
+}
+
+/// The node's Lease in `kube-node-lease` (named after the node, held by it): created when
+/// missing, then renewed with a fresh `renewTime` every few seconds. The last written version
+/// is kept, so a renewal is a single PUT; a conflict or a missing lease falls back to a read.
+pub struct NodeLease {
+    api: ApiClient,
+    node: String,
+    /// The Node's uid, for the lease's owner reference (the lease goes with its node).
+    node_uid: Option<String>,
+    duration_seconds: i32,
+    latest: Option<Lease>,
+}
+
+impl NodeLease {
+    pub fn new(api: ApiClient, node: &str, node_uid: Option<String>, duration: Duration) -> Self {
+        let duration_seconds = i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        Self { api, node: node.to_owned(), node_uid, duration_seconds, latest: None }
+    }
+
+    fn renewed(&self, mut lease: Lease) -> Lease {
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        spec.holder_identity = Some(self.node.clone());
+        spec.lease_duration_seconds = Some(self.duration_seconds);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        lease
+    }
+
+    /// Renews the lease (creating it if needed).
+    pub async fn renew(&mut self) -> Result<(), ClientError> {
+        let namespace = Some(NODE_LEASE_NAMESPACE);
+        if let Some(latest) = self.latest.take() {
+            let lease = self.renewed(latest.clone());
+            match self.api.replace(namespace, &self.node, &lease).await {
+                Ok(written) => {
+                    self.latest = Some(written);
+                    return Ok(());
+                }
+                // Someone else wrote it, or it was deleted: start again from the server's.
+                Err(error) if matches!(error.code(), Some(404 | 409)) => {}
+                Err(error) => {
+                    self.latest = Some(latest);
+                    return Err(error);
+                }
+            }
+        }
+        let written = match self.api.get::<Lease>(namespace, &self.node).await? {
+            Some(current) => {
+                let lease = self.renewed(current);
+                self.api.replace(namespace, &self.node, &lease).await?
+            }
+            None => {
+                let owner = self.node_uid.clone().map(|uid| OwnerReference {
+                    api_version: "v1".to_owned(),
+                    kind: "Node".to_owned(),
+                    name: self.node.clone(),
+                    uid,
+                    ..OwnerReference::default()
+                });
+                let lease = self.renewed(Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.node.clone()),
+                        namespace: Some(NODE_LEASE_NAMESPACE.to_owned()),
+                        owner_references: owner.map(|o| vec![o]),
+                        ..ObjectMeta::default()
+                    },
+                    spec: None,
+                });
+                self.api.create(namespace, &lease).await?
+            }
+        };
+        self.latest = Some(written);
+        Ok(())
+    }
 }

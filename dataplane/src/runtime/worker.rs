@@ -621,7 +621,16 @@ impl Worker {
         let status = pod_status(&input, Timestamp::now());
         // Conditions keep their transition times from the last report, so an unchanged pod
         // computes the same status and nothing is sent.
-        if !self.report_pending && self.last_reported.as_ref() == Some(&status) {
+        // The stored Ready condition is compared too: the node lifecycle controller sets it
+        // False while the node is unreachable, and a node that comes back must correct it.
+        let ready_of = |status: Option<&PodStatus>| {
+            status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                .map(|c| c.status.clone())
+        };
+        let stored_agrees = ready_of(pod.status.as_ref()) == ready_of(Some(&status));
+        if !self.report_pending && self.last_reported.as_ref() == Some(&status) && stored_agrees {
             return;
         }
         let namespace = pod.metadata.namespace.as_deref();

@@ -22,7 +22,7 @@ use crate::api::{
     error::FieldError,
     kind::{KindInfo, ScaleState, Strategy},
     kinds::{
-        pod::PodStrategy,
+        pod,
         replica_set::{selector_text, validate_selector_and_template, wide_cells},
     },
     table::{self, Column},
@@ -224,7 +224,7 @@ fn default_template(spec: &mut DeploymentSpec) {
     let Some(pod_spec) = spec.template.spec.take() else { return };
     let (priority, preemption) = (pod_spec.priority, pod_spec.preemption_policy.clone());
     let mut pod = Pod { spec: Some(pod_spec), ..Pod::default() };
-    PodStrategy.default(&mut pod);
+    pod::default_spec(pod.spec.get_or_insert_with(Default::default));
     let mut pod_spec = pod.spec.unwrap_or_default();
     pod_spec.priority = priority;
     pod_spec.preemption_policy = preemption;

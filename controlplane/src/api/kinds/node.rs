@@ -25,6 +25,12 @@ use crate::{
 pub const NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 pub const NO_POD_CIDR_AVAILABLE: &str = "NoPodCIDRAvailable";
 
+/// The taints the node lifecycle controller keeps in step with a node's state, as Kubernetes
+/// names them: Ready=False, Ready=Unknown (NoSchedule and NoExecute each) and cordoned.
+pub const TAINT_NOT_READY: &str = "node.kubernetes.io/not-ready";
+pub const TAINT_UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+pub const TAINT_UNSCHEDULABLE: &str = "node.kubernetes.io/unschedulable";
+
 const INFO: KindInfo = KindInfo::of::<Node>("node", false, &["no"], NameRule::Subdomain);
 
 /// Where nodes live in the store.

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use k8s_openapi::{
     api::core::v1::{
         Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
-        ResourceRequirements,
+        ResourceRequirements, Toleration,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -17,7 +17,7 @@ use crate::{
     api::{
         error::{ApiError, FieldError},
         kind::{DeletePlan, DeleteRequest, KindInfo, Strategy, TxnExtras},
-        kinds::node::node_key,
+        kinds::node::{TAINT_NOT_READY, TAINT_UNREACHABLE, node_key},
         table::{self, Column},
         typed::{TypedKind, UpdateMode, current_time},
         validation::{self, NameRule},
@@ -406,8 +406,67 @@ fn validate_spec_update(new: &PodSpec, old: &PodSpec) -> Vec<FieldError> {
     errors
 }
 
+/// How long pods tolerate by default being on a node that is not ready or unreachable before
+/// the node lifecycle controller evicts them (Kubernetes' DefaultTolerationSeconds admission,
+/// `--default-not-ready-toleration-seconds` and `--default-unreachable-toleration-seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DefaultTolerationSeconds {
+    pub not_ready: i64,
+    pub unreachable: i64,
+}
+
+impl Default for DefaultTolerationSeconds {
+    fn default() -> Self {
+        Self { not_ready: 300, unreachable: 300 }
+    }
+}
+
+/// Adds `{key}:NoExecute` for `seconds` unless the pod already tolerates that taint in some
+/// way (a toleration with that key or no key, for NoExecute or every effect), as
+/// DefaultTolerationSeconds does: a pod's own toleration is kept as it is.
+fn add_default_toleration(spec: &mut PodSpec, key: &str, seconds: i64) {
+    let tolerated = spec.tolerations.iter().flatten().any(|t| {
+        t.key.as_deref().is_none_or(|k| k.is_empty() || k == key)
+            && t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoExecute")
+    });
+    if !tolerated {
+        spec.tolerations.get_or_insert_with(Vec::new).push(Toleration {
+            key: Some(key.to_owned()),
+            operator: Some("Exists".to_owned()),
+            effect: Some("NoExecute".to_owned()),
+            toleration_seconds: Some(seconds),
+            value: None,
+        });
+    }
+}
+
+/// The defaults of a pod spec (also a pod template's). Admission defaults (the default
+/// tolerations) are not among them: they are the pod strategy's, applied to pods only.
+pub fn default_spec(spec: &mut PodSpec) {
+    spec.restart_policy.get_or_insert_with(|| "Always".to_owned());
+    spec.termination_grace_period_seconds.get_or_insert(DEFAULT_TERMINATION_GRACE_SECONDS);
+    spec.dns_policy.get_or_insert_with(|| "ClusterFirst".to_owned());
+    spec.scheduler_name.get_or_insert_with(|| DEFAULT_SCHEDULER.to_owned());
+    spec.enable_service_links.get_or_insert(true);
+    spec.security_context.get_or_insert_with(PodSecurityContext::default);
+    // What Kubernetes' Priority admission sets when no priority class is named.
+    spec.priority.get_or_insert(0);
+    spec.preemption_policy.get_or_insert_with(|| "PreemptLowerPriority".to_owned());
+    for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        default_container(container);
+    }
+}
+
 #[derive(Debug, Default)]
-pub struct PodStrategy;
+pub struct PodStrategy {
+    default_tolerations: DefaultTolerationSeconds,
+}
+
+impl PodStrategy {
+    pub fn new(default_tolerations: DefaultTolerationSeconds) -> Self {
+        Self { default_tolerations }
+    }
+}
 
 const COLUMNS: &[Column] = &[
     Column::name_column(),
@@ -503,19 +562,10 @@ impl Strategy for PodStrategy {
 
     fn default(&self, pod: &mut Pod) {
         let spec = pod.spec.get_or_insert_with(PodSpec::default);
-        spec.restart_policy.get_or_insert_with(|| "Always".to_owned());
-        spec.termination_grace_period_seconds.get_or_insert(DEFAULT_TERMINATION_GRACE_SECONDS);
-        spec.dns_policy.get_or_insert_with(|| "ClusterFirst".to_owned());
-        spec.scheduler_name.get_or_insert_with(|| DEFAULT_SCHEDULER.to_owned());
-        spec.enable_service_links.get_or_insert(true);
-        spec.security_context.get_or_insert_with(PodSecurityContext::default);
-        // What Kubernetes' Priority admission sets when no priority class is named.
-        spec.priority.get_or_insert(0);
-        spec.preemption_policy.get_or_insert_with(|| "PreemptLowerPriority".to_owned());
-        for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten())
-        {
-            default_container(container);
-        }
+        default_spec(spec);
+        let defaults = self.default_tolerations;
+        add_default_toleration(spec, TAINT_NOT_READY, defaults.not_ready);
+        add_default_toleration(spec, TAINT_UNREACHABLE, defaults.unreachable);
     }
 
     fn prepare_for_create(&self, pod: &mut Pod) {
@@ -777,8 +827,10 @@ mod tests {
     };
 
     use super::{
-        default_pull_policy, qos_class, validate_spec, validate_spec_update, validate_status,
+        DefaultTolerationSeconds, PodStrategy, default_pull_policy, qos_class, validate_spec,
+        validate_spec_update, validate_status,
     };
+    use crate::api::kind::Strategy;
 
     fn container(name: &str, image: &str) -> Container {
         Container { name: name.to_owned(), image: Some(image.to_owned()), ..Container::default() }
@@ -888,5 +940,64 @@ mod tests {
         let mut renamed = old.clone();
         renamed.containers[0].name = "other".to_owned();
         assert_eq!(validate_spec_update(&renamed, &old)[0].field, "spec");
+    }
+
+    #[test]
+    fn pods_tolerate_not_ready_and_unreachable_nodes_for_the_default_seconds_unless_they_say() {
+        let strategy =
+            PodStrategy::new(DefaultTolerationSeconds { not_ready: 30, unreachable: 60 });
+        let toleration = |key: &str, seconds: Option<i64>| Toleration {
+            key: Some(key.to_owned()),
+            operator: Some("Exists".to_owned()),
+            effect: Some("NoExecute".to_owned()),
+            toleration_seconds: seconds,
+            value: None,
+        };
+        let mut pod = super::Pod {
+            spec: Some(PodSpec { containers: vec![container("a", "x")], ..PodSpec::default() }),
+            ..super::Pod::default()
+        };
+        strategy.default(&mut pod);
+        let expected = vec![
+            toleration("node.kubernetes.io/not-ready", Some(30)),
+            toleration("node.kubernetes.io/unreachable", Some(60)),
+        ];
+        assert_eq!(pod.spec.as_ref().unwrap().tolerations.as_ref(), Some(&expected));
+        strategy.default(&mut pod);
+        assert_eq!(
+            pod.spec.as_ref().unwrap().tolerations.as_ref(),
+            Some(&expected),
+            "defaults are idempotent"
+        );
+
+        // A pod's own toleration of one of them is kept; the other is still added.
+        let own = toleration("node.kubernetes.io/unreachable", Some(5));
+        let mut pod = super::Pod {
+            spec: Some(PodSpec {
+                containers: vec![container("a", "x")],
+                tolerations: Some(vec![own.clone()]),
+                ..PodSpec::default()
+            }),
+            ..super::Pod::default()
+        };
+        strategy.default(&mut pod);
+        assert_eq!(
+            pod.spec.unwrap().tolerations.unwrap(),
+            [own, toleration("node.kubernetes.io/not-ready", Some(30))]
+        );
+
+        // Tolerating everything tolerates both.
+        let everything =
+            Toleration { operator: Some("Exists".to_owned()), ..Toleration::default() };
+        let mut pod = super::Pod {
+            spec: Some(PodSpec {
+                containers: vec![container("a", "x")],
+                tolerations: Some(vec![everything.clone()]),
+                ..PodSpec::default()
+            }),
+            ..super::Pod::default()
+        };
+        strategy.default(&mut pod);
+        assert_eq!(pod.spec.unwrap().tolerations.unwrap(), [everything]);
     }
 }

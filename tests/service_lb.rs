@@ -635,3 +635,127 @@ fn a_direct_connection_reusing_a_service_flows_ports_is_not_rewritten() {
         assert_eq!(direct["peer_mismatches"], 0, "{path:?}: {direct}");
     }
 }
+
+/// Entries of the three frontend maps (frontends, slots, backends), as bpftool dumps them.
+fn lb_entry_counts(pin_dir: &Path) -> [usize; 3] {
+    ["LB_FRONTENDS_V1", "LB_BACKEND_SLOTS_V1", "LB_BACKENDS_V1"].map(|name| {
+        let output = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pin_dir.join(name))
+            .output()
+            .expect("bpftool");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let dump: Value = serde_json::from_slice(&output.stdout).unwrap();
+        dump.as_array().map_or(0, Vec::len)
+    })
+}
+
+#[test]
+fn a_batch_of_frontends_is_written_and_removed_whole_and_serves_like_single_writes() {
+    if !privileged(
+        "a_batch_of_frontends_is_written_and_removed_whole_and_serves_like_single_writes",
+    ) {
+        return;
+    }
+    let mut topology = Topology::new("lb-batch");
+    let all = topology.backend_set(HTTP_PORT, &["pod-a", "pod-b", "pod-c"]);
+    let frontend = |i: u32, backends: &[Backend]| ServiceFrontend {
+        key: tcp(Ipv4Addr::from(u32::from(vip(10)) + i), 80),
+        backends: backends.to_vec(),
+        affinity_timeout: None,
+    };
+    let batch: Vec<ServiceFrontend> = (0..2000).map(|i| frontend(i, &all)).collect();
+    topology.lb().upsert_frontends(&batch).expect("writing 2,000 frontends at once");
+    assert_eq!(lb_entry_counts(&topology.pin_dir), [2000, 6000, 6000]);
+    assert!(batch.iter().all(|f| topology.lb.as_ref().unwrap().is_programmed(f)));
+    let last = SocketAddrV4::new(Ipv4Addr::from(u32::from(vip(10)) + 1999), 80);
+    for path in PATHS {
+        let report = topology.tcp_client(path, last, 300, &[]);
+        assert_eq!(errors_total(&report), 0, "{path:?}: {report}");
+        assert_eq!(counts(&report, "answers").len(), 3, "{path:?}: {report}");
+    }
+
+    // Half of them lose pod-c, in one batch that also names one frontend twice: the last
+    // one given wins.
+    let mut update: Vec<ServiceFrontend> = (0..1000).map(|i| frontend(i, &all[..2])).collect();
+    update.push(frontend(1999, &all[..1]));
+    update.push(frontend(1999, &all[2..]));
+    topology.lb().upsert_frontends(&update).expect("updating 1,001 frontends at once");
+    assert_eq!(lb_entry_counts(&topology.pin_dir), [2000, 4998, 4998]);
+    assert_eq!(topology.lb().backends(&frontend(1999, &[]).key).unwrap(), all[2..]);
+    let report = topology.tcp_client(Path_::Socket, last, 100, &[]);
+    assert_eq!(counts(&report, "answers").keys().collect::<Vec<_>>(), ["pod-c"], "{report}");
+
+    // Removal in one batch, with keys that are not there among them.
+    let mut keys: Vec<FrontendKey> = batch.iter().map(|f| f.key).collect();
+    keys.insert(500, tcp(vip(250), 80));
+    keys.push(tcp(vip(251), 80));
+    topology.lb().remove_frontends(&keys).expect("removing every frontend at once");
+    assert_eq!(lb_entry_counts(&topology.pin_dir), [0, 0, 0]);
+    assert_eq!(topology.lb().frontends().count(), 0);
+}
+
+#[test]
+fn the_planner_writes_a_snapshot_and_removes_services_a_later_snapshot_lacks() {
+    use std::sync::Arc;
+    use strait_controlplane::nodesync_proto::{Endpoint, EndpointPort, ServicePort, ServiceState};
+    use strait_dataplane::agent::services::{LocalNode, ServicePrograms, ServiceUpdate};
+    if !privileged("the_planner_writes_a_snapshot_and_removes_services_a_later_snapshot_lacks") {
+        return;
+    }
+    let topology = Topology::new("lb-plan");
+    let service = |name: &str, vip: Ipv4Addr, pods: &[&Pod]| {
+        Arc::new(ServiceState {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: vip.to_string(),
+            ports: vec![ServicePort { name: "http".into(), protocol: "TCP".into(), port: 80 }],
+            endpoints: pods
+                .iter()
+                .map(|pod| Endpoint {
+                    address: pod.ip.to_string(),
+                    node_name: "node".into(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    ports: vec![EndpointPort {
+                        name: "http".into(),
+                        protocol: "TCP".into(),
+                        port: u32::from(HTTP_PORT),
+                    }],
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    let lb = ServiceLb::load_and_pin(&topology.pin_dir, &LbMapSizes::default()).expect("adopting");
+    let node = LocalNode { name: "node".into(), cluster_dns: None, dns_server: None };
+    let mut programs = ServicePrograms::new(lb, node);
+    let [a, b, c] = [&topology.backends[0], &topology.backends[1], &topology.backends[2]];
+    let web = service("web", vip(1), &[a, b]);
+    let api = service("api", vip(2), &[c]);
+    let snapshot = |upserted: Vec<Arc<ServiceState>>| ServiceUpdate {
+        snapshot: true,
+        upserted,
+        removed: vec![],
+    };
+    let report = programs.apply(&snapshot(vec![web.clone(), api.clone()]));
+    assert_eq!((report.frontends_written, report.errors), (2, 0), "{report:?}");
+    assert_eq!(programs.programmed(), (2, 3));
+    for path in PATHS {
+        let report = topology.tcp_client(path, SocketAddrV4::new(vip(2), 80), 50, &[]);
+        assert_eq!(counts(&report, "answers").keys().collect::<Vec<_>>(), ["pod-c"], "{report}");
+    }
+    // The same snapshot again writes nothing.
+    let report = programs.apply(&snapshot(vec![web.clone(), api.clone()]));
+    assert_eq!((report.frontends_written, report.frontends_removed), (0, 0), "{report:?}");
+
+    // A snapshot without `api` (deleted while the agent was away) takes its frontend away,
+    // although no update named it removed.
+    let report = programs.apply(&snapshot(vec![web.clone()]));
+    assert_eq!((report.frontends_written, report.frontends_removed), (0, 1), "{report:?}");
+    assert_eq!(programs.programmed(), (1, 2));
+    assert_eq!(lb_entry_counts(&topology.pin_dir), [1, 2, 2]);
+    let refused = topology.tcp_client(Path_::Socket, SocketAddrV4::new(vip(2), 80), 5, &[]);
+    assert_eq!(counts(&refused, "answers").len(), 0, "{refused}");
+}

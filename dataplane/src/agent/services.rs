@@ -112,15 +112,27 @@ pub struct ProgrammingReport {
     pub latencies: Vec<Duration>,
 }
 
+/// One service of a batch being applied: its key, the frontends it wants, those it had.
+struct PlannedService<'a> {
+    service: &'a Arc<ServiceState>,
+    key: String,
+    wanted: Vec<ServiceFrontend>,
+    old: Vec<FrontendKey>,
+}
+
 /// The load balancer's frontends as this agent last wrote them, by service.
 pub struct ServicePrograms {
     lb: ServiceLb,
     node: LocalNode,
-    /// Frontends written per service key, exactly as written (to skip identical rewrites).
-    written: HashMap<String, Vec<ServiceFrontend>>,
+    /// The frontend keys written per service key; their backends are in the writer's index
+    /// (held once: 100,000 services must fit in the agent's memory budget).
+    written: HashMap<String, Vec<FrontendKey>>,
 }
 
 impl ServicePrograms {
+    /// Services planned and written together in one batched write.
+    const WRITE_CHUNK: usize = 4096;
+
     pub fn new(lb: ServiceLb, node: LocalNode) -> Self {
         Self { lb, node, written: HashMap::new() }
     }
@@ -131,74 +143,137 @@ impl ServicePrograms {
 
     /// Frontends and backends currently programmed.
     pub fn programmed(&self) -> (usize, usize) {
-        let frontends = self.written.values().map(Vec::len).sum();
-        let backends = self.written.values().flatten().map(|f| f.backends.len()).sum();
-        (frontends, backends)
+        self.lb.programmed()
     }
 
     /// Applies one batch. Errors are logged and counted; the service is retried on its next
     /// change or on the next snapshot.
+    ///
+    /// The whole batch goes to the maps in one batched write (a few system calls however many
+    /// services it holds: a snapshot of 100,000 services included): the removed services'
+    /// frontends first, then every frontend that changed, then those the services no longer
+    /// have. If the batched write fails, the services are written again one by one, so that one
+    /// bad service costs only itself.
     pub fn apply(&mut self, update: &ServiceUpdate) -> ProgrammingReport {
         let mut report = ProgrammingReport::default();
+        let mut gone: Vec<FrontendKey> = Vec::new();
         for key in &update.removed {
             if let Some(old) = self.written.remove(key) {
-                for frontend in &old {
-                    self.remove(&frontend.key, &mut report);
+                gone.extend(old);
+            }
+        }
+        if update.snapshot {
+            // A snapshot is every service there is: one written before and absent now is gone
+            // (whether or not the batch names it among the removed).
+            let present: std::collections::HashSet<(&str, &str)> = update
+                .upserted
+                .iter()
+                .map(|service| (service.namespace.as_str(), service.name.as_str()))
+                .collect();
+            self.written.retain(|key, frontends| {
+                let keep = key.split_once('/').is_some_and(|name| present.contains(&name));
+                if !keep {
+                    gone.append(frontends);
+                }
+                keep
+            });
+        }
+        self.remove(&gone, &mut report);
+
+        // In chunks, so that what planning holds at once stays small however large the batch
+        // (a snapshot of 100,000 services is a few dozen batched writes).
+        let mut wanted_keys: std::collections::HashSet<FrontendKey> =
+            std::collections::HashSet::new();
+        let mut stale = Vec::new();
+        for chunk in update.upserted.chunks(Self::WRITE_CHUNK) {
+            let planned: Vec<PlannedService> = chunk
+                .iter()
+                .map(|service| {
+                    let key = format!("{}/{}", service.namespace, service.name);
+                    let wanted = plan_frontends(service, &self.node);
+                    let old = self.written.remove(&key).unwrap_or_default();
+                    PlannedService { service, key, wanted, old }
+                })
+                .collect();
+            let changed: Vec<&ServiceFrontend> = planned
+                .iter()
+                .flat_map(|p| p.wanted.iter().filter(|w| !self.lb.is_programmed(w)))
+                .collect();
+            let written = changed.len();
+            let failed_services = match self.lb.upsert_frontends(changed) {
+                Ok(()) => {
+                    report.frontends_written += written;
+                    std::collections::HashSet::new()
+                }
+                Err(error) => {
+                    tracing::warn!(frontends = written, error = %format!("{:#}", anyhow::Error::new(error)), "batched service write failed; writing the services one by one");
+                    self.write_one_by_one(&planned, &mut report)
+                }
+            };
+            for PlannedService { service, key, wanted, old } in planned {
+                wanted_keys.extend(wanted.iter().map(|w| w.key));
+                stale.extend(old.into_iter().filter(|o| !wanted.iter().any(|w| w.key == *o)));
+                if failed_services.contains(&key) {
+                    continue;
+                }
+                if let Some(latency) = since_unix_nanos(service.observed_unix_nanos) {
+                    report.latencies.push(latency);
+                }
+                if !wanted.is_empty() {
+                    self.written.insert(key, wanted.into_iter().map(|w| w.key).collect());
                 }
             }
         }
-        for service in &update.upserted {
-            let key = format!("{}/{}", service.namespace, service.name);
-            let wanted = plan_frontends(service, &self.node);
-            let old = self.written.remove(&key).unwrap_or_default();
-            let mut failed = false;
-            for frontend in &wanted {
-                if old.iter().any(|o| o == frontend) {
+        // A frontend a service no longer has, unless a service of the batch has it now.
+        stale.retain(|key| !wanted_keys.contains(key));
+        self.remove(&stale, &mut report);
+        if update.snapshot {
+            // Whatever the maps hold beyond what the snapshot wants (adopted from a previous
+            // run, or left by a failed write) goes now.
+            let wanted: std::collections::HashSet<FrontendKey> =
+                self.written.values().flatten().copied().collect();
+            let stale: Vec<FrontendKey> =
+                self.lb.frontends().filter(|key| !wanted.contains(key)).copied().collect();
+            self.remove(&stale, &mut report);
+        }
+        report
+    }
+
+    /// The fallback of a failed batched write: each service's changed frontends on their own;
+    /// returns the keys of the services that failed.
+    fn write_one_by_one(
+        &mut self,
+        planned: &[PlannedService],
+        report: &mut ProgrammingReport,
+    ) -> std::collections::HashSet<String> {
+        let mut failed = std::collections::HashSet::new();
+        for PlannedService { key, wanted, .. } in planned {
+            for frontend in wanted {
+                if self.lb.is_programmed(frontend) {
                     continue;
                 }
                 match self.lb.upsert_frontend(frontend) {
                     Ok(()) => report.frontends_written += 1,
                     Err(error) => {
-                        failed = true;
+                        failed.insert(key.clone());
                         report.errors += 1;
                         tracing::error!(service = %key, frontend = ?frontend.key, error = %format!("{:#}", anyhow::Error::new(error)), "cannot program a service frontend");
                     }
                 }
             }
-            for frontend in &old {
-                if !wanted.iter().any(|w| w.key == frontend.key) {
-                    self.remove(&frontend.key, &mut report);
-                }
-            }
-            if !failed {
-                if let Some(latency) = since_unix_nanos(service.observed_unix_nanos) {
-                    report.latencies.push(latency);
-                }
-                if !wanted.is_empty() {
-                    self.written.insert(key, wanted);
-                }
-            }
         }
-        if update.snapshot {
-            // Whatever the maps hold beyond what the snapshot wants (adopted from a previous
-            // run, or left by a failed write) goes now.
-            let wanted: std::collections::HashSet<FrontendKey> =
-                self.written.values().flatten().map(|f| f.key).collect();
-            let stale: Vec<FrontendKey> =
-                self.lb.frontends().filter(|key| !wanted.contains(key)).copied().collect();
-            for key in stale {
-                self.remove(&key, &mut report);
-            }
-        }
-        report
+        failed
     }
 
-    fn remove(&mut self, key: &FrontendKey, report: &mut ProgrammingReport) {
-        match self.lb.remove_frontend(key) {
-            Ok(()) => report.frontends_removed += 1,
+    fn remove(&mut self, keys: &[FrontendKey], report: &mut ProgrammingReport) {
+        if keys.is_empty() {
+            return;
+        }
+        match self.lb.remove_frontends(keys) {
+            Ok(()) => report.frontends_removed += keys.len(),
             Err(error) => {
                 report.errors += 1;
-                tracing::error!(frontend = ?key, error = %format!("{:#}", anyhow::Error::new(error)), "cannot remove a service frontend");
+                tracing::error!(frontends = keys.len(), error = %format!("{:#}", anyhow::Error::new(error)), "cannot remove service frontends");
             }
         }
     }
@@ -284,8 +359,10 @@ pub fn dns_service(service: &ServiceState) -> crate::dns::DnsService {
     }
 }
 
-/// Drains every update already queued into one batch, so a burst costs one pass.
+/// Drains every update already queued into one batch, so a burst costs one pass. A lone
+/// update is the batch as it is.
 pub fn coalesce(first: ServiceUpdate, receiver: &mpsc::Receiver<ServiceUpdate>) -> ServiceUpdate {
+    let Ok(second) = receiver.try_recv() else { return first };
     let mut services: BTreeMap<String, Option<Arc<ServiceState>>> = BTreeMap::new();
     let mut snapshot = false;
     let mut add = |update: ServiceUpdate, services: &mut BTreeMap<_, _>| {
@@ -301,6 +378,7 @@ pub fn coalesce(first: ServiceUpdate, receiver: &mpsc::Receiver<ServiceUpdate>) 
         }
     };
     add(first, &mut services);
+    add(second, &mut services);
     while let Ok(next) = receiver.try_recv() {
         add(next, &mut services);
     }

@@ -197,8 +197,204 @@ struct FrontendState {
     written: bool,
     /// Backend ids in slot order (`slots[i]` is in slot `i`).
     slots: Vec<u32>,
-    /// Every backend of this frontend in the backend map: address → (id, entry).
-    backends: BTreeMap<SocketAddrV4, (u32, layout::Backend)>,
+    /// Every backend of this frontend in the backend map, by address.
+    backends: BackendIds,
+    /// A write of this frontend failed half-way: the maps may differ from this state in any
+    /// entry, so the next write rewrites them all.
+    dirty: bool,
+    /// Backend ids that may still be in the backend map though no address of this frontend
+    /// uses them (left by a failed write); the next write or removal deletes them.
+    orphans: Vec<u32>,
+}
+
+/// A frontend's backends in the backend map: (address, id, entry), sorted by address. A
+/// frontend has a few, so a sorted vector costs a fraction of a tree's smallest node.
+#[derive(Clone, Debug, Default)]
+struct BackendIds(Vec<(SocketAddrV4, u32, layout::Backend)>);
+
+impl BackendIds {
+    fn get(&self, address: &SocketAddrV4) -> Option<(u32, layout::Backend)> {
+        let found = self.0.binary_search_by_key(address, |(a, _, _)| *a).ok()?;
+        let (_, id, entry) = self.0[found];
+        Some((id, entry))
+    }
+
+    fn insert(&mut self, address: SocketAddrV4, id: u32, entry: layout::Backend) {
+        match self.0.binary_search_by_key(&address, |(a, _, _)| *a) {
+            Ok(found) => self.0[found] = (address, id, entry),
+            Err(at) => self.0.insert(at, (address, id, entry)),
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().map(|(_, id, _)| *id)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (u32, &layout::Backend)> {
+        self.0.iter().map(|(_, id, entry)| (*id, entry))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// What a failed batched write must know to leave a frontend's state safe to retry.
+struct PlannedUndo {
+    /// Slots the frontend had before the write.
+    old_slots: usize,
+    /// The backend ids the write was to delete, in `MapWrites::stale_backends`.
+    stale: std::ops::Range<usize>,
+}
+
+impl FrontendState {
+    /// What the index may assume after a failed batched write that wanted this state: any
+    /// entry of the frontend may or may not be in the maps. The state is marked dirty (the
+    /// next write rewrites every entry), keeps room for every slot either side may have
+    /// written (id 0, never a backend's, pads them so they are removed), and remembers the
+    /// backend ids the write was to delete, since their removal may not have happened.
+    fn after_failed_write(mut self, undo: &PlannedUndo, writes: &MapWrites) -> Self {
+        self.dirty = true;
+        if undo.old_slots > self.slots.len() {
+            self.slots.resize(undo.old_slots, 0);
+        }
+        self.orphans.extend_from_slice(&writes.stale_backends[undo.stale.clone()]);
+        self
+    }
+}
+
+/// The map writes one batched upsert makes, in the order they are applied.
+#[derive(Default)]
+struct MapWrites {
+    backends: Vec<(u32, layout::Backend)>,
+    slots: Vec<(BackendSlotKey, u32)>,
+    frontends: Vec<(layout::FrontendKey, layout::Frontend)>,
+    stale_slots: Vec<BackendSlotKey>,
+    stale_backends: Vec<u32>,
+}
+
+impl MapWrites {
+    fn apply(&self, lb: &ServiceLb) -> Result<(), EbpfError> {
+        update_batch(&lb.backends_map, &self.backends, "backends")?;
+        update_batch(&lb.slots_map, &self.slots, "backend slots")?;
+        update_batch(&lb.frontends_map, &self.frontends, "frontends")?;
+        delete_batch(&lb.slots_map, &self.stale_slots, "stale backend slots")?;
+        delete_batch(&lb.backends_map, &self.stale_backends, "stale backends")
+    }
+}
+
+/// `bpf_attr` as `BPF_MAP_*_BATCH` reads it (include/uapi/linux/bpf.h, `batch`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// include/uapi/linux/bpf.h, `enum bpf_cmd`.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Runs one batch command over `count` elements; returns how many the kernel processed and
+/// the error that stopped it, if any.
+fn map_batch(
+    command: libc::c_long,
+    map: &MapData,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> (usize, Option<std::io::Error>) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut attr = BatchAttr {
+        keys: keys as u64,
+        values: values as u64,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a live, fully initialised bpf_attr prefix of the size passed; `keys`
+    // (and `values` for an update) point at `count` contiguous elements of the map's key
+    // (value) size, which the kernel only reads; it writes back only `attr.count`.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            (&raw mut attr).cast::<libc::c_void>(),
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if result == 0 {
+        (count, None)
+    } else {
+        (attr.count as usize, Some(std::io::Error::last_os_error()))
+    }
+}
+
+/// Writes `entries` into `map` in one `BPF_MAP_UPDATE_BATCH` (insert or replace).
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+    what: &str,
+) -> Result<(), EbpfError> {
+    use aya::maps::IterableMap as _;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<K> = entries.iter().map(|(key, _)| *key).collect();
+    let values: Vec<V> = entries.iter().map(|(_, value)| *value).collect();
+    let (done, error) = map_batch(
+        BPF_MAP_UPDATE_BATCH,
+        map.map(),
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    );
+    match error {
+        None => Ok(()),
+        Some(source) => Err(EbpfError::Io {
+            action: format!("writing {} {what} (batch stopped after {done})", keys.len()),
+            source,
+        }),
+    }
+}
+
+/// Deletes `keys` from `map` with `BPF_MAP_DELETE_BATCH`, skipping keys that are not there
+/// (the kernel stops a batch at the first missing key; it is resumed after it).
+fn delete_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    keys: &[K],
+    what: &str,
+) -> Result<(), EbpfError> {
+    use aya::maps::IterableMap as _;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let (done, error) = map_batch(
+            BPF_MAP_DELETE_BATCH,
+            map.map(),
+            rest.as_ptr().cast(),
+            std::ptr::null(),
+            rest.len(),
+        );
+        match error {
+            None => return Ok(()),
+            Some(error) if error.raw_os_error() == Some(libc::ENOENT) && done < rest.len() => {
+                rest = &rest[done + 1..];
+            }
+            Some(source) => {
+                return Err(EbpfError::Io {
+                    action: format!("removing {} {what} (batch stopped after {done})", keys.len()),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The socket hooks and the writer of the load-balancing maps, as the agent holds them.
@@ -333,7 +529,9 @@ impl ServiceLb {
                     value,
                     written: true,
                     slots: vec![0; value.backend_count as usize],
-                    backends: BTreeMap::new(),
+                    backends: BackendIds::default(),
+                    dirty: false,
+                    orphans: Vec::new(),
                 },
             );
         }
@@ -342,9 +540,7 @@ impl ServiceLb {
             let (id, backend) = entry.map_err(map_error("reading the backend map"))?;
             self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
             match by_service.get(&backend.service_id).and_then(|key| self.index.get_mut(key)) {
-                Some(state) => {
-                    state.backends.insert(backend_address(&backend), (id, backend));
-                }
+                Some(state) => state.backends.insert(backend_address(&backend), id, backend),
                 None => stale_backends.push(id),
             }
         }
@@ -385,65 +581,146 @@ impl ServiceLb {
     /// module documentation). Backends keep their id (and so their affinity and sticky flows)
     /// across updates.
     pub fn upsert_frontend(&mut self, frontend: &ServiceFrontend) -> Result<(), EbpfError> {
+        self.upsert_frontends(std::slice::from_ref(frontend))
+    }
+
+    /// Writes many frontends at once, as [`Self::upsert_frontend`] would one after another,
+    /// but with one batched system call per map and step (`BPF_MAP_UPDATE_BATCH`): a snapshot
+    /// of 100,000 services costs a handful of system calls, not millions. The order of the
+    /// steps is the single write's, applied to every frontend of the batch at once: all new
+    /// backends, then all slots, then all frontends, then the stale slots and backends; so a
+    /// concurrent reader still sees every frontend either as it was or as it is now. When a
+    /// frontend appears twice, the last one wins.
+    ///
+    /// If a step fails, the frontends of the batch are left for the next write to rewrite
+    /// whole: the index forgets what it knew of their slots and frontend entry, and keeps
+    /// every backend id that may now be in the map so that a later write or removal clears it.
+    pub fn upsert_frontends<'a>(
+        &mut self,
+        frontends: impl IntoIterator<Item = &'a ServiceFrontend>,
+    ) -> Result<(), EbpfError> {
+        let mut wanted: StdHashMap<FrontendKey, &ServiceFrontend> = StdHashMap::new();
+        for frontend in frontends {
+            wanted.insert(frontend.key, frontend);
+        }
+        let mut writes = MapWrites::default();
+        let mut planned = Vec::with_capacity(wanted.len());
+        for (key, frontend) in wanted {
+            let old = self.index.remove(&key);
+            let old_slots = old.as_ref().map_or(0, |old| old.slots.len());
+            let stale_from = writes.stale_backends.len();
+            let new = match self.plan_upsert(frontend, old, &mut writes) {
+                Ok(new) => new,
+                Err((error, state)) => {
+                    // Ids ran out: nothing is written; every frontend planned so far, this
+                    // one included, is left for the next write to rewrite whole.
+                    if let Some(state) = state {
+                        self.index.insert(key, state);
+                    }
+                    self.forget_plans(planned, &writes);
+                    return Err(error);
+                }
+            };
+            let undo = PlannedUndo { old_slots, stale: stale_from..writes.stale_backends.len() };
+            planned.push((key, new, undo));
+        }
+        let written = writes.apply(self);
+        for (key, new, undo) in planned {
+            let state = match &written {
+                Ok(()) => new,
+                Err(_) => new.after_failed_write(&undo, &writes),
+            };
+            self.index.insert(key, state);
+        }
+        written
+    }
+
+    /// Puts back frontends planned for a write that will not happen, marked dirty (their
+    /// planned state is not what the maps hold; the next write rewrites them whole).
+    fn forget_plans(
+        &mut self,
+        planned: Vec<(FrontendKey, FrontendState, PlannedUndo)>,
+        writes: &MapWrites,
+    ) {
+        for (key, new, undo) in planned {
+            self.index.insert(key, new.after_failed_write(&undo, writes));
+        }
+    }
+
+    /// What writing `frontend` over `old` takes, added to `writes`; returns the state the
+    /// index holds once the writes are done. Touches no map. When ids run out, returns the
+    /// error with the state as far as it got, marked dirty (nothing of it is written).
+    #[expect(
+        clippy::result_large_err,
+        reason = "the state travels back only when ids are exhausted, once in a process' life"
+    )]
+    fn plan_upsert(
+        &mut self,
+        frontend: &ServiceFrontend,
+        old: Option<FrontendState>,
+        writes: &mut MapWrites,
+    ) -> Result<FrontendState, (EbpfError, Option<FrontendState>)> {
         let key = frontend.key;
-        let raw_key = key.to_raw();
-        if !self.index.contains_key(&key) {
-            let service_id = self.next_service_id;
-            self.next_service_id = service_id.checked_add(1).ok_or_else(|| {
-                EbpfError::Refused("service ids are exhausted; restart the agent".into())
-            })?;
-            let value =
-                layout::Frontend { service_id, backend_count: 0, flags: 0, affinity_timeout_s: 0 };
-            self.index.insert(
-                key,
+        let mut state = match old {
+            Some(old) => old,
+            None => {
+                let service_id = self.next_service_id;
+                self.next_service_id = service_id.checked_add(1).ok_or_else(|| {
+                    let error =
+                        EbpfError::Refused("service ids are exhausted; restart the agent".into());
+                    (error, None)
+                })?;
+                let value = layout::Frontend {
+                    service_id,
+                    backend_count: 0,
+                    flags: 0,
+                    affinity_timeout_s: 0,
+                };
                 FrontendState {
                     service_id,
                     value,
                     written: false,
                     slots: Vec::new(),
-                    backends: BTreeMap::new(),
-                },
-            );
-        }
-        // Desired backends, one per address (the last one given wins).
-        let mut desired: BTreeMap<SocketAddrV4, Backend> = BTreeMap::new();
-        for backend in &frontend.backends {
-            desired.insert(backend.address, *backend);
-        }
+                    backends: BackendIds::default(),
+                    dirty: false,
+                    orphans: Vec::new(),
+                }
+            }
+        };
+        let service_id = state.service_id;
+        let dirty = std::mem::take(&mut state.dirty);
+        // Desired backends, one per address (the last one given wins), in address order.
+        let mut desired: Vec<Backend> = frontend.backends.iter().rev().copied().collect();
+        desired.sort_by_key(|backend| backend.address);
+        desired.dedup_by_key(|backend| backend.address);
 
         // 1. Backends: new ones get ids; changed flags are rewritten in place.
         let mut slot_ids = Vec::with_capacity(desired.len());
-        for backend in desired.values() {
-            let Some(state) = self.index.get(&key) else { unreachable!("inserted above") };
-            let service_id = state.service_id;
-            let existing = state.backends.get(&backend.address).copied();
+        for backend in &desired {
+            let existing = state.backends.get(&backend.address);
             let entry = backend_entry(service_id, backend);
-            let id = match existing {
-                Some((id, _)) => id,
-                None => self.allocate_backend_id()?,
-            };
-            if existing.map(|(_, old)| old) != Some(entry) {
-                self.backends_map
-                    .insert(id, entry, 0)
-                    .map_err(map_error(format!("writing backend {} of {key}", backend.address)))?;
+            let id =
+                match existing.map(|(id, _)| id).ok_or(()).or_else(|()| self.allocate_backend_id())
+                {
+                    Ok(id) => id,
+                    Err(error) => {
+                        state.dirty = true;
+                        return Err((error, Some(state)));
+                    }
+                };
+            if dirty || existing.map(|(_, old)| old) != Some(entry) {
+                writes.backends.push((id, entry));
             }
-            if let Some(state) = self.index.get_mut(&key) {
-                state.backends.insert(backend.address, (id, entry));
-            }
+            state.backends.insert(backend.address, id, entry);
             slot_ids.push(id);
         }
 
-        let Some(state) = self.index.get_mut(&key) else { unreachable!("inserted above") };
-        let service_id = state.service_id;
         // 2. Slots 0..n, only those that change.
         for (slot, id) in slot_ids.iter().enumerate() {
-            if state.slots.get(slot) == Some(id) {
+            if !dirty && state.slots.get(slot) == Some(id) {
                 continue;
             }
-            let slot_key = BackendSlotKey { service_id, slot: slot as u32 };
-            self.slots_map
-                .insert(slot_key, *id, 0)
-                .map_err(map_error(format!("writing slot {slot} of {key}")))?;
+            writes.slots.push((BackendSlotKey { service_id, slot: slot as u32 }, *id));
             if slot < state.slots.len() {
                 state.slots[slot] = *id;
             } else {
@@ -465,62 +742,104 @@ impl ServiceLb {
             flags,
             affinity_timeout_s,
         };
-        if !state.written || state.value != value {
-            self.frontends_map
-                .insert(raw_key, value, 0)
-                .map_err(map_error(format!("writing frontend {key}")))?;
+        if dirty || !state.written || state.value != value {
+            writes.frontends.push((key.to_raw(), value));
             state.value = value;
             state.written = true;
         }
 
-        // 4. Slots beyond the new count, then backends that left.
-        while state.slots.len() > slot_ids.len() {
-            let slot = state.slots.len() - 1;
-            let slot_key = BackendSlotKey { service_id, slot: slot as u32 };
-            remove_if_present(&mut self.slots_map, &slot_key, || {
-                format!("removing slot {slot} of {key}")
-            })?;
-            state.slots.pop();
+        // 4. Slots beyond the new count, then backends that left (and those a failed write
+        // may have left behind).
+        writes.stale_backends.append(&mut state.orphans);
+        for slot in slot_ids.len()..state.slots.len() {
+            writes.stale_slots.push(BackendSlotKey { service_id, slot: slot as u32 });
         }
-        let gone: Vec<(SocketAddrV4, u32)> = state
-            .backends
-            .iter()
-            .filter(|(address, _)| !desired.contains_key(address))
-            .map(|(address, (id, _))| (*address, *id))
-            .collect();
-        for (address, id) in gone {
-            remove_if_present(&mut self.backends_map, &id, || {
-                format!("removing backend {address} of {key}")
-            })?;
-            state.backends.remove(&address);
-        }
-        Ok(())
+        state.slots.truncate(slot_ids.len());
+        state.backends.0.retain(|(address, id, _)| {
+            let keep = desired.binary_search_by_key(address, |b| b.address).is_ok();
+            if !keep {
+                writes.stale_backends.push(*id);
+            }
+            keep
+        });
+        Ok(state)
     }
 
     /// Removes one frontend and its slots and backends. Succeeds when it is not there.
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), EbpfError> {
-        let Some(state) = self.index.get_mut(key) else { return Ok(()) };
-        // The frontend first: from then on no reader reaches the slots and backends.
-        remove_if_present(&mut self.frontends_map, &key.to_raw(), || {
-            format!("removing frontend {key}")
-        })?;
-        state.written = false;
-        let service_id = state.service_id;
-        while !state.slots.is_empty() {
-            let slot = (state.slots.len() - 1) as u32;
-            remove_if_present(&mut self.slots_map, &BackendSlotKey { service_id, slot }, || {
-                format!("removing slot {slot} of {key}")
-            })?;
-            state.slots.pop();
+        self.remove_frontends(std::slice::from_ref(key))
+    }
+
+    /// Removes many frontends with their slots and backends, with one batched system call per
+    /// map (`BPF_MAP_DELETE_BATCH`): every frontend first, so that from then on no reader
+    /// reaches their slots and backends, then the slots, then the backends. Keys that are not
+    /// there are skipped. If a step fails, the frontends stay in the index (the entry unknown),
+    /// so a later removal finishes the job.
+    pub fn remove_frontends(&mut self, keys: &[FrontendKey]) -> Result<(), EbpfError> {
+        let mut frontends = Vec::new();
+        let mut slots = Vec::new();
+        let mut backends = Vec::new();
+        let mut removed = Vec::new();
+        for key in keys {
+            let Some(state) = self.index.get(key) else { continue };
+            frontends.push(key.to_raw());
+            let service_id = state.service_id;
+            slots.extend(
+                (0..state.slots.len() as u32).map(|slot| BackendSlotKey { service_id, slot }),
+            );
+            backends.extend(state.backends.ids());
+            backends.extend(&state.orphans);
+            removed.push(*key);
         }
-        while let Some((&address, &(id, _))) = state.backends.iter().next() {
-            remove_if_present(&mut self.backends_map, &id, || {
-                format!("removing backend {address} of {key}")
-            })?;
-            state.backends.remove(&address);
+        let result = delete_batch(&self.frontends_map, &frontends, "frontends")
+            .and_then(|()| delete_batch(&self.slots_map, &slots, "backend slots"))
+            .and_then(|()| delete_batch(&self.backends_map, &backends, "backends"));
+        for key in removed {
+            match &result {
+                Ok(()) => {
+                    self.index.remove(&key);
+                }
+                Err(_) => {
+                    if let Some(state) = self.index.get_mut(&key) {
+                        state.written = false;
+                        state.dirty = true;
+                    }
+                }
+            }
         }
-        self.index.remove(key);
-        Ok(())
+        result
+    }
+
+    /// Whether the maps hold `frontend` exactly as given (its backends in address order, with
+    /// their flags, and its affinity), so that writing it again would change nothing.
+    pub fn is_programmed(&self, frontend: &ServiceFrontend) -> bool {
+        let Some(state) = self.index.get(&frontend.key) else { return false };
+        if state.dirty || !state.written || !state.orphans.is_empty() {
+            return false;
+        }
+        let affinity = match frontend.affinity_timeout {
+            Some(timeout) => u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX),
+            None => 0,
+        };
+        let flags = if frontend.affinity_timeout.is_some() { FRONTEND_FLAG_AFFINITY } else { 0 };
+        state.value.flags == flags
+            && state.value.affinity_timeout_s == affinity
+            && state.value.backend_count as usize == frontend.backends.len()
+            && state.slots.len() == frontend.backends.len()
+            && state.backends.len() == frontend.backends.len()
+            && frontend.backends.windows(2).all(|pair| pair[0].address < pair[1].address)
+            && frontend.backends.iter().zip(&state.slots).all(|(backend, slot)| {
+                state.backends.get(&backend.address).is_some_and(|(id, entry)| {
+                    id == *slot && entry == backend_entry(state.service_id, backend)
+                })
+            })
+    }
+
+    /// Frontends written and their backends, from the index.
+    pub fn programmed(&self) -> (usize, usize) {
+        let written = self.index.values().filter(|s| s.written);
+        written
+            .fold((0, 0), |(frontends, backends), s| (frontends + 1, backends + s.backends.len()))
     }
 
     /// The frontends in the maps, for a resync against the desired set.
@@ -531,8 +850,7 @@ impl ServiceLb {
     /// The backends of one frontend as the maps hold them, in slot order.
     pub fn backends(&self, key: &FrontendKey) -> Option<Vec<Backend>> {
         let state = self.index.get(key)?;
-        let by_id: StdHashMap<u32, &layout::Backend> =
-            state.backends.values().map(|(id, entry)| (*id, entry)).collect();
+        let by_id: StdHashMap<u32, &layout::Backend> = state.backends.entries().collect();
         Some(
             state
                 .slots

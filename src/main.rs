@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use strait::{bench, lab, netclient, netexec};
+use strait_controlplane::store::StoreLocation;
 use strait_dataplane::ebpf::lb::LbMapSizes;
 
 #[derive(Parser)]
@@ -164,6 +165,15 @@ struct ControllerArgs {
     /// How long an event is kept after it last happened, in seconds.
     #[arg(long, default_value_t = 3600)]
     event_ttl_seconds: u64,
+    /// Where the cluster's state lives: `embedded` (a file in --data-dir) or
+    /// `etcd://host:port[,host:port…][/root]` (keys under /strait/<cluster> by default).
+    /// Several controllers may share one etcd cluster: all serve the API, one leads.
+    #[arg(long, default_value = "embedded")]
+    store: strait_controlplane::store::StoreLocation,
+    /// On etcd: seconds the leader's lease lasts unrenewed (how long a dead leader's
+    /// scheduler and controllers stay unreplaced).
+    #[arg(long, default_value_t = 3)]
+    leader_lease_seconds: u64,
 }
 
 #[derive(Args)]
@@ -174,7 +184,7 @@ struct AgentArgs {
     /// This node's address, where other nodes send traffic for its pods.
     #[arg(long)]
     node_ip: Ipv4Addr,
-    /// The controller's base URL.
+    /// The controller's base URL, or several replicas' URLs separated by commas.
     #[arg(long)]
     controller: String,
     /// Name of the cluster (part of pin paths and namespace names).
@@ -513,7 +523,17 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.service_cidr = args.service_cidr;
     config.cluster_dns_ip = args.cluster_dns_ip;
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
-    tracing::info!(cluster = %args.cluster, "controller starting");
+    config.store = match args.store {
+        StoreLocation::Etcd { endpoints, root: None } => StoreLocation::Etcd {
+            endpoints,
+            root: Some(strait_controlplane::store::EtcdStoreOptions::default_root(&args.cluster)),
+        },
+        other => other,
+    };
+    config.leader_lease = Duration::from_secs(args.leader_lease_seconds);
+    let host = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    config.replica_name = format!("{host}/{}", std::process::id());
+    tracing::info!(cluster = %args.cluster, store = %config.store, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())
 }

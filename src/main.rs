@@ -260,6 +260,14 @@ enum LabCommand {
         /// Seconds to wait for every node to be Ready.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Where the lab's controllers keep the cluster: `embedded` (default) or an etcd,
+        /// `etcd://host:port[,host:port…]` (keys under /strait/<lab>).
+        #[arg(long, default_value = "embedded")]
+        store: StoreLocation,
+        /// Controller replicas (more than one needs --store etcd://…): all serve the API and
+        /// NodeSync, one leads; agents are given every replica.
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
     },
     /// Remove every trace of a lab: processes, namespaces, links, pins, cgroups, state.
     Down {
@@ -275,7 +283,8 @@ enum LabCommand {
     Restart {
         #[arg(long, default_value = "default")]
         name: String,
-        /// `controller`, or a node name (`node-1`) for that node's agent.
+        /// `controller` (or `controller-N` of several), or a node name (`node-1`) for that
+        /// node's agent.
         process: lab::LabProcess,
     },
     /// Print the path of a lab's kubeconfig.
@@ -615,7 +624,7 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes, name, timeout } => {
+        LabCommand::Up { nodes, name, timeout, store, controllers } => {
             let started = std::time::Instant::now();
             let options = lab::UpOptions {
                 name,
@@ -624,7 +633,8 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
                 cni_plugin: sibling_binary("strait-cni")?,
                 ready_timeout: Duration::from_secs(timeout),
             };
-            let state = lab::up(&options).await?;
+            let control = lab::ControlPlaneOptions { store, controllers };
+            let state = lab::up_with(&options, &control).await?;
             println!(
                 "lab {} is up: {} nodes Ready in {:.1}s",
                 state.name,
@@ -684,6 +694,17 @@ async fn lab_status(name: &str) -> anyhow::Result<String> {
         state.controller_pid,
         if alive(state.controller_pid) { "running" } else { "NOT RUNNING" }
     )?;
+    for replica in &state.replicas {
+        writeln!(
+            out,
+            "controller-{} pid {} {} — API {}",
+            replica.index,
+            replica.pid,
+            if alive(replica.pid) { "running" } else { "NOT RUNNING" },
+            replica.api_server
+        )?;
+    }
+    writeln!(out, "store: {}", state.store)?;
     let nodes = api.list::<k8s_openapi::api::core::v1::Node>(None, "").await.map(|(n, _)| n);
     writeln!(out, "{:<10} {:<14} {:<16} {:<8} AGENT", "NODE", "ADDRESS", "POD CIDR", "READY")?;
     for node in &state.nodes {

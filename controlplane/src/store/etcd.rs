@@ -177,6 +177,19 @@ impl EtcdStore {
     pub fn etcd_key(&self, key: &str) -> String {
         self.inner.etcd_key(key)
     }
+
+    /// Deletes every key under the root, the backend's own included: the cluster is gone
+    /// from this etcd. Returns how many keys there were.
+    pub async fn remove_everything(&self) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let action = format!("removing every key under {} from etcd", inner.options.root);
+        let start = format!("{}/", inner.options.root).into_bytes();
+        let end = prefix_end(&start);
+        let mut kv = inner.kv.clone();
+        let options = etcd_client::DeleteOptions::new().with_range(end);
+        let response = inner.timed(&action, kv.delete(start, Some(options))).await?;
+        Ok(u64::try_from(response.deleted()).unwrap_or(0))
+    }
 }
 
 impl Inner {

@@ -353,3 +353,114 @@ pub async fn run_while_leading(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tokio::{sync::watch, task::JoinSet, time::Instant};
+
+    use super::{LEADER_KEY, LeaderElection, run_while_leading};
+    use crate::testing::LocalEtcd;
+
+    /// What the terms of one candidate did: `(name, term, started)` in order.
+    type Log = Arc<Mutex<Vec<(&'static str, usize, bool)>>>;
+
+    fn candidate(
+        name: &'static str,
+        election: LeaderElection,
+        log: &Log,
+    ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let (shutdown, stopped) = watch::channel(false);
+        let log = Arc::clone(log);
+        let mut terms = 0;
+        let task = tokio::spawn(run_while_leading(Some(election), stopped, move |mut term| {
+            terms += 1;
+            let (log, number) = (Arc::clone(&log), terms);
+            log.lock().unwrap().push((name, number, true));
+            // Logs when the term's task ends, whether it stopped on the signal or was aborted.
+            struct Ended(Log, &'static str, usize);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    if let Ok(mut log) = self.0.lock() {
+                        log.push((self.1, self.2, false));
+                    }
+                }
+            }
+            let mut tasks = JoinSet::new();
+            tasks.spawn(async move {
+                let _ended = Ended(log, name, number);
+                crate::controllers::shutdown_signalled(&mut term).await;
+            });
+            tasks
+        }));
+        (shutdown, task)
+    }
+
+    async fn until(what: &str, log: &Log, check: impl Fn(&[(&'static str, usize, bool)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check(&log.lock().unwrap()) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", log.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_whose_record_vanishes_stops_its_term_at_once() {
+        let etcd = LocalEtcd::start("leader-vanish").await.expect("etcd starts");
+        let store = etcd.store("/strait/leader").await.unwrap();
+        let log: Log = Arc::default();
+        let election = LeaderElection::new(&store, "a", Duration::from_secs(2));
+        let (shutdown, task) = candidate("a", election.clone(), &log);
+        until("a leads", &log, |log| log.len() == 1).await;
+        assert_eq!(election.current_leader().await.unwrap().as_deref(), Some("a"));
+
+        // The record goes (as when its lease is revoked or someone deletes it).
+        let removed = Instant::now();
+        let mut kv = store.client().kv_client();
+        kv.delete(store.etcd_key(LEADER_KEY), None).await.unwrap();
+        until("the term stops", &log, |log| log.contains(&("a", 1, false))).await;
+        assert!(
+            removed.elapsed() < Duration::from_secs(1),
+            "stopped after {:?}",
+            removed.elapsed()
+        );
+        // Alone, it campaigns again and wins a new term.
+        until("a leads again", &log, |log| log.contains(&("a", 2, true))).await;
+
+        shutdown.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(log.lock().unwrap().last(), Some(&("a", 2, false)));
+        assert_eq!(election.current_leader().await.unwrap(), None, "shutdown gives the lease back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_candidate_leads_at_a_time_and_the_next_takes_over_on_shutdown() {
+        let etcd = LocalEtcd::start("leader-two").await.expect("etcd starts");
+        let store = etcd.store("/strait/leader").await.unwrap();
+        let log: Log = Arc::default();
+        let (stop_a, a) =
+            candidate("a", LeaderElection::new(&store, "a", Duration::from_secs(2)), &log);
+        until("a leads", &log, |log| log.len() == 1).await;
+        let (stop_b, b) =
+            candidate("b", LeaderElection::new(&store, "b", Duration::from_secs(2)), &log);
+        // Several lease periods: b must not start while a holds the lease.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(*log.lock().unwrap(), [("a", 1, true)], "only a leads");
+
+        let stopped = Instant::now();
+        stop_a.send(true).unwrap();
+        a.await.unwrap();
+        until("b takes over", &log, |log| log.contains(&("b", 1, true))).await;
+        assert!(stopped.elapsed() < Duration::from_secs(1), "took {:?}", stopped.elapsed());
+        let entries = log.lock().unwrap().clone();
+        let a_stopped = entries.iter().position(|e| *e == ("a", 1, false)).unwrap();
+        let b_started = entries.iter().position(|e| *e == ("b", 1, true)).unwrap();
+        assert!(a_stopped < b_started, "terms never overlap: {entries:?}");
+        stop_b.send(true).unwrap();
+        b.await.unwrap();
+    }
+}

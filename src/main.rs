@@ -330,6 +330,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The API server on the embedded store and on etcd, side by side: create and update
+    /// rates and latencies, list latency of a large collection, watch fan-out latency.
+    Api {
+        /// A short run of every phase (smoke test).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Time `lab up` and `lab down` of a lab of N nodes.
     Lab {
         #[arg(long, default_value_t = 3)]
@@ -423,6 +430,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             BenchCommand::Scheduler { pods, nodes, runs } => {
                 println!("{}", bench::scheduler::scheduler(pods, nodes, runs).await?)
+            }
+            BenchCommand::Api { quick } => {
+                let options = if quick {
+                    bench::api::ApiBenchOptions::QUICK
+                } else {
+                    bench::api::ApiBenchOptions::FULL
+                };
+                println!("{}", bench::api::api(options).await?)
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
             BenchCommand::Services(args) => bench::services(&args, &sibling_binary("strait-cni")?)?,

@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use strait::{bench, lab, netclient, netexec};
+use strait_controlplane::store::StoreLocation;
 use strait_dataplane::ebpf::lb::LbMapSizes;
 
 #[derive(Parser)]
@@ -173,6 +174,15 @@ struct ControllerArgs {
     /// Seconds pods tolerate an unreachable node by default before they are evicted.
     #[arg(long, default_value_t = 300)]
     default_unreachable_toleration_seconds: i64,
+    /// Where the cluster's state lives: `embedded` (a file in --data-dir) or
+    /// `etcd://host:port[,host:port…][/root]` (keys under /strait/<cluster> by default).
+    /// Several controllers may share one etcd cluster: all serve the API, one leads.
+    #[arg(long, default_value = "embedded")]
+    store: strait_controlplane::store::StoreLocation,
+    /// On etcd: seconds the leader's lease lasts unrenewed (how long a dead leader's
+    /// scheduler and controllers stay unreplaced).
+    #[arg(long, default_value_t = 3)]
+    leader_lease_seconds: u64,
 }
 
 #[derive(Args)]
@@ -183,7 +193,7 @@ struct AgentArgs {
     /// This node's address, where other nodes send traffic for its pods.
     #[arg(long)]
     node_ip: Ipv4Addr,
-    /// The controller's base URL.
+    /// The controller's base URL, or several replicas' URLs separated by commas.
     #[arg(long)]
     controller: String,
     /// Name of the cluster (part of pin paths and namespace names).
@@ -268,6 +278,14 @@ enum LabCommand {
         /// Seconds to wait for every node to be Ready.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Where the lab's controllers keep the cluster: `embedded` (default) or an etcd,
+        /// `etcd://host:port[,host:port…]` (keys under /strait/<lab>).
+        #[arg(long, default_value = "embedded")]
+        store: StoreLocation,
+        /// Controller replicas (more than one needs --store etcd://…): all serve the API and
+        /// NodeSync, one leads; agents are given every replica.
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
     },
     /// Remove every trace of a lab: processes, namespaces, links, pins, cgroups, state.
     Down {
@@ -283,7 +301,8 @@ enum LabCommand {
     Restart {
         #[arg(long, default_value = "default")]
         name: String,
-        /// `controller`, or a node name (`node-1`) for that node's agent.
+        /// `controller` (or `controller-N` of several), or a node name (`node-1`) for that
+        /// node's agent.
         process: lab::LabProcess,
     },
     /// Print the path of a lab's kubeconfig.
@@ -328,6 +347,13 @@ enum BenchCommand {
         nodes: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// The API server on the embedded store and on etcd, side by side: create and update
+    /// rates and latencies, list latency of a large collection, watch fan-out latency.
+    Api {
+        /// A short run of every phase (smoke test).
+        #[arg(long)]
+        quick: bool,
     },
     /// Time `lab up` and `lab down` of a lab of N nodes.
     Lab {
@@ -422,6 +448,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             BenchCommand::Scheduler { pods, nodes, runs } => {
                 println!("{}", bench::scheduler::scheduler(pods, nodes, runs).await?)
+            }
+            BenchCommand::Api { quick } => {
+                let options = if quick {
+                    bench::api::ApiBenchOptions::QUICK
+                } else {
+                    bench::api::ApiBenchOptions::FULL
+                };
+                println!("{}", bench::api::api(options).await?)
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
             BenchCommand::Services(args) => bench::services(&args, &sibling_binary("strait-cni")?)?,
@@ -538,7 +572,17 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             not_ready: args.default_not_ready_toleration_seconds,
             unreachable: args.default_unreachable_toleration_seconds,
         };
-    tracing::info!(cluster = %args.cluster, "controller starting");
+    config.store = match args.store {
+        StoreLocation::Etcd { endpoints, root: None } => StoreLocation::Etcd {
+            endpoints,
+            root: Some(strait_controlplane::store::EtcdStoreOptions::default_root(&args.cluster)),
+        },
+        other => other,
+    };
+    config.leader_lease = Duration::from_secs(args.leader_lease_seconds);
+    let host = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    config.replica_name = format!("{host}/{}", std::process::id());
+    tracing::info!(cluster = %args.cluster, store = %config.store, "controller starting");
     strait_controlplane::server::run(config, listeners, termination()).await?;
     Ok(())
 }
@@ -623,7 +667,7 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes, name, timeout } => {
+        LabCommand::Up { nodes, name, timeout, store, controllers } => {
             let started = std::time::Instant::now();
             let options = lab::UpOptions {
                 name,
@@ -632,7 +676,8 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
                 cni_plugin: sibling_binary("strait-cni")?,
                 ready_timeout: Duration::from_secs(timeout),
             };
-            let state = lab::up(&options).await?;
+            let control = lab::ControlPlaneOptions { store, controllers };
+            let state = lab::up_with(&options, &control).await?;
             println!(
                 "lab {} is up: {} nodes Ready in {:.1}s",
                 state.name,
@@ -692,6 +737,17 @@ async fn lab_status(name: &str) -> anyhow::Result<String> {
         state.controller_pid,
         if alive(state.controller_pid) { "running" } else { "NOT RUNNING" }
     )?;
+    for replica in &state.replicas {
+        writeln!(
+            out,
+            "controller-{} pid {} {} — API {}",
+            replica.index,
+            replica.pid,
+            if alive(replica.pid) { "running" } else { "NOT RUNNING" },
+            replica.api_server
+        )?;
+    }
+    writeln!(out, "store: {}", state.store)?;
     let nodes = api.list::<k8s_openapi::api::core::v1::Node>(None, "").await.map(|(n, _)| n);
     writeln!(out, "{:<10} {:<14} {:<16} {:<8} AGENT", "NODE", "ADDRESS", "POD CIDR", "READY")?;
     for node in &state.nodes {

@@ -1,12 +1,19 @@
 //! A small typed client of strait's Kubernetes-style REST API, for node agents, the lab and
 //! tests. Paths are built from the `k8s_openapi::Resource` constants, so every served kind works.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use http::{Method, Request, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -53,33 +60,101 @@ impl ClientError {
     }
 }
 
-/// A connection to one API server. Cheap to clone.
+/// A connection to an API server, or to any of several replicas of one control plane. Cheap
+/// to clone.
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     server: String,
     http: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    replicas: Arc<Replicas>,
+}
+
+/// The replicas a client may use, and the one it uses now. A request that cannot connect to
+/// the current one moves to the next (the request never reached a server, so sending it
+/// elsewhere cannot apply it twice).
+#[derive(Debug)]
+struct Replicas {
+    servers: Vec<String>,
+    current: AtomicUsize,
 }
 
 impl ApiClient {
-    /// `server` is the base URL, e.g. `http://172.20.0.1:6443`.
+    /// `server` is the base URL, e.g. `http://172.20.0.1:6443`, or several separated by
+    /// commas: replicas of one control plane, used one at a time, the next when the current
+    /// one cannot be reached.
     pub fn new(server: &str) -> Result<Self, ClientError> {
-        let server = server.trim_end_matches('/').to_owned();
-        if !server.starts_with("http://") {
-            return Err(ClientError::Address {
-                server,
-                message: "expected an http:// URL".to_owned(),
-            });
+        let mut servers = Vec::new();
+        for server in server.split(',').map(|s| s.trim().trim_end_matches('/')) {
+            if !server.starts_with("http://") {
+                return Err(ClientError::Address {
+                    server: server.to_owned(),
+                    message: "expected an http:// URL".to_owned(),
+                });
+            }
+            servers.push(server.to_owned());
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let http = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(Self { server, http, timeout: Duration::from_secs(30) })
+        let server = servers[0].clone();
+        let replicas = Arc::new(Replicas { servers, current: AtomicUsize::new(0) });
+        Ok(Self { server, http, timeout: Duration::from_secs(30), replicas })
     }
 
+    /// The server requests go to now.
     pub fn server(&self) -> &str {
-        &self.server
+        let current = self.replicas.current.load(Ordering::Relaxed);
+        self.replicas.servers.get(current).unwrap_or(&self.server)
+    }
+
+    /// Sends the request `build` makes for a server's base URL to the current replica, or to
+    /// the next ones in turn while a replica cannot be connected to. The timeout bounds the
+    /// response head of each attempt.
+    async fn request(
+        &self,
+        method: &Method,
+        path: &str,
+        build: impl Fn(&str) -> Result<Request<Full<Bytes>>, http::Error>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let transport = |message: String| ClientError::Transport {
+            method: method.clone(),
+            path: path.to_owned(),
+            message,
+        };
+        let count = self.replicas.servers.len();
+        let first = self.replicas.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for attempt in 0..count {
+            let index = (first + attempt) % count;
+            let server = &self.replicas.servers[index];
+            let request = build(server).map_err(|e| transport(e.to_string()))?;
+            match tokio::time::timeout(self.timeout, self.http.request(request)).await {
+                Ok(Ok(response)) => {
+                    self.replicas.current.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Ok(Err(error)) if error.is_connect() && count > 1 => {
+                    failures.push(format!("{server}: {error:#}"));
+                }
+                Ok(Err(error)) => {
+                    // Sent, perhaps applied: not safe to repeat elsewhere. The next request
+                    // starts at the next replica, in case this one is going away.
+                    if count > 1 {
+                        self.replicas.current.store((index + 1) % count, Ordering::Relaxed);
+                    }
+                    return Err(transport(format!("{error:#}")));
+                }
+                Err(_) => {
+                    if count > 1 {
+                        self.replicas.current.store((index + 1) % count, Ordering::Relaxed);
+                    }
+                    return Err(transport(format!("no answer within {:?}", self.timeout)));
+                }
+            }
+        }
+        Err(transport(format!("no replica could be reached: {}", failures.join("; "))))
     }
 
     /// The collection path of `K`, e.g. `/api/v1/namespaces/default/pods` or `/api/v1/nodes`.
@@ -114,20 +189,20 @@ impl ApiClient {
             path: path.to_owned(),
             message,
         };
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(format!("{}{path}", self.server))
-            .header(header::ACCEPT, "application/json");
-        if body.is_some() {
-            request = request.header(header::CONTENT_TYPE, content_type);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| transport(e.to_string()))?;
-        let response = tokio::time::timeout(self.timeout, self.http.request(request))
-            .await
-            .map_err(|_| transport(format!("no answer within {:?}", self.timeout)))?
-            .map_err(|e| transport(format!("{e:#}")))?;
+        let has_body = body.is_some();
+        let body = Bytes::from(body.unwrap_or_default());
+        let response = self
+            .request(&method, path, |server| {
+                let mut request = Request::builder()
+                    .method(method.clone())
+                    .uri(format!("{server}{path}"))
+                    .header(header::ACCEPT, "application/json");
+                if has_body {
+                    request = request.header(header::CONTENT_TYPE, content_type);
+                }
+                request.body(Full::new(body.clone()))
+            })
+            .await?;
         let status = response.status();
         let body =
             response.into_body().collect().await.map_err(|e| transport(e.to_string()))?.to_bytes();
@@ -321,17 +396,16 @@ impl ApiClient {
             path: path.to_owned(),
             message,
         };
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(format!("{}{path}", self.server))
-            .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| transport(&path, e.to_string()))?;
         // Only the response head is bounded by the timeout: the body lasts as long as the watch.
-        let response = tokio::time::timeout(self.timeout, self.http.request(request))
-            .await
-            .map_err(|_| transport(&path, format!("no answer within {:?}", self.timeout)))?
-            .map_err(|e| transport(&path, format!("{e:#}")))?;
+        let response = self
+            .request(&Method::GET, &path, |server| {
+                Request::builder()
+                    .method(Method::GET)
+                    .uri(format!("{server}{path}"))
+                    .header(header::ACCEPT, "application/json")
+                    .body(Full::new(Bytes::new()))
+            })
+            .await?;
         let status = response.status();
         if !status.is_success() {
             let body = response

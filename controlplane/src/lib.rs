@@ -6,6 +6,7 @@ pub mod client;
 pub mod controllers;
 pub mod events;
 pub mod ipam;
+pub mod leader;
 pub mod nodesync;
 pub mod scheduler;
 pub mod server;

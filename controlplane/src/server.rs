@@ -1,6 +1,10 @@
 //! The controller process: the store, the API server and NodeSync on the same listeners
 //! (HTTP/1.1 for kubectl, HTTP/2 prior knowledge for agents' gRPC), the scheduler and the
 //! controllers, all stopped together on shutdown.
+//!
+//! On etcd, several replicas may run against one cluster: each serves the API and NodeSync
+//! from etcd, and only the elected leader runs the scheduler and the controllers
+//! ([`crate::leader`]).
 
 use std::{
     future::Future,
@@ -28,10 +32,14 @@ use crate::{
         shutdown_signalled,
     },
     ipam::{IpamError, PodCidrAllocator, ServiceIpAllocator, ServiceIpError},
+    leader::{self, LeaderElection},
     nodesync::NodeSyncService,
     nodesync_proto::node_sync_server::SERVICE_NAME,
     scheduler::Scheduler,
-    store::{RedbStore, RedbStoreOptions, SharedStore, StoreError},
+    store::{
+        EtcdStore, EtcdStoreOptions, RedbStore, RedbStoreOptions, SharedStore, StoreClosed,
+        StoreError, StoreLocation,
+    },
 };
 
 /// The file of the embedded store inside the data directory.
@@ -62,6 +70,13 @@ pub struct ControllerConfig {
     pub node_lifecycle: NodeLifecycleConfig,
     /// Admission defaults of the served kinds (pods' default tolerations).
     pub registry: RegistryOptions,
+    /// Where the store lives: the embedded file in `data_dir` (default) or etcd.
+    pub store: StoreLocation,
+    /// On etcd: how long the leader's lease lasts unrenewed, which bounds how long the
+    /// controllers of a replica that died stay unreplaced.
+    pub leader_lease: Duration,
+    /// On etcd: how this replica names itself in the leader record.
+    pub replica_name: String,
 }
 
 impl ControllerConfig {
@@ -83,6 +98,9 @@ impl ControllerConfig {
             event_ttl: controllers::event_expiry::DEFAULT_EVENT_TTL,
             node_lifecycle: NodeLifecycleConfig::default(),
             registry: RegistryOptions::default(),
+            store: StoreLocation::Embedded,
+            leader_lease: Duration::from_secs(3),
+            replica_name: format!("controller-{}", std::process::id()),
         }
     }
 }
@@ -146,15 +164,7 @@ async fn serve(
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ControllerError::DataDir { path: config.data_dir.clone(), source })?;
-    let options = RedbStoreOptions {
-        history_revisions: config.history_revisions,
-        ..RedbStoreOptions::default()
-    };
-    let store = RedbStore::open_async(config.data_dir.join(STORE_FILE), options)
-        .await
-        .map_err(ControllerError::Store)?;
-    let closed = store.closed();
-    let store: SharedStore = Arc::new(store);
+    let (store, closed, election) = open_store(&config).await?;
     let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
         .map_err(ControllerError::PodCidrs)?;
     let cluster_ips = ServiceIpAllocator::new(config.service_cidr, config.cluster_dns_ip)
@@ -178,31 +188,20 @@ async fn serve(
 
     let (stop, stopped) = watch::channel(false);
     let mut background = JoinSet::new();
-    background.spawn(controllers::run(Scheduler::new(Arc::clone(&registry)), stopped.clone()));
-    background
-        .spawn(controllers::run(NamespaceController::new(Arc::clone(&registry)), stopped.clone()));
-    background
-        .spawn(controllers::run(PodCidrReconciler::new(Arc::clone(&registry)), stopped.clone()));
-    background.spawn(controllers::run(
-        EndpointSliceController::new(Arc::clone(&registry)),
-        stopped.clone(),
-    ));
-    background.spawn(controllers::run(
-        controllers::replica_set::ReplicaSetController::new(Arc::clone(&registry)),
-        stopped.clone(),
-    ));
-    background.spawn(controllers::run(
-        controllers::garbage_collector::GarbageCollector::new(Arc::clone(&registry)),
-        stopped.clone(),
-    ));
-    background.spawn(controllers::run(
-        controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), config.event_ttl),
-        stopped.clone(),
-    ));
-    background.spawn(controllers::run(
-        NodeLifecycleController::new(Arc::clone(&registry), config.node_lifecycle),
-        stopped.clone(),
-    ));
+    let leading = Arc::clone(&registry);
+    let (history_revisions, event_ttl) = (config.history_revisions, config.event_ttl);
+    let node_lifecycle = config.node_lifecycle.clone();
+    // The embedded store bounds its own history; etcd keeps all until it is compacted.
+    let compacts = election.is_some();
+    background.spawn(leader::run_while_leading(election, stopped.clone(), move |term| {
+        let mut tasks =
+            spawn_controllers(&leading, event_ttl, node_lifecycle.clone(), term.clone());
+        if compacts {
+            let store = Arc::clone(leading.store());
+            tasks.spawn(crate::store::etcd::bound_history(store, history_revisions, term));
+        }
+        tasks
+    }));
 
     let grpc = NodeSyncService::new(Arc::clone(&store), stopped.clone()).into_server();
     let app = router(ApiState {
@@ -258,10 +257,72 @@ async fn serve(
     while background.join_next().await.is_some() {}
     // Streams, connections and blocking reads still running hold the store; the file is
     // closed when the last of them is gone, and only then may it be opened again.
-    if tokio::time::timeout(config.shutdown_grace, closed.wait()).await.is_err() {
+    if let Some(closed) = closed
+        && tokio::time::timeout(config.shutdown_grace, closed.wait()).await.is_err()
+    {
         tracing::warn!("the store is still in use after the shutdown grace period");
     }
     result
+}
+
+/// Opens the configured store; on etcd, also this replica's candidacy for leadership.
+async fn open_store(
+    config: &ControllerConfig,
+) -> Result<(SharedStore, Option<StoreClosed>, Option<LeaderElection>), ControllerError> {
+    match &config.store {
+        StoreLocation::Embedded => {
+            let options = RedbStoreOptions {
+                history_revisions: config.history_revisions,
+                ..RedbStoreOptions::default()
+            };
+            let store = RedbStore::open_async(config.data_dir.join(STORE_FILE), options)
+                .await
+                .map_err(ControllerError::Store)?;
+            let closed = store.closed();
+            Ok((Arc::new(store), Some(closed), None))
+        }
+        StoreLocation::Etcd { endpoints, root } => {
+            let root = root.clone().unwrap_or_else(|| EtcdStoreOptions::default_root("default"));
+            let options = EtcdStoreOptions::new(endpoints.clone(), root);
+            let store = EtcdStore::connect(options).await.map_err(ControllerError::Store)?;
+            let election = LeaderElection::new(&store, &config.replica_name, config.leader_lease);
+            Ok((Arc::new(store), None, Some(election)))
+        }
+    }
+}
+
+/// The scheduler and the controllers, stopped by `stopped`.
+fn spawn_controllers(
+    registry: &Arc<Registry>,
+    event_ttl: Duration,
+    node_lifecycle: NodeLifecycleConfig,
+    stopped: watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(controllers::run(Scheduler::new(Arc::clone(registry)), stopped.clone()));
+    tasks.spawn(controllers::run(NamespaceController::new(Arc::clone(registry)), stopped.clone()));
+    tasks.spawn(controllers::run(PodCidrReconciler::new(Arc::clone(registry)), stopped.clone()));
+    tasks.spawn(controllers::run(
+        EndpointSliceController::new(Arc::clone(registry)),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
+        controllers::replica_set::ReplicaSetController::new(Arc::clone(registry)),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
+        controllers::garbage_collector::GarbageCollector::new(Arc::clone(registry)),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
+        controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), event_ttl),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
+        NodeLifecycleController::new(Arc::clone(registry), node_lifecycle),
+        stopped,
+    ));
+    tasks
 }
 
 fn flatten(

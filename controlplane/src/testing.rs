@@ -263,3 +263,186 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The etcd binary: `$STRAIT_ETCD`, else `etcd` on the `PATH`, else Debian's `/usr/bin/etcd`
+/// (package `etcd-server`, which `scripts/setup.sh` installs).
+pub fn etcd_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("STRAIT_ETCD") {
+        return Some(PathBuf::from(path));
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file());
+    on_path.or_else(|| Some(PathBuf::from("/usr/bin/etcd")).filter(|p| p.is_file()))
+}
+
+/// A single-member etcd on 127.0.0.1 with free ports and its own temporary data directory,
+/// for tests and benchmarks. Dropping it kills etcd (SIGKILL) and removes the directory, also
+/// when a test panics; etcd also dies with the thread that started it (`PR_SET_PDEATHSIG`), so
+/// a test process killed outright leaves no etcd behind either.
+pub struct LocalEtcd {
+    binary: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<std::process::Child>,
+    // Declared last: removed after etcd is gone.
+    dir: TempDataDir,
+}
+
+impl LocalEtcd {
+    /// Starts etcd and waits until it answers (at most 20 s).
+    pub async fn start(label: &str) -> std::io::Result<Self> {
+        let binary = etcd_binary().ok_or_else(|| {
+            std::io::Error::other(
+                "no etcd binary: install Debian's etcd-server (scripts/setup.sh) or set STRAIT_ETCD",
+            )
+        })?;
+        let mut last_error = None;
+        // Free ports are found by binding port 0 and letting go; another process may take one
+        // in between, so a failed start is tried again on new ports.
+        for _ in 0..3 {
+            let (client_port, peer_port) = (free_port()?, free_port()?);
+            let mut etcd = Self {
+                binary: binary.clone(),
+                client_port,
+                peer_port,
+                child: None,
+                dir: TempDataDir::new(&format!("etcd-{label}")),
+            };
+            match etcd.launch().await {
+                Ok(()) => return Ok(etcd),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
+    }
+
+    /// Starts etcd with the same ports and data, after [`LocalEtcd::kill`].
+    pub async fn start_again(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.launch().await
+    }
+
+    /// `127.0.0.1:<client port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// `etcd://127.0.0.1:<port><root>`, as `strait controller --store` takes it.
+    pub fn url(&self, root: &str) -> String {
+        format!("etcd://{}{root}", self.endpoint())
+    }
+
+    /// The store location of a cluster whose keys live under `root`.
+    pub fn location(&self, root: &str) -> crate::store::StoreLocation {
+        crate::store::StoreLocation::Etcd {
+            endpoints: vec![self.endpoint()],
+            root: Some(root.to_owned()),
+        }
+    }
+
+    /// Connects a store whose keys live under `root`.
+    pub async fn store(
+        &self,
+        root: &str,
+    ) -> Result<crate::store::EtcdStore, crate::store::StoreError> {
+        let options = crate::store::EtcdStoreOptions::new(vec![self.endpoint()], root);
+        crate::store::EtcdStore::connect(options).await
+    }
+
+    /// etcd's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The etcd process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Kills etcd with SIGKILL (no chance to flush anything) and waits until it is gone.
+    /// The data directory stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn launch(&mut self) -> std::io::Result<()> {
+        use std::os::unix::process::CommandExt as _;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log_path = self.dir.path().join("etcd.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut command = std::process::Command::new(&self.binary);
+        command
+            .arg("--name=strait")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=strait={peer}"))
+            // Objects may be as large as the API accepts (3 MiB bodies), and namespace
+            // cleanup may delete many keys in one transaction.
+            .arg("--max-request-bytes=10485760")
+            .arg("--max-txn-ops=4096")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("ETCD_") {
+                command.env_remove(name);
+            }
+        }
+        // SAFETY: prctl is async-signal-safe and touches only the child being started.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.child = Some(command.spawn()?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(std::io::Error::other(format!(
+                    "etcd exited with {status}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )));
+            }
+            let options = crate::store::EtcdStoreOptions {
+                request_timeout: Duration::from_secs(1),
+                ..crate::store::EtcdStoreOptions::new(vec![self.endpoint()], "/probe")
+            };
+            if crate::store::EtcdStore::connect(options).await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.kill();
+                return Err(std::io::Error::other("etcd did not answer within 20s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,6 +1,7 @@
 //! Benchmarks strait ships. Each prints its figures beside a baseline measured in the same run
 //! on the same machine; none asserts a time (the machine is shared and noisy).
 
+pub mod api;
 pub mod scheduler;
 pub mod startup;
 

@@ -31,7 +31,8 @@ use strait_dataplane::{cgroup::Cgroup, ebpf::BPFFS_ROOT, netns::NetNs};
 
 pub use exec::{exec_in_node, exec_in_pod};
 pub use up::{
-    LabProcess, UpOptions, is_node_ready, kill, log_tails, restart, up, wait_until_ready,
+    ControlPlaneOptions, LabProcess, MAX_CONTROLLERS, UpOptions, is_node_ready, kill, log_tails,
+    restart, up, up_with, wait_until_ready,
 };
 
 /// Where labs keep their state (store, logs, kubeconfig, CNI allocations). Under /run: a lab
@@ -41,7 +42,7 @@ pub const LABS_DIR: &str = "/run/strait/labs";
 pub const FABRIC_PREFIX_LEN: u8 = 24;
 /// The controller's address on the fabric.
 pub const CONTROLLER_ADDRESS: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 1);
-/// The port the controller serves on inside the lab.
+/// The port the controller serves on inside the lab (replica N of several: this + N - 1).
 pub const CONTROLLER_PORT: u16 = 6443;
 /// Most nodes a lab can have: node addresses are 172.20.0.11 … 172.20.0.250.
 pub const MAX_NODES: usize = 240;
@@ -106,6 +107,27 @@ pub struct LabState {
     /// The binaries the lab's processes run, for restarts.
     pub strait_exe: PathBuf,
     pub cni_plugin: PathBuf,
+    /// Where the controllers keep the cluster's state: `embedded` or an etcd URL.
+    #[serde(default = "embedded_store")]
+    pub store: String,
+    /// The controller replicas after the first (`controller-2`, …), on etcd.
+    #[serde(default)]
+    pub replicas: Vec<LabReplica>,
+}
+
+fn embedded_store() -> String {
+    strait_controlplane::store::StoreLocation::Embedded.to_string()
+}
+
+/// A controller replica beyond the first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabReplica {
+    /// N of `controller-N`.
+    pub index: usize,
+    pub pid: u32,
+    /// Its listener on the root namespace's loopback.
+    pub api_server: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -158,6 +180,8 @@ pub fn down(lab: &str) -> anyhow::Result<DownReport> {
     validate_lab_name(lab)?;
     let mut report = DownReport::default();
 
+    let store = LabState::load(lab).ok().map(|state| state.store);
+
     // Processes first, so no agent recreates what is being removed.
     let cgroup = Cgroup::new(&lab_cgroup(lab)).context("locating the lab's cgroup")?;
     report.processes_killed = cgroup.processes().map(|p| p.len()).unwrap_or(0);
@@ -185,6 +209,14 @@ pub fn down(lab: &str) -> anyhow::Result<DownReport> {
     }
     remove_dir_if_empty(Path::new(BPFFS_ROOT));
 
+    // The cluster's keys in a shared etcd are the lab's too.
+    // Best effort: an etcd that is gone took the keys with it.
+    if let Some(Ok(store)) = store.map(|s| s.parse::<strait_controlplane::store::StoreLocation>())
+        && let Err(error) = forget_cluster_state(lab, &store)
+    {
+        tracing::warn!(error = %format!("{error:#}"), "the lab's keys stay in etcd");
+    }
+
     let dir = lab_dir(lab);
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -195,6 +227,33 @@ pub fn down(lab: &str) -> anyhow::Result<DownReport> {
         let _ = fs::remove_dir(root.path());
     }
     Ok(report)
+}
+
+/// Deletes every key of the lab's cluster from its etcd (nothing for the embedded store, whose
+/// file is in the lab's directory). Runs on a thread of its own, so that it can be called from
+/// synchronous code inside an async runtime.
+pub fn forget_cluster_state(
+    lab: &str,
+    store: &strait_controlplane::store::StoreLocation,
+) -> anyhow::Result<()> {
+    use strait_controlplane::store::{EtcdStore, EtcdStoreOptions, StoreLocation};
+    let StoreLocation::Etcd { endpoints, root } = store else { return Ok(()) };
+    let root = root.clone().unwrap_or_else(|| EtcdStoreOptions::default_root(lab));
+    let options = EtcdStoreOptions {
+        request_timeout: Duration::from_secs(3),
+        ..EtcdStoreOptions::new(endpoints.clone(), root.clone())
+    };
+    let removed = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let store = EtcdStore::connect(options).await?;
+            anyhow::Ok(store.remove_everything().await?)
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread removing the lab's etcd keys panicked"))?;
+    removed.with_context(|| format!("removing the lab's keys under {root} from etcd"))?;
+    Ok(())
 }
 
 /// Removes a shared parent directory once the last lab has left it; another lab's files keep

@@ -13,13 +13,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
-use strait_controlplane::client::ApiClient;
+use strait_controlplane::{client::ApiClient, store::StoreLocation};
 use strait_dataplane::{cgroup::Cgroup, ebpf, netlink, netns::NetNs, runtime::process::ChildSetup};
 
 use super::{
-    CONTROLLER_ADDRESS, CONTROLLER_PORT, FABRIC_PREFIX_LEN, LabNode, LabState, MAX_NODES, down,
-    fabric_netns, kubeconfig_text, lab_cgroup, lab_dir, netns_prefix, node_address, node_name,
-    node_netns, validate_lab_name,
+    CONTROLLER_ADDRESS, CONTROLLER_PORT, FABRIC_PREFIX_LEN, LabNode, LabReplica, LabState,
+    MAX_NODES, down, fabric_netns, forget_cluster_state, kubeconfig_text, lab_cgroup, lab_dir,
+    netns_prefix, node_address, node_name, node_netns, validate_lab_name,
 };
 
 /// The bridge in the fabric namespace that all nodes are plugged into.
@@ -37,9 +37,43 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
 }
 
-/// Brings a lab up. If anything fails, everything made so far is removed again.
+/// The lab's control plane: where it keeps the cluster's state and how many controller
+/// replicas serve it.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOptions {
+    /// The embedded store (default) or an etcd the lab's controllers share.
+    pub store: StoreLocation,
+    /// Controller replicas (more than one needs etcd): all serve the API, one leads.
+    pub controllers: usize,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self { store: StoreLocation::Embedded, controllers: 1 }
+    }
+}
+
+/// The most controller replicas a lab runs.
+pub const MAX_CONTROLLERS: usize = 7;
+
+/// Brings a lab up with one controller on the embedded store. If anything fails, everything
+/// made so far is removed again.
 pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
+    up_with(options, &ControlPlaneOptions::default()).await
+}
+
+/// [`up`] with the control plane given.
+pub async fn up_with(
+    options: &UpOptions,
+    control: &ControlPlaneOptions,
+) -> anyhow::Result<LabState> {
     validate_lab_name(&options.name)?;
+    if control.controllers == 0 || control.controllers > MAX_CONTROLLERS {
+        bail!("a lab has 1 to {MAX_CONTROLLERS} controllers, not {}", control.controllers);
+    }
+    if control.controllers > 1 && control.store == StoreLocation::Embedded {
+        bail!("several controllers need a shared store: add --store etcd://HOST:PORT");
+    }
     if options.nodes == 0 || options.nodes > MAX_NODES {
         bail!("a lab has 1 to {MAX_NODES} nodes, not {}", options.nodes);
     }
@@ -55,11 +89,13 @@ pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
             options.name
         );
     }
-    match build(options).await {
+    match build(options, control).await {
         Ok(state) => Ok(state),
         Err(error) => {
             let logs = log_tails(&options.name, 8);
-            let cleanup = down(&options.name);
+            let cleanup = down(&options.name).and_then(|report| {
+                forget_cluster_state(&options.name, &control.store).map(|()| report)
+            });
             match cleanup {
                 Ok(_) => Err(error.context(format!("bringing lab {} up (everything made was removed){logs}", options.name))),
                 Err(cleanup_error) => Err(error.context(format!(
@@ -71,8 +107,11 @@ pub async fn up(options: &UpOptions) -> anyhow::Result<LabState> {
     }
 }
 
-async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
+async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Result<LabState> {
     let lab = &options.name;
+    // A lab of this name is not up (checked above): what an etcd still holds under its root
+    // is left from an earlier one, and a new lab starts empty.
+    forget_cluster_state(lab, &control.store)?;
     let dir = lab_dir(lab);
     strait_dataplane::dirs::create_dir_all_shared(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
@@ -130,14 +169,21 @@ async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
     // The controller's two ways in: loopback in the root namespace (kubectl), and the fabric
     // address inside the lab (agents). Both sockets are made here and handed over, so the port
     // printed in the kubeconfig is the one actually served.
-    let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("binding a loopback port for the API")?;
-    let api_port = loopback.local_addr()?.port();
-    let controller_pid = start_controller(lab, &options.strait_exe, loopback)?;
+    let mut replicas = Vec::new();
+    for index in 1..=control.controllers {
+        let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .context("binding a loopback port for the API")?;
+        let api_server = format!("http://127.0.0.1:{}", loopback.local_addr()?.port());
+        let pid = start_controller(lab, &options.strait_exe, loopback, index, &control.store)?;
+        replicas.push(LabReplica { index, pid, api_server });
+    }
+    let first = replicas.remove(0);
+    // kubectl talks to the first replica (a kubeconfig names one server).
+    let (controller_pid, api_server) = (first.pid, first.api_server);
 
     let mut nodes = Vec::new();
     for (index, name, namespace) in &node_namespaces {
-        let agent_pid = start_agent(lab, name, node_address(*index), options)?;
+        let agent_pid = start_agent(lab, name, node_address(*index), options, control.controllers)?;
         nodes.push(LabNode {
             name: name.clone(),
             address: node_address(*index),
@@ -146,7 +192,6 @@ async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
         });
     }
 
-    let api_server = format!("http://127.0.0.1:{api_port}");
     let kubeconfig = dir.join("kubeconfig");
     fs::write(&kubeconfig, kubeconfig_text(lab, &api_server))?;
     let state = LabState {
@@ -157,24 +202,52 @@ async fn build(options: &UpOptions) -> anyhow::Result<LabState> {
         controller_pid,
         strait_exe: options.strait_exe.clone(),
         cni_plugin: options.cni_plugin.clone(),
+        store: control.store.to_string(),
+        replicas,
     };
     state.save()?;
     wait_until_ready(&state, options.ready_timeout).await?;
     Ok(state)
 }
 
-/// Starts the lab's controller with `loopback` (a socket bound in the root namespace) and a
-/// socket bound to the controller's address inside the fabric namespace.
-fn start_controller(lab: &str, strait_exe: &Path, loopback: TcpListener) -> anyhow::Result<u32> {
+/// The cgroup, data directory and log name of controller replica `index` (1 is `controller`).
+fn controller_name(index: usize) -> String {
+    if index == 1 { "controller".to_owned() } else { format!("controller-{index}") }
+}
+
+/// Where replica `index` listens inside the fabric: the controller's address, one port each.
+fn controller_fabric_address(index: usize) -> SocketAddr {
+    let port = CONTROLLER_PORT + u16::try_from(index - 1).unwrap_or(0);
+    SocketAddr::from((CONTROLLER_ADDRESS, port))
+}
+
+/// What agents are given: every replica's URL inside the fabric.
+fn controller_urls(controllers: usize) -> String {
+    (1..=controllers)
+        .map(|index| format!("http://{}", controller_fabric_address(index)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts controller replica `index` with `loopback` (a socket bound in the root namespace)
+/// and a socket bound to its address inside the fabric namespace.
+fn start_controller(
+    lab: &str,
+    strait_exe: &Path,
+    loopback: TcpListener,
+    index: usize,
+    store: &StoreLocation,
+) -> anyhow::Result<u32> {
     let dir = lab_dir(lab);
+    let name = controller_name(index);
     let fabric = NetNs::open(&fabric_netns(lab))?;
-    let fabric_address = SocketAddr::from((CONTROLLER_ADDRESS, CONTROLLER_PORT));
+    let fabric_address = controller_fabric_address(index);
     let in_fabric = fabric
         .run(|| TcpListener::bind(fabric_address))?
         .with_context(|| format!("binding {fabric_address} in the fabric"))?;
-    let cgroup = Cgroup::new(&lab_cgroup(lab).join("controller"))?;
+    let cgroup = Cgroup::new(&lab_cgroup(lab).join(&name))?;
     cgroup.create()?;
-    let data_dir = dir.join("controller");
+    let data_dir = dir.join(&name);
     fs::create_dir_all(&data_dir)?;
     let mut controller = Command::new(strait_exe);
     controller.args(["controller", "--cluster", lab, "--data-dir"]).arg(&data_dir).args([
@@ -183,14 +256,15 @@ fn start_controller(lab: &str, strait_exe: &Path, loopback: TcpListener) -> anyh
         "--listen-fd",
         "4",
     ]);
+    controller.arg("--store").arg(store.to_string());
     spawn_daemon(
         controller,
         &cgroup,
         None,
         &[loopback.as_raw_fd(), in_fabric.as_raw_fd()],
-        &dir.join("controller.log"),
+        &dir.join(format!("{name}.log")),
     )
-    .context("starting the controller")
+    .with_context(|| format!("starting {name}"))
 }
 
 /// Starts the agent of one node inside that node's namespace.
@@ -199,14 +273,14 @@ fn start_agent(
     node: &str,
     address: Ipv4Addr,
     binaries: &impl LabBinaries,
+    controllers: usize,
 ) -> anyhow::Result<u32> {
     let node_dir = lab_dir(lab).join("nodes").join(node);
     fs::create_dir_all(&node_dir)?;
     let cgroup_root = lab_cgroup(lab).join(node);
     let cgroup = Cgroup::new(&cgroup_root.join("agent"))?;
     cgroup.create()?;
-    let controller_url =
-        format!("http://{}", SocketAddr::from((CONTROLLER_ADDRESS, CONTROLLER_PORT)));
+    let controller_url = controller_urls(controllers);
     let mut agent = Command::new(binaries.strait_exe());
     agent
         .args(["agent", "--node-name", node, "--node-ip", &address.to_string()])
@@ -261,7 +335,10 @@ impl LabBinaries for LabState {
 /// A process of a lab that `strait lab restart` can restart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabProcess {
+    /// The first controller.
     Controller,
+    /// Controller replica N (2 and up), in a lab of several on etcd.
+    ControllerReplica(usize),
     Agent(String),
 }
 
@@ -269,9 +346,17 @@ impl std::str::FromStr for LabProcess {
     type Err = anyhow::Error;
     fn from_str(text: &str) -> anyhow::Result<Self> {
         match text {
-            "controller" => Ok(Self::Controller),
+            "controller" | "controller-1" => Ok(Self::Controller),
+            replica if let Some(index) = replica.strip_prefix("controller-") => {
+                match index.parse::<usize>() {
+                    Ok(index) if index >= 2 => Ok(Self::ControllerReplica(index)),
+                    _ => bail!("{replica:?} is not a controller replica like `controller-2`"),
+                }
+            }
             node if node.starts_with("node-") => Ok(Self::Agent(node.to_owned())),
-            other => bail!("{other:?} is neither `controller` nor a node name like `node-1`"),
+            other => bail!(
+                "{other:?} is neither `controller`, `controller-N` nor a node name like `node-1`"
+            ),
         }
     }
 }
@@ -289,18 +374,36 @@ pub fn kill(lab: &str, process: &LabProcess) -> anyhow::Result<()> {
 pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
     let mut state = LabState::load(lab)?;
     kill(lab, process)?;
+    let store: StoreLocation = state.store.parse().map_err(anyhow::Error::msg)?;
+    let controllers = state.replicas.len() + 1;
     let pid = match process {
-        LabProcess::Controller => {
-            let port = state
-                .api_server
+        LabProcess::Controller | LabProcess::ControllerReplica(_) => {
+            let index = match process {
+                LabProcess::ControllerReplica(index) => *index,
+                _ => 1,
+            };
+            let api_server = if index == 1 {
+                state.api_server.clone()
+            } else {
+                state
+                    .replicas
+                    .iter()
+                    .find(|r| r.index == index)
+                    .map(|r| r.api_server.clone())
+                    .with_context(|| format!("lab {lab} has no controller-{index}"))?
+            };
+            let port = api_server
                 .rsplit(':')
                 .next()
                 .and_then(|p| p.parse::<u16>().ok())
                 .context("reading the API port from the lab state")?;
             let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
                 .with_context(|| format!("binding 127.0.0.1:{port} again"))?;
-            let pid = start_controller(lab, &state.strait_exe, loopback)?;
-            state.controller_pid = pid;
+            let pid = start_controller(lab, &state.strait_exe, loopback, index, &store)?;
+            match state.replicas.iter_mut().find(|r| r.index == index) {
+                Some(replica) => replica.pid = pid,
+                None => state.controller_pid = pid,
+            }
             pid
         }
         LabProcess::Agent(node) => {
@@ -310,7 +413,7 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
                 .find(|n| &n.name == node)
                 .map(|n| n.address)
                 .context("no such node")?;
-            let pid = start_agent(lab, node, address, &state)?;
+            let pid = start_agent(lab, node, address, &state, controllers)?;
             if let Some(entry) = state.nodes.iter_mut().find(|n| &n.name == node) {
                 entry.agent_pid = pid;
             }
@@ -323,7 +426,13 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
 
 fn process_cgroup(state: &LabState, process: &LabProcess) -> anyhow::Result<Cgroup> {
     let relative = match process {
-        LabProcess::Controller => lab_cgroup(&state.name).join("controller"),
+        LabProcess::Controller => lab_cgroup(&state.name).join(controller_name(1)),
+        LabProcess::ControllerReplica(index) => {
+            if !state.replicas.iter().any(|r| r.index == *index) {
+                bail!("lab {} has no controller-{index}", state.name);
+            }
+            lab_cgroup(&state.name).join(controller_name(*index))
+        }
         LabProcess::Agent(node) => {
             if !state.nodes.iter().any(|n| &n.name == node) {
                 bail!("lab {} has no node {node}", state.name);
@@ -434,6 +543,9 @@ pub fn is_node_ready(node: &Node) -> bool {
 pub fn log_tails(lab: &str, lines: usize) -> String {
     let dir = lab_dir(lab);
     let mut logs = vec![dir.join("controller.log")];
+    logs.extend(
+        (2..=MAX_CONTROLLERS).map(|index| dir.join(format!("{}.log", controller_name(index)))),
+    );
     if let Ok(nodes) = fs::read_dir(dir.join("nodes")) {
         logs.extend(nodes.flatten().map(|entry| entry.path().join("agent.log")));
     }

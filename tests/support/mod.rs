@@ -240,4 +240,5 @@ impl Drop for DirGuard {
     }
 }
 
+pub mod controller;
 pub mod lab;

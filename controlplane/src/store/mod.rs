@@ -15,12 +15,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+pub mod etcd;
 pub mod redb;
 
 #[cfg(test)]
 mod tests;
 
-pub use self::redb::{RedbStore, RedbStoreOptions, StoreClosed};
+pub use self::{
+    etcd::{EtcdStore, EtcdStoreOptions},
+    redb::{RedbStore, RedbStoreOptions, StoreClosed},
+};
 
 /// A store revision. Revision 1 is the empty store; every committed change adds one.
 pub type Revision = u64;
@@ -201,3 +205,89 @@ pub trait Store: Send + Sync {
 
 /// How the rest of the control plane holds the store.
 pub type SharedStore = Arc<dyn Store>;
+
+/// Where a controller keeps its store: `embedded` (the redb file in its data directory, the
+/// default) or `etcd://host:port[,host:port…][/root]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreLocation {
+    #[default]
+    Embedded,
+    Etcd {
+        endpoints: Vec<String>,
+        /// The root of the cluster's keys; `None`: `/strait/<cluster>`.
+        root: Option<String>,
+    },
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "embedded" || text == "redb" {
+            return Ok(Self::Embedded);
+        }
+        let Some(rest) = text.strip_prefix("etcd://") else {
+            return Err(format!(
+                "{text:?} is neither `embedded` nor an etcd URL like etcd://127.0.0.1:2379"
+            ));
+        };
+        let (hosts, root) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], Some(rest[slash..].trim_end_matches('/'))),
+            None => (rest, None),
+        };
+        let endpoints: Vec<String> = hosts.split(',').map(str::to_owned).collect();
+        for endpoint in &endpoints {
+            let valid = endpoint
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(format!("{endpoint:?} in {text:?} is not host:port"));
+            }
+        }
+        let root = match root {
+            Some("") | None => None,
+            Some(root) => Some(root.to_owned()),
+        };
+        Ok(Self::Etcd { endpoints, root })
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("embedded"),
+            Self::Etcd { endpoints, root } => {
+                write!(f, "etcd://{}{}", endpoints.join(","), root.as_deref().unwrap_or(""))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::StoreLocation;
+
+    #[test]
+    fn store_locations_parse_from_the_command_line_forms() {
+        assert_eq!("embedded".parse::<StoreLocation>(), Ok(StoreLocation::Embedded));
+        assert_eq!(
+            "etcd://127.0.0.1:2379,10.0.0.2:2379".parse::<StoreLocation>(),
+            Ok(StoreLocation::Etcd {
+                endpoints: vec!["127.0.0.1:2379".to_owned(), "10.0.0.2:2379".to_owned()],
+                root: None
+            })
+        );
+        let with_root: StoreLocation = "etcd://h:1/clusters/prod/".parse().unwrap();
+        assert_eq!(
+            with_root,
+            StoreLocation::Etcd {
+                endpoints: vec!["h:1".to_owned()],
+                root: Some("/clusters/prod".to_owned())
+            }
+        );
+        assert_eq!(with_root.to_string(), "etcd://h:1/clusters/prod");
+        for bad in ["etcd://", "etcd://host", "etcd://h:notaport", "http://h:1", "etcd://:1"] {
+            assert!(bad.parse::<StoreLocation>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,5 +1,5 @@
-//! Behaviour every [`Store`] backend must have. The checks take the store as `SharedStore`, so
-//! a second backend (etcd) can run the same functions.
+//! Behaviour every [`Store`] backend must have: the same test functions run against the
+//! embedded redb store and against etcd (a real etcd server this suite starts on loopback).
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,7 +10,7 @@ use super::{
     Compare, EventKind, Op, RedbStore, RedbStoreOptions, SharedStore, StoreError, TxnOutcome,
     WatchBatch, WatchStream,
 };
-use crate::testing::TempDataDir;
+use crate::testing::{LocalEtcd, TempDataDir};
 
 fn put(key: &str, value: &str) -> Op {
     Op::Put { key: key.to_owned(), value: Bytes::from(value.to_owned()) }
@@ -44,15 +44,86 @@ async fn next_batch(stream: &mut WatchStream) -> WatchBatch {
         .expect("the change is delivered without error")
 }
 
-#[tokio::test]
-async fn reopen_keeps_values_and_revision() {
-    let dir = TempDataDir::new("store-reopen");
-    let store = open(&dir, 100);
+/// A store backend the shared tests run against, and how to reopen it.
+enum Backend {
+    Redb(TempDataDir),
+    /// One etcd per test (compaction is etcd-wide, so tests must not share one).
+    Etcd(LocalEtcd),
+}
+
+impl Backend {
+    async fn redb(label: &str) -> Self {
+        Self::Redb(TempDataDir::new(label))
+    }
+
+    async fn etcd(label: &str) -> Self {
+        match LocalEtcd::start(label).await {
+            Ok(etcd) => Self::Etcd(etcd),
+            Err(error) => panic!("starting etcd for the store suite: {error}"),
+        }
+    }
+
+    /// Opens the store (again: a new handle on the same file, or a new etcd client).
+    async fn open(&self) -> SharedStore {
+        match self {
+            Self::Redb(dir) => open(dir, 10_000),
+            Self::Etcd(etcd) => match etcd.store("/strait/suite").await {
+                Ok(store) => Arc::new(store),
+                Err(error) => panic!("connecting to etcd: {error}"),
+            },
+        }
+    }
+
+    /// Kills the process holding the data, as hard as it can die, and starts it again: for
+    /// etcd, the etcd server (SIGKILL); the redb file has no process of its own beyond the
+    /// handle the test already dropped.
+    async fn crash_and_restart(&mut self) {
+        if let Self::Etcd(etcd) = self
+            && let Err(error) = etcd.start_again().await
+        {
+            panic!("restarting etcd after SIGKILL: {error}");
+        }
+    }
+}
+
+/// Runs every shared test against one backend.
+macro_rules! store_suite {
+    ($backend:ident) => {
+        mod $backend {
+            store_suite!(@tests $backend;
+                reopen_keeps_values_and_revision,
+                revisions_only_grow_and_no_op_transactions_keep_them,
+                failed_compare_changes_nothing,
+                writing_one_key_twice_in_a_transaction_is_refused,
+                snapshot_reads_several_prefixes_at_one_revision,
+                every_watcher_sees_every_change_once_in_order,
+                watch_resumes_from_an_old_revision_after_reopen,
+                compacted_resume_is_reported,
+            );
+        }
+    };
+    (@tests $backend:ident; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let backend = super::Backend::$backend(stringify!($test)).await;
+                super::$test(backend).await;
+            }
+        )*
+    };
+}
+
+store_suite!(redb);
+store_suite!(etcd);
+
+async fn reopen_keeps_values_and_revision(mut backend: Backend) {
+    let store = backend.open().await;
     commit(&store, vec![put("/a", "1")]).await;
     let last = commit(&store, vec![put("/b", "2"), delete("/a")]).await;
     drop(store);
+    backend.crash_and_restart().await;
 
-    let store = open(&dir, 100);
+    let store = backend.open().await;
     assert_eq!(store.revision().await.unwrap(), last);
     assert!(store.get("/a").await.unwrap().is_none());
     let b = store.get("/b").await.unwrap().expect("/b survived the reopen");
@@ -62,10 +133,8 @@ async fn reopen_keeps_values_and_revision() {
     assert_eq!(next, last + 1, "revisions continue from where the file left off");
 }
 
-#[tokio::test]
-async fn revisions_only_grow_and_no_op_transactions_keep_them() {
-    let dir = TempDataDir::new("store-revisions");
-    let store = open(&dir, 100);
+async fn revisions_only_grow_and_no_op_transactions_keep_them(backend: Backend) {
+    let store = backend.open().await;
     let start = store.revision().await.unwrap();
     let mut previous = start;
     for i in 0..20 {
@@ -79,10 +148,8 @@ async fn revisions_only_grow_and_no_op_transactions_keep_them() {
     assert!(kv.create_revision < kv.mod_revision, "an overwrite keeps the create revision");
 }
 
-#[tokio::test]
-async fn failed_compare_changes_nothing() {
-    let dir = TempDataDir::new("store-compare");
-    let store = open(&dir, 100);
+async fn failed_compare_changes_nothing(backend: Backend) {
+    let store = backend.open().await;
     let written = commit(&store, vec![put("/x", "old")]).await;
 
     let outcome = store
@@ -125,20 +192,16 @@ async fn failed_compare_changes_nothing() {
     assert_eq!((x.mod_revision, y.mod_revision), (written + 1, written + 1));
 }
 
-#[tokio::test]
-async fn writing_one_key_twice_in_a_transaction_is_refused() {
-    let dir = TempDataDir::new("store-twice");
-    let store = open(&dir, 100);
+async fn writing_one_key_twice_in_a_transaction_is_refused(backend: Backend) {
+    let store = backend.open().await;
     let before = store.revision().await.unwrap();
     let error = store.txn(vec![], vec![put("/a", "1"), delete("/a")]).await.unwrap_err();
     assert!(matches!(error, StoreError::InvalidTxn { .. }), "{error}");
     assert_eq!(store.revision().await.unwrap(), before);
 }
 
-#[tokio::test]
-async fn snapshot_reads_several_prefixes_at_one_revision() {
-    let dir = TempDataDir::new("store-snapshot");
-    let store = open(&dir, 100);
+async fn snapshot_reads_several_prefixes_at_one_revision(backend: Backend) {
+    let store = backend.open().await;
     commit(&store, vec![put("/pods/a", "1"), put("/nodes/n", "2"), put("/podsx", "3")]).await;
     let last = commit(&store, vec![put("/pods/b", "4")]).await;
     let snapshot = store.snapshot(&["/pods/".to_owned(), "/nodes/".to_owned()]).await.unwrap();
@@ -148,55 +211,66 @@ async fn snapshot_reads_several_prefixes_at_one_revision() {
     assert_eq!(snapshot.lists[1].len(), 1);
 }
 
-#[tokio::test]
-async fn watcher_sees_every_change_once_in_order() {
-    let dir = TempDataDir::new("store-watch");
-    let store = open(&dir, 10_000);
+async fn every_watcher_sees_every_change_once_in_order(backend: Backend) {
+    let store = backend.open().await;
     let start = store.revision().await.unwrap();
-    let mut watch = store.watch("/w/", start).await.unwrap();
+    // Three watchers from the same revision, each with its own stream.
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        watches.push(store.watch("/w/", start).await.unwrap());
+    }
 
-    // Four concurrent writers; the watcher must see all of their changes, each once, in
-    // revision order.
+    // Four concurrent writers; every watcher must see all of their changes, each once, in
+    // revision order, and nothing of the other prefix written in the same transactions.
     let mut writers = Vec::new();
     for writer in 0..4 {
         let store = Arc::clone(&store);
         writers.push(tokio::spawn(async move {
+            let mut revisions = Vec::new();
             for i in 0..50 {
                 let key = format!("/w/{writer}-{i}");
-                commit(&store, vec![put(&key, "v"), put(&format!("/other/{writer}-{i}"), "v")])
-                    .await;
+                let revision =
+                    commit(&store, vec![put(&key, "v"), put(&format!("/other/{writer}-{i}"), "v")])
+                        .await;
+                revisions.push((revision, key));
             }
+            revisions
         }));
     }
+    let mut written = std::collections::BTreeMap::new();
     for writer in writers {
-        writer.await.unwrap();
+        written.extend(writer.await.unwrap());
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut last = start;
-    while seen.len() < 200 {
-        let batch = next_batch(&mut watch).await;
-        assert!(batch.revision > last, "revisions arrive in order");
-        last = batch.revision;
-        assert_eq!(batch.events.len(), 1, "changes outside the prefix are filtered out");
-        for event in batch.events {
-            assert_eq!(event.revision, batch.revision);
-            assert!(seen.insert(event.key.clone()), "{} delivered twice", event.key);
+    assert_eq!(written.len(), 200, "every transaction got a revision of its own");
+    for watch in &mut watches {
+        let mut seen = Vec::new();
+        let mut last = start;
+        while seen.len() < 200 {
+            let batch = next_batch(watch).await;
+            assert!(batch.revision > last, "revisions arrive in order");
+            last = batch.revision;
+            assert_eq!(batch.events.len(), 1, "changes outside the prefix are filtered out");
+            for event in batch.events {
+                assert_eq!(event.revision, batch.revision);
+                seen.push((event.revision, event.key));
+            }
         }
+        let expected: Vec<(u64, String)> = written.clone().into_iter().collect();
+        assert_eq!(seen, expected, "each change once, at the revision its writer was told");
+        let quiet = tokio::time::timeout(Duration::from_millis(200), watch.next()).await;
+        assert!(quiet.is_err(), "nothing beyond the 200 changes is delivered");
     }
-    let quiet = tokio::time::timeout(Duration::from_millis(200), watch.next()).await;
-    assert!(quiet.is_err(), "nothing beyond the 200 changes is delivered");
 }
 
-#[tokio::test]
-async fn watch_resumes_from_an_old_revision_after_reopen() {
-    let dir = TempDataDir::new("store-resume");
-    let store = open(&dir, 100);
+async fn watch_resumes_from_an_old_revision_after_reopen(mut backend: Backend) {
+    let store = backend.open().await;
     let first = commit(&store, vec![put("/r/a", "1")]).await;
     commit(&store, vec![put("/r/a", "2")]).await;
     commit(&store, vec![delete("/r/a")]).await;
     drop(store);
+    backend.crash_and_restart().await;
 
-    let store = open(&dir, 100);
+    let store = backend.open().await;
     let mut watch = store.watch("/r/", first).await.unwrap();
     let update = next_batch(&mut watch).await;
     assert_eq!(update.revision, first + 1);
@@ -211,10 +285,8 @@ async fn watch_resumes_from_an_old_revision_after_reopen() {
     assert_eq!(next_batch(&mut watch).await.revision, live);
 }
 
-#[tokio::test]
-async fn compacted_resume_is_reported() {
-    let dir = TempDataDir::new("store-compacted");
-    let store = open(&dir, 100);
+async fn compacted_resume_is_reported(backend: Backend) {
+    let store = backend.open().await;
     let early = commit(&store, vec![put("/c/a", "1")]).await;
     let later = commit(&store, vec![put("/c/a", "2")]).await;
     store.compact(later).await.unwrap();
@@ -281,4 +353,26 @@ async fn watcher_that_falls_behind_catches_up_from_the_log() {
         assert_eq!(batch.revision, last + 1, "no revision is skipped or repeated");
         last = batch.revision;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_roots_keep_clusters_apart_on_one_etcd() {
+    let etcd = LocalEtcd::start("store-roots").await.expect("etcd starts");
+    let one: SharedStore = Arc::new(etcd.store("/strait/one").await.unwrap());
+    // A root that begins with the other's name: a prefix match must not reach into it.
+    let other: SharedStore = Arc::new(etcd.store("/strait/one-more").await.unwrap());
+    let mut watch = one.watch("/registry/", one.revision().await.unwrap()).await.unwrap();
+    let theirs = commit(&other, vec![put("/registry/pods/a", "theirs")]).await;
+    let ours = commit(&one, vec![put("/registry/pods/a", "ours")]).await;
+    assert!(ours > theirs, "one etcd, one revision counter for both roots");
+
+    assert_eq!(one.get("/registry/pods/a").await.unwrap().unwrap().value, Bytes::from("ours"));
+    let everything = one.list("").await.unwrap();
+    assert_eq!(everything.items.len(), 1, "{:?}", everything.items);
+    assert_eq!(everything.items[0].key, "/registry/pods/a", "keys come back without the root");
+    let batch = next_batch(&mut watch).await;
+    assert_eq!(batch.revision, ours, "the other root's change is not delivered");
+
+    let reserved = one.txn(vec![], vec![put("/meta/compaction", "x")]).await.unwrap_err();
+    assert!(matches!(reserved, StoreError::InvalidTxn { .. }), "{reserved}");
 }

@@ -53,7 +53,8 @@ pub struct AgentConfig {
     /// The node's own address, announced as its InternalIP and used by other nodes as the
     /// next hop for its podCIDR.
     pub node_ip: Ipv4Addr,
-    /// Base URL of the controller, e.g. `http://172.20.0.1:6443` (REST and NodeSync).
+    /// Base URL of the controller, e.g. `http://172.20.0.1:6443` (REST and NodeSync), or the
+    /// URLs of several replicas separated by commas (the agent uses whichever answers).
     pub controller: String,
     /// Cluster name: part of pin paths and of every name the agent makes.
     pub cluster: String,

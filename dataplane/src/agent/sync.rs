@@ -105,19 +105,29 @@ impl DesiredState {
 }
 
 /// Streams the node's desired state forever, calling `on_change` after each applied update.
-/// Reconnects with exponential back-off (100 ms to 5 s) whenever the stream breaks.
+/// `controllers` is one base URL or several separated by commas (replicas of one control
+/// plane, each serving NodeSync): a broken stream reconnects to the next one, with exponential
+/// back-off (100 ms to 5 s) while none answers.
 pub async fn follow(
-    controller: &str,
+    controllers: &str,
     node_name: &str,
     mut on_change: impl FnMut(&DesiredState, &Change),
 ) {
+    let controllers: Vec<&str> = controllers.split(',').map(str::trim).collect();
+    let mut next = 0;
     let mut state = DesiredState::default();
     let mut delay = Duration::from_millis(100);
     loop {
+        let controller = controllers[next % controllers.len()];
+        next += 1;
         let mut connected = false;
         match stream_once(controller, node_name, &mut state, &mut connected, &mut on_change).await {
-            Ok(()) => tracing::warn!("the controller closed the NodeSync stream; reconnecting"),
-            Err(error) => tracing::warn!(%error, ?delay, "NodeSync stream failed; reconnecting"),
+            Ok(()) => {
+                tracing::warn!(%controller, "the controller closed the NodeSync stream; reconnecting")
+            }
+            Err(error) => {
+                tracing::warn!(%controller, %error, ?delay, "NodeSync stream failed; reconnecting")
+            }
         }
         if connected {
             delay = Duration::from_millis(100);

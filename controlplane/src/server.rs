@@ -190,12 +190,11 @@ async fn serve(
     let mut background = JoinSet::new();
     let leading = Arc::clone(&registry);
     let (history_revisions, event_ttl) = (config.history_revisions, config.event_ttl);
-    let node_lifecycle = config.node_lifecycle.clone();
+    let node_lifecycle = config.node_lifecycle;
     // The embedded store bounds its own history; etcd keeps all until it is compacted.
     let compacts = election.is_some();
     background.spawn(leader::run_while_leading(election, stopped.clone(), move |term| {
-        let mut tasks =
-            spawn_controllers(&leading, event_ttl, node_lifecycle.clone(), term.clone());
+        let mut tasks = spawn_controllers(&leading, event_ttl, node_lifecycle, term.clone());
         if compacts {
             let store = Arc::clone(leading.store());
             tasks.spawn(crate::store::etcd::bound_history(store, history_revisions, term));

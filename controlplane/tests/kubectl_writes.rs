@@ -421,3 +421,126 @@ async fn create_generators_store_what_they_describe(version: &str) {
     }
 }
 for_each_kubectl!(create_generators_store_what_they_describe);
+
+const POD_YAML: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels:
+    app: web
+spec:
+  containers:
+  - name: web
+    image: registry.example/web:1.0
+";
+
+async fn create_file_replace_and_edit(version: &str) {
+    let server = TestController::start(&format!("kubectl-edit-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server);
+
+    let manifest = write(&kubectl, "pod.yaml", POD_YAML);
+    let created = kubectl.ok(&["create", "-f", &manifest]).await;
+    assert_eq!(created.trim(), "pod/web created");
+    let stderr = kubectl.fails(&["create", "-f", &manifest]).await;
+    assert!(stderr.contains("AlreadyExists") && stderr.contains("already exists"), "{stderr}");
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert!(
+        managers(&stored.metadata).contains(&("kubectl-create".to_owned(), "Update".to_owned()))
+    );
+
+    // edit: the editor changes the image; kubectl sends the difference as a patch.
+    let editor = write(
+        &kubectl,
+        "editor.sh",
+        "#!/bin/sh\nsed -i 's#registry.example/web:1.0#registry.example/web:2.0#' \"$1\"\n",
+    );
+    std::fs::set_permissions(&editor, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut command = kubectl.command(&["edit", "pod", "web"]);
+    command.env("EDITOR", &editor);
+    let edited = kubectl.output(command, "edit pod web").await;
+    assert!(edited.ok, "kubectl edit failed: {}\n{}", edited.stdout, edited.stderr);
+    assert_eq!(edited.stdout.trim(), "pod/web edited");
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(image_of(&stored, "web").as_deref(), Some("registry.example/web:2.0"));
+    assert!(managers(&stored.metadata).contains(&("kubectl-edit".to_owned(), "Update".to_owned())));
+
+    // replace: the object as read, changed, sent whole (with its resourceVersion).
+    let current = kubectl.ok(&["get", "pod", "web", "-o", "yaml"]).await;
+    let changed = current.replace("registry.example/web:2.0", "registry.example/web:3.0");
+    let manifest = write(&kubectl, "replace.yaml", &changed);
+    let replaced = kubectl.ok(&["replace", "-f", &manifest]).await;
+    assert_eq!(replaced.trim(), "pod/web replaced");
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(image_of(&stored, "web").as_deref(), Some("registry.example/web:3.0"));
+    // The same file again carries a stale resourceVersion: 409, nothing changes.
+    let stale = write(&kubectl, "stale.yaml", &changed.replace("web:3.0", "web:4.0"));
+    let stderr = kubectl.fails(&["replace", "-f", &stale]).await;
+    assert!(stderr.contains("Conflict") || stderr.contains("modified"), "{stderr}");
+    let after = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    assert_eq!(image_of(&after, "web").as_deref(), Some("registry.example/web:3.0"));
+}
+for_each_kubectl!(create_file_replace_and_edit);
+
+async fn rollout_restart_and_undo(version: &str) {
+    let server = TestController::start(&format!("kubectl-rollout-{version}")).await;
+    let client = server.client();
+    let kubectl = Kubectl::new(version, &server);
+
+    kubectl.ok(&["create", "deployment", "web", "--image=registry.example/web:1.0"]).await;
+    kubectl.ok(&["set", "image", "deployment/web", "web=registry.example/web:2.0"]).await;
+    let deployment = client.get::<Deployment>(Some("default"), "web").await.unwrap().unwrap();
+    let image = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(
+        image.as_deref(),
+        Some("registry.example/web:2.0"),
+        "set image patched the template"
+    );
+
+    // The test plays the deployment controller: one replica set per revision, owned by the
+    // deployment and annotated with its revision, which is what `rollout undo` reads.
+    let uid = deployment.metadata.uid.clone().unwrap();
+    for (revision, tag) in [("1", "1.0"), ("2", "2.0")] {
+        let set: ReplicaSet = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": format!("web-{revision}"),
+                "labels": {"app": "web", "pod-template-hash": revision},
+                "annotations": {"deployment.kubernetes.io/revision": revision},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                                     "uid": uid, "controller": true, "blockOwnerDeletion": true}],
+            },
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "web", "pod-template-hash": revision}},
+                "template": {
+                    "metadata": {"labels": {"app": "web", "pod-template-hash": revision}},
+                    "spec": {"containers": [{"name": "web", "image": format!("registry.example/web:{tag}")}]},
+                },
+            },
+        }))
+        .unwrap();
+        client.create::<ReplicaSet>(Some("default"), &set).await.unwrap();
+    }
+
+    kubectl.ok(&["rollout", "restart", "deployment/web"]).await;
+    let restarted = client.get::<Deployment>(Some("default"), "web").await.unwrap().unwrap();
+    let annotations =
+        restarted.spec.unwrap().template.metadata.unwrap().annotations.unwrap_or_default();
+    assert!(annotations.contains_key("kubectl.kubernetes.io/restartedAt"), "{annotations:?}");
+
+    // undo: the template of revision 1, sent as a JSON patch.
+    let undone = kubectl.ok(&["rollout", "undo", "deployment/web", "--to-revision=1"]).await;
+    assert!(undone.contains("rolled back"), "{undone}");
+    let stored = client.get::<Deployment>(Some("default"), "web").await.unwrap().unwrap();
+    let template = stored.spec.unwrap().template;
+    assert_eq!(
+        template.spec.unwrap().containers[0].image.as_deref(),
+        Some("registry.example/web:1.0")
+    );
+    let labels = template.metadata.unwrap().labels.unwrap_or_default();
+    assert!(!labels.contains_key("pod-template-hash"), "{labels:?}");
+}
+for_each_kubectl!(rollout_restart_and_undo);

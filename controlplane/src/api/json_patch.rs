@@ -264,9 +264,16 @@ impl Operation {
             Self::Add { path, value } => add(document, path, value.clone()),
             Self::Remove { path } => remove(document, path).map(drop),
             Self::Replace { path, value } => {
-                // The target must exist (section 4.3), then it is swapped in place.
-                get(document, path)?;
-                remove(document, path)?;
+                // RFC 6902 section 4.3 wants the target to exist. Kubernetes' JSON patch
+                // library lets a replace of a missing object member add it, and kubectl relies
+                // on that (`rollout undo` replaces `/metadata/annotations` whether or not the
+                // deployment has any), so a missing member is added; a missing array element
+                // or parent is still an error.
+                if get(document, path).is_ok() {
+                    remove(document, path)?;
+                } else if !matches!(parent_mut(document, path), Ok((Value::Object(_), _))) {
+                    get(document, path)?;
+                }
                 add(document, path, value.clone())
             }
             Self::Move { from, path } => {
@@ -392,6 +399,12 @@ mod tests {
                 json!([{"op": "add", "path": "/b", "value": null}]),
                 json!({"a": 1, "b": null}),
             ),
+            (
+                "replace adds a missing member, as Kubernetes' JSON patch does",
+                json!({"metadata": {}}),
+                json!([{"op": "replace", "path": "/metadata/annotations", "value": {"a": "1"}}]),
+                json!({"metadata": {"annotations": {"a": "1"}}}),
+            ),
         ];
         for (what, mut document, patch, expected) in cases {
             apply(&mut document, &patch).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -407,8 +420,12 @@ mod tests {
             ("a missing target (A.12)", json!([{"op": "add", "path": "/baz/bat", "value": "qux"}])),
             ("remove of a missing member", json!([{"op": "remove", "path": "/nothing"}])),
             (
-                "replace of a missing member",
-                json!([{"op": "replace", "path": "/nothing", "value": 1}]),
+                "replace of a missing element",
+                json!([{"op": "replace", "path": "/foo/3", "value": 1}]),
+            ),
+            (
+                "replace under a missing parent",
+                json!([{"op": "replace", "path": "/a/b", "value": 1}]),
             ),
             ("an index out of bounds", json!([{"op": "add", "path": "/foo/5", "value": 1}])),
             ("a leading-zero index", json!([{"op": "remove", "path": "/foo/01"}])),

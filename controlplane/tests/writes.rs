@@ -406,3 +406,109 @@ async fn apply_requests_are_checked_before_anything_is_stored() {
     assert_eq!(code, StatusCode::CREATED, "{created}");
     assert_eq!(created["spec"]["ports"][0]["port"], 80);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_validation_refuses_or_drops_unknown_and_duplicate_fields() {
+    let server = TestController::start("writes-validation").await;
+    let client = server.client();
+    let services = "/api/v1/namespaces/default/services";
+    let unknown = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"ports":[{"port":80,"colour":"red"}]}}"#;
+    let duplicate = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"b","name":"c"},"spec":{"ports":[{"port":80}]}}"#;
+    for (what, body, needle) in [
+        ("unknown", unknown, "unknown field \"spec.ports[0].colour\""),
+        ("duplicate", duplicate, "duplicate field \"metadata.name\""),
+    ] {
+        let path = format!("{services}?fieldValidation=Strict");
+        let (code, status) = request(&client, Method::POST, &path, "application/json", body).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{what}: {status}");
+        assert!(status["message"].as_str().unwrap().contains(needle), "{what}: {status}");
+    }
+    for name in ["a", "b", "c"] {
+        assert!(client.get::<Service>(Some("default"), name).await.unwrap().is_none(), "{name}");
+    }
+
+    // Ignore (and Warn) drop the unknown field and keep the last duplicate.
+    let path = format!("{services}?fieldValidation=Ignore");
+    let (code, created) = request(&client, Method::POST, &path, "application/json", unknown).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert!(created["spec"]["ports"][0].get("colour").is_none());
+    let (code, created) =
+        request(&client, Method::POST, services, "application/json", duplicate).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(created["metadata"]["name"], "c");
+
+    // A patch whose result has an unknown field, under Strict: 400, nothing stored.
+    let path = "/api/v1/namespaces/default/services/a?fieldValidation=Strict";
+    let patch = json!({"spec": {"flavour": 1}}).to_string();
+    let (code, status) = request(&client, Method::PATCH, path, STRATEGIC, &patch).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+    assert!(status["message"].as_str().unwrap().contains("spec.flavour"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_validates_and_answers_without_storing() {
+    let server = TestController::start("writes-dryrun").await;
+    let client = server.client();
+    let pods = "/api/v1/namespaces/default/pods";
+    let body = serde_json::to_string(&pod("web")).unwrap();
+    let revision = || async {
+        client
+            .send(Method::GET, "/api/v1/pods", "", None)
+            .await
+            .map(|(_, b)| {
+                serde_json::from_slice::<Value>(&b).unwrap()["metadata"]["resourceVersion"].clone()
+            })
+            .unwrap()
+    };
+    let before = revision().await;
+
+    let (code, would_be) =
+        request(&client, Method::POST, &format!("{pods}?dryRun=All"), "application/json", &body)
+            .await;
+    assert_eq!(code, StatusCode::CREATED, "{would_be}");
+    assert_eq!(would_be["metadata"]["name"], "web");
+    assert!(would_be["metadata"]["uid"].is_string(), "the would-be object has its server fields");
+    assert_eq!(would_be["spec"]["restartPolicy"], "Always", "and its defaults");
+    assert!(client.get::<Pod>(Some("default"), "web").await.unwrap().is_none(), "nothing stored");
+    assert_eq!(revision().await, before, "the store did not move");
+
+    // An invalid object is still refused in a dry run.
+    let invalid = body.replace("registry.example/app:1.0", "");
+    let (code, _) =
+        request(&client, Method::POST, &format!("{pods}?dryRun=All"), "application/json", &invalid)
+            .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+
+    client.create::<Pod>(Some("default"), &pod("web")).await.unwrap();
+    let stored = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+    let labels = json!({"metadata": {"labels": {"dry": "run"}}}).to_string();
+    for (what, method, content_type, body) in [
+        ("merge patch", Method::PATCH, MERGE, labels.clone()),
+        ("strategic merge patch", Method::PATCH, STRATEGIC, labels.clone()),
+        ("JSON patch", Method::PATCH, JSON_PATCH, json!([{"op": "add", "path": "/metadata/labels", "value": {"dry": "run"}}]).to_string()),
+        ("apply", Method::PATCH, "application/apply-patch+yaml", json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"dry": "run"}}}).to_string()),
+        ("PUT", Method::PUT, "application/json", {
+            let mut changed = stored.clone();
+            changed.metadata.labels = Some([("dry".to_owned(), "run".to_owned())].into());
+            // Unconditional: the scheduler may write the pod's status meanwhile.
+            changed.metadata.resource_version = None;
+            serde_json::to_string(&changed).unwrap()
+        }),
+    ] {
+        let path = format!("{WEB}?dryRun=All&fieldManager=tester");
+        let (code, answer) = request(&client, method, &path, content_type, &body).await;
+        assert_eq!(code, StatusCode::OK, "{what}: {answer}");
+        assert_eq!(answer["metadata"]["labels"]["dry"], "run", "{what}: the would-be object");
+        let after = client.get::<Pod>(Some("default"), "web").await.unwrap().unwrap();
+        assert_eq!(after.metadata.labels, stored.metadata.labels, "{what}: nothing stored");
+    }
+    let (code, _) =
+        request(&client, Method::DELETE, &format!("{WEB}?dryRun=All"), "application/json", "")
+            .await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(client.get::<Pod>(Some("default"), "web").await.unwrap().is_some(), "not deleted");
+    let (code, status) =
+        request(&client, Method::DELETE, &format!("{WEB}?dryRun=Some"), "application/json", "")
+            .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+}

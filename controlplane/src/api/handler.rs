@@ -36,9 +36,22 @@ use crate::store::Revision;
 /// The annotation of the bookmark that ends the initial events of a streaming list.
 pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
+/// What `fieldValidation` asks of unknown and duplicate fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Dropped silently.
+    Ignore,
+    /// Dropped, with a `Warning` header each (Kubernetes' default).
+    #[default]
+    Warn,
+    /// The request fails with 400.
+    Strict,
+}
+
 /// Options of a write request (query parameters).
 #[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
+    pub field_validation: FieldValidation,
     /// `dryRun=All`: validate and answer, store nothing.
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
@@ -66,11 +79,13 @@ impl WriteOptions {
     }
 }
 
-/// What a write answers: the object, and whether it was created (201) rather than changed.
+/// What a write answers: the object, whether it was created (201) rather than changed, and
+/// warnings for the client (`Warning` headers).
 #[derive(Debug)]
 pub struct Written {
     pub object: Value,
     pub created: bool,
+    pub warnings: Vec<String>,
 }
 
 /// A PATCH body, by its media type.
@@ -218,6 +233,43 @@ pub fn decode_body<K: DeserializeOwned + Serialize>(
     kind: &str,
     strict: bool,
 ) -> Result<K, ApiError> {
+    let (object, unknown) = decode_reporting::<K>(body, kind, strict)?;
+    if strict && !unknown.is_empty() {
+        let listed: Vec<String> = unknown.iter().map(|f| unknown_field_message(f)).collect();
+        return Err(ApiError::BadRequest(format!("strict decoding error: {}", listed.join(", "))));
+    }
+    Ok(object)
+}
+
+fn unknown_field_message(field: &str) -> String {
+    format!("unknown field \"{field}\"")
+}
+
+/// Decodes a body into `K` as `options.field_validation` asks: unknown fields are an error
+/// (Strict), a warning added to `warnings` (Warn), or dropped (Ignore).
+fn decode_validated<K: DeserializeOwned + Serialize>(
+    body: &[u8],
+    kind: &str,
+    options: &WriteOptions,
+    warnings: &mut Vec<String>,
+) -> Result<K, ApiError> {
+    match options.field_validation {
+        FieldValidation::Strict => decode_body(body, kind, true),
+        FieldValidation::Ignore => decode_body(body, kind, false),
+        FieldValidation::Warn => {
+            let (object, unknown) = decode_reporting::<K>(body, kind, true)?;
+            warnings.extend(unknown.iter().map(|f| unknown_field_message(f)));
+            Ok(object)
+        }
+    }
+}
+
+/// Decodes a body into `K`, with the paths of the fields decoding dropped when `report`.
+fn decode_reporting<K: DeserializeOwned + Serialize>(
+    body: &[u8],
+    kind: &str,
+    report: bool,
+) -> Result<(K, Vec<String>), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
@@ -228,21 +280,85 @@ pub fn decode_body<K: DeserializeOwned + Serialize>(
     let object: K = serde_json::from_value(value.clone()).map_err(|e| {
         ApiError::BadRequest(format!("the request body is not a valid {kind}: {e}"))
     })?;
-    if strict {
+    let mut unknown = Vec::new();
+    if report {
         let normalized = serde_json::to_value(&object)
             .map_err(|e| ApiError::internal(format!("encoding a {kind}"), e))?;
-        let mut unknown = Vec::new();
         unknown_fields(&value, &normalized, "", &mut unknown);
-        if !unknown.is_empty() {
-            let listed: Vec<String> =
-                unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
-            return Err(ApiError::BadRequest(format!(
-                "strict decoding error: {}",
-                listed.join(", ")
-            )));
+    }
+    Ok((object, unknown))
+}
+
+/// The paths of object members a JSON document has more than once (`metadata.name`), which
+/// a decoder would silently collapse to the last one.
+pub fn duplicate_fields(body: &[u8]) -> Vec<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+    struct Scan<'a> {
+        path: String,
+        found: &'a mut Vec<String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Scan<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
         }
     }
-    Ok(object)
+
+    impl<'de> Visitor<'de> for Scan<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Scan { path, found } = self;
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                if !seen.insert(key) {
+                    found.push(child.clone());
+                }
+                map.next_value_seed(Scan { path: child, found: &mut *found })?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Scan { path, found } = self;
+            let mut index = 0;
+            while seq
+                .next_element_seed(Scan { path: format!("{path}[{index}]"), found: &mut *found })?
+                .is_some()
+            {
+                index += 1;
+            }
+            Ok(())
+        }
+    }
+
+    let mut found = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    // A malformed body is reported by the decoder itself.
+    let _ = Scan { path: String::new(), found: &mut found }.deserialize(&mut deserializer);
+    found
 }
 
 /// Paths of `input` that decoding dropped (present in the input, absent once normalized).
@@ -311,13 +427,19 @@ impl<S: Strategy> Handler<S> {
         };
         let tracked = info.has_status.then_some(status);
         let schema = kind_schema(info.kind);
+        let warnings = std::sync::Mutex::new(Vec::new());
         let decode = |document: &Value| -> Result<S::Object, ApiError> {
             let body = serde_json::to_vec(document)
                 .map_err(|e| ApiError::internal("encoding the applied object", e))?;
-            let object: S::Object = decode_body(&body, info.kind, options.strict_fields)?;
+            let mut found = Vec::new();
+            let object: S::Object = decode_validated(&body, info.kind, options, &mut found)?;
             check_identity(&object, namespace, name, info.namespaced)?;
+            if let Ok(mut warnings) = warnings.lock() {
+                *warnings = found;
+            }
             Ok(object)
         };
+        let warnings_of = || warnings.lock().map(|w| w.clone()).unwrap_or_default();
         let context = options.context(FieldOwnership::Given);
         let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
         for _ in 0..APPLY_ATTEMPTS {
@@ -348,6 +470,7 @@ impl<S: Strategy> Handler<S> {
                         return Ok(Written {
                             object: to_json(&created, self.plural())?,
                             created: true,
+                            warnings: warnings_of(),
                         });
                     }
                     // Created meanwhile: apply to it.
@@ -378,6 +501,7 @@ impl<S: Strategy> Handler<S> {
                     return Ok(Written {
                         object: to_json(&updated, self.plural())?,
                         created: false,
+                        warnings: warnings_of(),
                     });
                 }
                 // Deleted meanwhile: create it.
@@ -533,9 +657,10 @@ impl<S: Strategy> KindHandler for Handler<S> {
         body: &[u8],
         options: WriteOptions,
     ) -> Result<Written, ApiError> {
-        let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
+        let mut warnings = Vec::new();
+        let object: S::Object = decode_validated(body, self.info().kind, &options, &mut warnings)?;
         let created = self.kind.create_with(namespace, object, &options.update_context()).await?;
-        Ok(Written { object: to_json(&created, self.plural())?, created: true })
+        Ok(Written { object: to_json(&created, self.plural())?, created: true, warnings })
     }
 
     async fn get(
@@ -579,14 +704,15 @@ impl<S: Strategy> KindHandler for Handler<S> {
         status: bool,
         options: WriteOptions,
     ) -> Result<Written, ApiError> {
-        let object: S::Object = decode_body(body, self.info().kind, options.strict_fields)?;
+        let mut warnings = Vec::new();
+        let object: S::Object = decode_validated(body, self.info().kind, &options, &mut warnings)?;
         check_identity(&object, namespace, name, self.info().namespaced)?;
         let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
         let updated = self
             .kind
             .update_with(namespace, name, mode, &options.update_context(), |_| Ok(object.clone()))
             .await?;
-        Ok(Written { object: to_json(&updated, self.plural())?, created: false })
+        Ok(Written { object: to_json(&updated, self.plural())?, created: false, warnings })
     }
 
     async fn patch(
@@ -602,6 +728,7 @@ impl<S: Strategy> KindHandler for Handler<S> {
         }
         let kind = self.info().kind;
         let mode = if status { UpdateMode::Status } else { UpdateMode::Main };
+        let mut warnings = Vec::new();
         let updated = self
             .kind
             .update_with(namespace, name, mode, &options.update_context(), |current| {
@@ -609,12 +736,14 @@ impl<S: Strategy> KindHandler for Handler<S> {
                 patch.apply_to(&mut document, kind)?;
                 let body = serde_json::to_vec(&document)
                     .map_err(|e| ApiError::internal("encoding the patched object", e))?;
-                let patched: S::Object = decode_body(&body, kind, options.strict_fields)?;
+                // Each attempt reports the warnings of its own result.
+                warnings.clear();
+                let patched: S::Object = decode_validated(&body, kind, &options, &mut warnings)?;
                 check_identity(&patched, namespace, name, self.info().namespaced)?;
                 Ok(patched)
             })
             .await?;
-        Ok(Written { object: to_json(&updated, self.plural())?, created: false })
+        Ok(Written { object: to_json(&updated, self.plural())?, created: false, warnings })
     }
 
     async fn delete(
@@ -798,7 +927,7 @@ fn check_identity<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v
 mod tests {
     use k8s_openapi::api::core::v1::Pod;
 
-    use super::decode_body;
+    use super::{decode_body, duplicate_fields};
     use crate::api::error::ApiError;
 
     #[test]
@@ -823,5 +952,17 @@ mod tests {
     fn a_body_of_another_kind_is_a_bad_request() {
         let body = br#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"a"}}"#;
         assert!(matches!(decode_body::<Pod>(body, "Pod", false), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn duplicate_members_are_found_with_their_paths() {
+        let body = br#"{"metadata":{"name":"a","labels":{"x":"1","x":"2"},"name":"b"},
+                        "spec":{"containers":[{"name":"c"},{"name":"d","name":"e"}]}}"#;
+        assert_eq!(
+            duplicate_fields(body),
+            ["metadata.labels.x", "metadata.name", "spec.containers[1].name"]
+        );
+        assert!(duplicate_fields(br#"{"a":{"b":1},"c":{"b":2}}"#).is_empty());
+        assert!(duplicate_fields(b"{\"a\":").is_empty(), "malformed bodies are the decoder's");
     }
 }

@@ -7,10 +7,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{
-        DefaultBodyLimit, Query, State,
-        rejection::{BytesRejection, QueryRejection},
-    },
+    extract::{DefaultBodyLimit, Query, State, rejection::QueryRejection},
     http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -25,7 +22,10 @@ use super::{
     Registry,
     deletion::PropagationPolicy,
     error::ApiError,
-    handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
+    handler::{
+        FieldValidation, KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written,
+        duplicate_fields,
+    },
     kind::{DeleteRequest, KindInfo},
     openapi, protobuf,
     selectors::{FieldSelector, LabelSelector},
@@ -323,9 +323,10 @@ impl Params {
                 )));
             }
         };
-        let strict_fields = match self.field_validation.as_deref() {
-            None | Some("" | "Ignore" | "Warn") => false,
-            Some("Strict") => true,
+        let field_validation = match self.field_validation.as_deref() {
+            None | Some("" | "Warn") => FieldValidation::Warn,
+            Some("Ignore") => FieldValidation::Ignore,
+            Some("Strict") => FieldValidation::Strict,
             Some(other) => {
                 return Err(ApiError::BadRequest(format!(
                     "fieldValidation: unsupported value {other:?}; supported values: \"Ignore\", \"Warn\", \"Strict\""
@@ -353,7 +354,8 @@ impl Params {
         };
         Ok(WriteOptions {
             dry_run,
-            strict_fields,
+            field_validation,
+            strict_fields: field_validation == FieldValidation::Strict,
             field_manager: given.map(str::to_owned).or_else(from_agent),
             field_manager_given: given.is_some(),
             force: flag(self.force.as_deref()),
@@ -452,6 +454,31 @@ fn delete_request(params: &Params, body: &[u8]) -> Result<DeleteRequest, ApiErro
     })
 }
 
+/// How much of an oversized body is read (and dropped) before answering 413: a client that
+/// is still sending when the answer comes would see its connection reset instead of the
+/// answer. Past this, the connection is given up.
+const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Reads a request body of at most [`MAX_BODY_BYTES`].
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&chunk);
+        } else if total > MAX_DRAINED_BYTES {
+            break;
+        }
+    }
+    if total > MAX_BODY_BYTES {
+        return Err(ApiError::RequestEntityTooLarge { limit: MAX_BODY_BYTES });
+    }
+    Ok(Bytes::from(kept))
+}
+
 /// Every request under `/api` and `/apis` that is not a fixed route. Malformed query strings
 /// and oversized bodies are answered as Status objects too.
 async fn dispatch(
@@ -460,18 +487,15 @@ async fn dispatch(
     uri: Uri,
     headers: HeaderMap,
     params: Result<Query<Params>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let params = match params {
         Ok(Query(params)) => params,
         Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
     };
-    let body = match body {
+    let body = match read_body(body).await {
         Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return ApiError::RequestEntityTooLarge { limit: MAX_BODY_BYTES }.into_response();
-        }
-        Err(rejection) => return ApiError::BadRequest(rejection.body_text()).into_response(),
+        Err(error) => return error.into_response(),
     };
     match route(&state, &method, &uri, &headers, &params, &body).await {
         Ok(response) => response,
@@ -527,10 +551,11 @@ async fn route(
                 if info.namespaced && namespace.is_none() {
                     return Err(ApiError::UnknownPath);
                 }
+                let options = params.write_options(headers)?;
+                let duplicates = check_duplicates(headers, body, &options)?;
                 let body = object_body(headers, body, info)?;
-                let created =
-                    handler.create(namespace, &body, params.write_options(headers)?).await?;
-                Ok(written_response(&created))
+                let created = handler.create(namespace, &body, options).await?;
+                Ok(written_response(&created, duplicates))
             }
             _ => Err(ApiError::MethodNotAllowed),
         };
@@ -552,18 +577,18 @@ async fn route(
                 Ok(json_response(StatusCode::OK, &handler.get(namespace, name, format).await?))
             }
             Method::PUT => {
+                let options = params.write_options(headers)?;
+                let duplicates = check_duplicates(headers, body, &options)?;
                 let body = object_body(headers, body, info)?;
-                let updated = handler
-                    .replace(namespace, name, &body, status, params.write_options(headers)?)
-                    .await?;
-                Ok(written_response(&updated))
+                let updated = handler.replace(namespace, name, &body, status, options).await?;
+                Ok(written_response(&updated, duplicates))
             }
             Method::PATCH => {
+                let options = params.write_options(headers)?;
+                let duplicates = check_duplicates(headers, body, &options)?;
                 let patch = patch_body(headers, body)?;
-                let patched = handler
-                    .patch(namespace, name, &patch, status, params.write_options(headers)?)
-                    .await?;
-                Ok(written_response(&patched))
+                let patched = handler.patch(namespace, name, &patch, status, options).await?;
+                Ok(written_response(&patched, duplicates))
             }
             Method::DELETE if !status => {
                 let request = delete_request(params, body)?;
@@ -618,10 +643,47 @@ const PATCH_MEDIA_TYPES: &str = "application/json-patch+json, application/merge-
                                  application/strategic-merge-patch+json, \
                                  application/apply-patch+yaml";
 
-/// A write's answer: 201 when it created the object.
-fn written_response(written: &Written) -> Response {
+/// A write's answer: 201 when it created the object, with a `Warning` header (RFC 7234
+/// section 5.5, code 299 as Kubernetes sends them) for each warning.
+fn written_response(written: &Written, mut warnings: Vec<String>) -> Response {
     let code = if written.created { StatusCode::CREATED } else { StatusCode::OK };
-    json_response(code, &written.object)
+    warnings.extend(written.warnings.iter().cloned());
+    let mut response = json_response(code, &written.object);
+    for warning in warnings {
+        let text = warning.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(value) = header::HeaderValue::from_str(&format!("299 - \"{text}\"")) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
+}
+
+/// `fieldValidation` of a JSON body's duplicated members: an error when Strict, warnings
+/// when Warn. The decoders themselves would silently keep the last.
+fn check_duplicates(
+    headers: &HeaderMap,
+    body: &[u8],
+    options: &WriteOptions,
+) -> Result<Vec<String>, ApiError> {
+    let json = matches!(
+        content_type(headers).as_str(),
+        "" | "application/json"
+            | "application/merge-patch+json"
+            | "application/strategic-merge-patch+json"
+            | "application/json-patch+json"
+    );
+    if !json || options.field_validation == FieldValidation::Ignore {
+        return Ok(Vec::new());
+    }
+    let duplicates: Vec<String> =
+        duplicate_fields(body).iter().map(|f| format!("duplicate field \"{f}\"")).collect();
+    if options.field_validation == FieldValidation::Strict && !duplicates.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "strict decoding error: {}",
+            duplicates.join(", ")
+        )));
+    }
+    Ok(duplicates)
 }
 
 /// A PATCH body by its content type.

@@ -2,7 +2,7 @@
 //! concurrency on every write, and errors that leave the stored object as it was.
 
 use http::{Method, StatusCode};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use serde_json::{Value, json};
 use strait_controlplane::{
     client::ApiClient,
@@ -511,4 +511,115 @@ async fn dry_run_validates_and_answers_without_storing() {
         request(&client, Method::DELETE, &format!("{WEB}?dryRun=Some"), "application/json", "")
             .await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+}
+
+fn config_map(name: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: strait_controlplane::testing::meta(name),
+        data: Some([("n".to_owned(), name.to_owned())].into()),
+        ..ConfigMap::default()
+    }
+}
+
+async fn page(client: &ApiClient, query: &str) -> (StatusCode, Value) {
+    let path = format!("/api/v1/namespaces/default/configmaps?{query}");
+    let (code, bytes) =
+        client.send(Method::GET, &path, "", None).await.expect("the server answers");
+    (code, serde_json::from_slice(&bytes).expect("JSON"))
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_show_the_list_as_it_was_at_its_first_page() {
+    let server = TestController::start("writes-pages").await;
+    let client = server.client();
+    let mut created = std::collections::BTreeMap::new();
+    for name in ["cm-1", "cm-2", "cm-3", "cm-4", "cm-5"] {
+        let object = client.create::<ConfigMap>(Some("default"), &config_map(name)).await.unwrap();
+        created.insert(name, object);
+    }
+
+    let (code, first) = page(&client, "limit=2").await;
+    assert_eq!(code, StatusCode::OK, "{first}");
+    assert_eq!(names(&first), ["cm-1", "cm-2"]);
+    assert_eq!(first["metadata"]["remainingItemCount"], 3);
+    let token = first["metadata"]["continue"].as_str().expect("a continue token").to_owned();
+    let revision = first["metadata"]["resourceVersion"].clone();
+
+    // Changes after the first page: deleted, changed and new objects.
+    client.delete::<ConfigMap>(Some("default"), "cm-3", None).await.unwrap();
+    client
+        .merge_patch::<ConfigMap>(
+            Some("default"),
+            "cm-4",
+            &json!({"data": {"n": "changed"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    client.create::<ConfigMap>(Some("default"), &config_map("cm-2a")).await.unwrap();
+
+    let (code, second) = page(&client, &format!("limit=2&continue={token}")).await;
+    assert_eq!(code, StatusCode::OK, "{second}");
+    assert_eq!(names(&second), ["cm-3", "cm-4"], "the list as it was, not as it is");
+    assert_eq!(second["metadata"]["resourceVersion"], revision);
+    assert_eq!(second["items"][1]["data"]["n"], "cm-4", "the value it had then");
+    for (index, name) in [(0, "cm-3"), (1, "cm-4")] {
+        assert_eq!(
+            second["items"][index]["metadata"]["resourceVersion"].as_str(),
+            created[name].metadata.resource_version.as_deref(),
+            "{name} has the resourceVersion it had then"
+        );
+    }
+    let token = second["metadata"]["continue"].as_str().expect("a third page").to_owned();
+    let (code, third) = page(&client, &format!("limit=2&continue={token}")).await;
+    assert_eq!(code, StatusCode::OK, "{third}");
+    assert_eq!(names(&third), ["cm-5"]);
+    assert!(third["metadata"].get("continue").is_none(), "{third}");
+
+    // Without a limit, everything now.
+    let (_, all) = page(&client, "").await;
+    assert_eq!(names(&all), ["cm-1", "cm-2", "cm-2a", "cm-4", "cm-5"]);
+    // A selector pages over what passes it.
+    let (_, selected) = page(&client, "limit=1&fieldSelector=metadata.name%3Dcm-5").await;
+    assert_eq!(names(&selected), ["cm-5"]);
+    assert!(selected["metadata"].get("continue").is_none());
+
+    let (code, status) = page(&client, "limit=2&continue=garbage").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continue_token_expires_with_the_history_it_needs() {
+    let server =
+        TestController::start_with("writes-pages-expired", |config| config.history_revisions = 5)
+            .await;
+    let client = server.client();
+    for name in ["cm-1", "cm-2", "cm-3"] {
+        client.create::<ConfigMap>(Some("default"), &config_map(name)).await.unwrap();
+    }
+    let (_, first) = page(&client, "limit=1").await;
+    let token = first["metadata"]["continue"].as_str().unwrap().to_owned();
+    for i in 0..10 {
+        client
+            .merge_patch::<ConfigMap>(
+                Some("default"),
+                "cm-2",
+                &json!({"data": {"i": i.to_string()}}),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let (code, status) = page(&client, &format!("limit=1&continue={token}")).await;
+    assert_eq!(code, StatusCode::GONE, "{status}");
+    assert_eq!(status["reason"], "Expired");
 }

@@ -79,6 +79,14 @@ impl WriteOptions {
     }
 }
 
+/// The page a list asks for (`limit`, `continue`).
+#[derive(Clone, Debug, Default)]
+pub struct PageRequest {
+    /// At most this many objects; `None` for all.
+    pub limit: Option<usize>,
+    pub continue_token: Option<String>,
+}
+
 /// What a write answers: the object, whether it was created (201) rather than changed, and
 /// warnings for the client (`Warning` headers).
 #[derive(Debug)]
@@ -161,6 +169,7 @@ pub trait KindHandler: Send + Sync {
         &self,
         namespace: Option<&str>,
         filter: &ListFilter,
+        page: &PageRequest,
         format: ResponseFormat,
     ) -> Result<Value, ApiError>;
     async fn watch(
@@ -677,10 +686,21 @@ impl<S: Strategy> KindHandler for Handler<S> {
         &self,
         namespace: Option<&str>,
         filter: &ListFilter,
+        page: &PageRequest,
         format: ResponseFormat,
     ) -> Result<Value, ApiError> {
-        let (items, revision) = self.kind.list(namespace, filter).await?;
-        self.render(&items, format, Some(revision), true)
+        let page = self
+            .kind
+            .list_page(namespace, filter, page.limit, page.continue_token.as_deref())
+            .await?;
+        let mut list = self.render(&page.items, format, Some(page.revision), true)?;
+        if let Some(token) = page.continue_token {
+            list["metadata"]["continue"] = Value::String(token);
+        }
+        if let Some(remaining) = page.remaining {
+            list["metadata"]["remainingItemCount"] = Value::from(remaining);
+        }
+        Ok(list)
     }
 
     async fn watch(

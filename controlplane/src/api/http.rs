@@ -23,8 +23,8 @@ use super::{
     deletion::PropagationPolicy,
     error::ApiError,
     handler::{
-        FieldValidation, KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written,
-        duplicate_fields,
+        FieldValidation, KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut,
+        WriteOptions, Written, duplicate_fields,
     },
     kind::{DeleteRequest, KindInfo},
     openapi, protobuf,
@@ -300,6 +300,9 @@ struct Params {
     field_validation: Option<String>,
     field_manager: Option<String>,
     force: Option<String>,
+    limit: Option<String>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
     grace_period_seconds: Option<String>,
     propagation_policy: Option<String>,
     orphan_dependents: Option<String>,
@@ -360,6 +363,24 @@ impl Params {
             field_manager_given: given.is_some(),
             force: flag(self.force.as_deref()),
         })
+    }
+
+    fn page(&self) -> Result<PageRequest, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None | Some("") => None,
+            Some(text) => match text.parse::<usize>() {
+                // `limit=0` is no limit, as in Kubernetes.
+                Ok(0) => None,
+                Ok(limit) => Some(limit),
+                Err(_) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit {text:?} is not a non-negative integer"
+                    )));
+                }
+            },
+        };
+        let continue_token = self.continue_token.clone().filter(|t| !t.is_empty());
+        Ok(PageRequest { limit, continue_token })
     }
 
     fn filter(&self, handler: &dyn KindHandler) -> Result<ListFilter, ApiError> {
@@ -544,7 +565,7 @@ async fn route(
                 if flag(params.watch.as_deref()) {
                     return watch(state, handler, namespace, filter, params, format).await;
                 }
-                let list = handler.list(namespace, &filter, format).await?;
+                let list = handler.list(namespace, &filter, &params.page()?, format).await?;
                 Ok(json_response(StatusCode::OK, &list))
             }
             Method::POST => {

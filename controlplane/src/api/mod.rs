@@ -12,6 +12,7 @@ pub mod managed_fields;
 pub mod merge_patch;
 pub mod metadata;
 pub mod openapi;
+pub mod pagination;
 pub mod patch_schema;
 pub mod protobuf;
 pub mod quantity;

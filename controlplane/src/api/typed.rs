@@ -21,6 +21,7 @@ use super::{
     kind::{DeletePlan, DeleteRequest, Strategy, TxnExtras},
     kinds::namespace::{NAMESPACE_TERMINATING, namespace_key},
     managed_fields::{self, Manager, OPERATION_UPDATE},
+    pagination::{self, ContinueToken},
     patch_schema::kind_schema,
     selectors::{FieldSelector, LabelSelector},
     validation,
@@ -74,6 +75,18 @@ impl WriteContext {
     pub fn dry_run(dry_run: bool) -> Self {
         Self { dry_run, ownership: FieldOwnership::Untracked }
     }
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct ListPage<K> {
+    pub items: Vec<K>,
+    /// The revision the list shows (that of its first page).
+    pub revision: Revision,
+    /// Where the next page starts, when there is one.
+    pub continue_token: Option<String>,
+    /// How many objects the next pages hold (only for lists without selectors).
+    pub remaining: Option<i64>,
 }
 
 /// Label and field selectors of a list or watch.
@@ -488,6 +501,73 @@ impl<S: Strategy> TypedKind<S> {
             }
         }
         Ok((items, list.revision))
+    }
+
+    /// One page of a list: at most `limit` objects passing `filter`, after the continue token's
+    /// key and as of its revision (see [`pagination`](super::pagination)).
+    pub async fn list_page(
+        &self,
+        namespace: Option<&str>,
+        filter: &ListFilter,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage<S::Object>, ApiError> {
+        let prefix = self.strategy.info().collection_prefix(self.namespace_of(namespace));
+        let live = self
+            .store
+            .list(&prefix)
+            .await
+            .map_err(ApiError::store(format!("listing {}", self.plural())))?;
+        let (kvs, revision, after_key) = match continue_token {
+            None => (live.items, live.revision, None),
+            Some(text) => {
+                let token = ContinueToken::decode(text)?;
+                if !token.after_key.starts_with(&prefix) {
+                    return Err(ApiError::BadRequest(
+                        "the continue token belongs to another list".to_owned(),
+                    ));
+                }
+                let kvs = pagination::list_at(
+                    self.store.as_ref(),
+                    &prefix,
+                    token.revision,
+                    live.items,
+                    live.revision,
+                )
+                .await?;
+                (kvs, token.revision, Some(token.after_key))
+            }
+        };
+        let unfiltered = filter.labels.is_empty() && filter.fields.is_empty();
+        let mut items = Vec::new();
+        let mut continue_token = None;
+        let mut remaining = None;
+        let mut rest = kvs
+            .iter()
+            .filter(|kv| after_key.as_deref().is_none_or(|after| kv.key.as_str() > after));
+        for kv in rest.by_ref() {
+            let object = self.decode(kv)?;
+            if !self.matches(filter, &object) {
+                continue;
+            }
+            if limit.is_some_and(|limit| items.len() >= limit) {
+                // One more passes: the page is full and the list goes on.
+                let last = items.last().map(|o: &S::Object| {
+                    self.key(
+                        o.metadata().namespace.as_deref(),
+                        o.metadata().name.as_deref().unwrap_or_default(),
+                    )
+                });
+                continue_token =
+                    last.map(|after_key| ContinueToken { revision, after_key }.encode());
+                if unfiltered {
+                    remaining = Some(1 + rest.count() as i64);
+                }
+                break;
+            }
+            items.push(object);
+        }
+        Ok(ListPage { items, revision, continue_token, remaining })
     }
 
     /// Turns a proposed new version into what is stored: server-owned metadata comes from the

@@ -335,6 +335,8 @@ impl<S: Strategy> TypedKind<S> {
         };
         let info = self.strategy.info();
         let namespace = self.namespace_of(namespace);
+        // A generated name that is taken is generated again, as Kubernetes does.
+        let mut generated_from: Option<String> = None;
         {
             let meta = object.metadata_mut();
             if info.namespaced {
@@ -361,6 +363,7 @@ impl<S: Strategy> TypedKind<S> {
                 && let Some(prefix) = meta.generate_name.as_deref().filter(|p| !p.is_empty())
             {
                 meta.name = Some(format!("{prefix}{}", random_suffix()));
+                generated_from = Some(prefix.to_owned());
             }
             reset_server_metadata(meta);
             // `Some(_)` from spec_changed marks a kind whose generation counts spec changes.
@@ -378,8 +381,8 @@ impl<S: Strategy> TypedKind<S> {
                 self.record_update(manager, UpdateMode::Main, None, &mut object)?;
             }
         }
-        let name = object.metadata().name.clone().unwrap_or_default();
-        let key = self.key(namespace, &name);
+        let mut name = object.metadata().name.clone().unwrap_or_default();
+        let mut key = self.key(namespace, &name);
 
         for _ in 0..MAX_ATTEMPTS {
             let mut compares = vec![Compare::Absent { key: key.clone() }];
@@ -406,10 +409,15 @@ impl<S: Strategy> TypedKind<S> {
                     return Ok(candidate);
                 }
                 TxnOutcome::CompareFailed { index: 0 } => {
-                    return Err(ApiError::AlreadyExists {
-                        resource: self.plural().to_owned(),
-                        name,
-                    });
+                    let Some(prefix) = &generated_from else {
+                        return Err(ApiError::AlreadyExists {
+                            resource: self.plural().to_owned(),
+                            name,
+                        });
+                    };
+                    name = format!("{prefix}{}", random_suffix());
+                    key = self.key(namespace, &name);
+                    object.metadata_mut().name = Some(name.clone());
                 }
                 // The namespace or a claim changed meanwhile: look again.
                 TxnOutcome::CompareFailed { .. } => continue,

@@ -52,7 +52,7 @@ fn owner_reference<
     }
 }
 
-/// A headless-free service without a selector: no endpoints, nothing else acts on it.
+/// A service without a selector: no endpoints, nothing else acts on it.
 fn service(name: &str) -> Service {
     Service {
         metadata: meta(name),
@@ -205,7 +205,7 @@ async fn background_deletion_removes_the_owner_at_once_and_a_chain_of_dependents
         .create(Some("default"), &with_owners(service("middle"), vec![owner_reference(&top, true)]))
         .await
         .unwrap();
-    let leaf: Pod = client
+    client
         .create(Some("default"), &with_owners(pod("leaf"), vec![owner_reference(&middle, true)]))
         .await
         .unwrap();
@@ -224,7 +224,6 @@ async fn background_deletion_removes_the_owner_at_once_and_a_chain_of_dependents
     assert!(!exists::<ReplicaSet>(&client, Some("default"), "top").await, "the owner goes at once");
     wait_gone::<Service>(&client, Some("default"), "middle").await;
     wait_gone::<Pod>(&client, Some("default"), "leaf").await;
-    drop(leaf);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,4 +469,41 @@ async fn a_terminating_namespace_refuses_new_content_deletes_all_of_it_and_then_
     client.create(None, &namespace("team")).await.unwrap();
     let (pods, _) = client.list::<Pod>(team, "").await.unwrap();
     assert!(pods.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_across_namespaces_follow_kubernetes_rules() {
+    use k8s_openapi::api::core::v1::Node;
+    use strait_controlplane::testing::node;
+
+    let controller = TestController::start("lifecycle-scopes").await;
+    let client = controller.client();
+    client.create(None, &namespace("other")).await.unwrap();
+    let elsewhere: ReplicaSet =
+        client.create(Some("other"), &empty_replica_set("elsewhere")).await.unwrap();
+    // A namespaced owner is looked for in its dependent's namespace only: absent there, the
+    // dependent goes, although an object with that uid lives in another namespace.
+    client
+        .create(
+            Some("default"),
+            &with_owners(pod("astray"), vec![owner_reference(&elsewhere, true)]),
+        )
+        .await
+        .unwrap();
+    // A cluster-scoped dependent cannot have a namespaced owner: the reference is
+    // unresolvable and the node is never collected over it.
+    client
+        .create(
+            None,
+            &with_owners(
+                node("owned-node", "172.20.0.7", true),
+                vec![owner_reference(&elsewhere, true)],
+            ),
+        )
+        .await
+        .unwrap();
+    wait_gone::<Pod>(&client, Some("default"), "astray").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(exists::<Node>(&client, None, "owned-node").await);
+    assert!(exists::<ReplicaSet>(&client, Some("other"), "elsewhere").await);
 }

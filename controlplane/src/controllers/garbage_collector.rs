@@ -192,7 +192,13 @@ impl Graph {
             return Ok(OwnerState::Live);
         };
         let handler = &self.handlers[kind];
-        // An owner is in its dependent's namespace, or cluster-scoped.
+        // A cluster-scoped object cannot be owned by a namespaced one: Kubernetes takes such a
+        // reference as unresolvable and never collects the dependent over it.
+        if namespace.is_none() && handler.info().namespaced {
+            return Ok(OwnerState::Live);
+        }
+        // An owner is in its dependent's namespace (one elsewhere counts as absent), or
+        // cluster-scoped.
         let owner_namespace = namespace.filter(|_| handler.info().namespaced);
         let meta = match by_uid.get(reference.uid.as_str()) {
             Some(owner)

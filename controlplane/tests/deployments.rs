@@ -2,7 +2,7 @@
 //! subresource) and the deployment controller's rollouts, observed change by change.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 use strait_controlplane::{
     client::ApiClient,
-    testing::{TestController, eventually, node},
+    testing::{AgentTiming, SimulatedAgent, TestController, eventually, first_image, node},
 };
 
 fn deployment(name: &str, replicas: i32) -> Deployment {
@@ -213,39 +213,6 @@ async fn the_scale_subresource_reads_and_writes_replicas_of_deployments_and_repl
 // The controller. A simulated node agent makes bound pods Running and Ready and finishes
 // graceful deletions after a while; an observer watches every pod and replica set change.
 
-/// Plays the node agent of every node: a bound pod turns Running and Ready `ready_after` after
-/// it is first seen (never, for images named in `never_ready`), and a terminating pod is
-/// removed `stop_after` after its deletion began. Records when each pod turned ready.
-struct FakeAgent {
-    task: tokio::task::JoinHandle<()>,
-    ready_at: Arc<Mutex<HashMap<String, Instant>>>,
-}
-
-#[derive(Clone)]
-struct AgentTiming {
-    ready_after: Duration,
-    stop_after: Duration,
-    never_ready: Vec<String>,
-}
-
-impl Default for AgentTiming {
-    fn default() -> Self {
-        Self {
-            ready_after: Duration::from_millis(150),
-            stop_after: Duration::from_millis(200),
-            never_ready: Vec::new(),
-        }
-    }
-}
-
-fn image_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
-        .and_then(|c| c.image.clone())
-        .unwrap_or_default()
-}
-
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
@@ -255,71 +222,6 @@ fn is_ready(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-impl FakeAgent {
-    fn start(client: ApiClient, timing: AgentTiming) -> Self {
-        let ready_at = Arc::new(Mutex::new(HashMap::new()));
-        let recorded = Arc::clone(&ready_at);
-        let task = tokio::spawn(async move {
-            let mut first_seen: HashMap<String, Instant> = HashMap::new();
-            let mut deleting_since: HashMap<String, Instant> = HashMap::new();
-            let mut next_ip = 2u32;
-            loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let Ok((pods, _)) = client.list::<Pod>(Some("default"), "").await else {
-                    continue;
-                };
-                for pod in pods {
-                    let name = pod_name(&pod);
-                    let uid = pod.metadata.uid.clone().unwrap_or_default();
-                    let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-                    if pod.metadata.deletion_timestamp.is_some() {
-                        let since = *deleting_since.entry(uid.clone()).or_insert_with(Instant::now);
-                        if since.elapsed() >= timing.stop_after {
-                            let _ = client
-                                .delete_with_uid::<Pod>(Some("default"), &name, Some(0), Some(&uid))
-                                .await;
-                        }
-                        continue;
-                    }
-                    if !bound || is_ready(&pod) || timing.never_ready.contains(&image_of(&pod)) {
-                        continue;
-                    }
-                    let seen = *first_seen.entry(uid).or_insert_with(Instant::now);
-                    if seen.elapsed() < timing.ready_after {
-                        continue;
-                    }
-                    next_ip += 1;
-                    let ip = format!("10.244.{}.{}", next_ip / 250, next_ip % 250 + 2);
-                    let now = strait_controlplane::api::typed::current_time();
-                    let status = json!({"status": {
-                        "phase": "Running", "podIP": ip,
-                        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-                    }});
-                    if client
-                        .merge_patch::<Pod>(Some("default"), &name, &status, true)
-                        .await
-                        .is_ok()
-                    {
-                        recorded.lock().unwrap().insert(name, Instant::now());
-                    }
-                }
-            }
-        });
-        Self { task, ready_at }
-    }
-
-    /// When a pod turned ready, as the agent saw it.
-    fn ready_at(&self, pod: &str) -> Option<Instant> {
-        self.ready_at.lock().unwrap().get(pod).copied()
-    }
-}
-
-impl Drop for FakeAgent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// Every state of the pods and of the replica sets the watches delivered, one snapshot per
@@ -453,7 +355,7 @@ async fn rolled_out(client: &ApiClient, name: &str, version: &str, seconds: u64)
             .ok()?;
         let active: Vec<&Pod> = pods.iter().filter(|p| active(p)).collect();
         let all_new =
-            active.len() == replicas as usize && active.iter().all(|p| image_of(p) == image);
+            active.len() == replicas as usize && active.iter().all(|p| first_image(p) == image);
         (done && all_new).then_some(deployment)
     })
     .await
@@ -484,11 +386,11 @@ fn annotation(
     meta.annotations.as_ref().and_then(|a| a.get(key)).cloned()
 }
 
-async fn cluster(label: &str, timing: AgentTiming) -> (TestController, ApiClient, FakeAgent) {
+async fn cluster(label: &str, timing: AgentTiming) -> (TestController, ApiClient, SimulatedAgent) {
     let server = TestController::start(label).await;
     let client = server.client();
     client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
-    let agent = FakeAgent::start(client.clone(), timing);
+    let agent = SimulatedAgent::start(client.clone(), "default", timing);
     (server, client, agent)
 }
 
@@ -528,7 +430,7 @@ async fn roll_within(
         assert!(running <= max_active, "{name}: {running} active pods, more than {max_active}");
         assert!(ready >= min_ready, "{name}: {ready} ready pods, fewer than {min_ready}");
         let versions: BTreeSet<String> =
-            pods.iter().filter(|p| active(p)).map(|p| image_of(p)).collect();
+            pods.iter().filter(|p| active(p)).map(|p| first_image(p)).collect();
         saw_both |= versions.len() == 2;
     }
     assert!(saw_both, "{name}: never saw both versions at once: not a rolling update");
@@ -762,8 +664,8 @@ async fn recreate_removes_every_old_pod_before_the_first_new_one() {
     let states = observer.pod_states();
     let mut saw_terminating = false;
     for (_, pods) in &states {
-        let old: Vec<&Pod> = pods.values().filter(|p| image_of(p).ends_with(":v1")).collect();
-        let new = pods.values().filter(|p| image_of(p).ends_with(":v2")).count();
+        let old: Vec<&Pod> = pods.values().filter(|p| first_image(p).ends_with(":v1")).collect();
+        let new = pods.values().filter(|p| first_image(p).ends_with(":v2")).count();
         saw_terminating |= old.iter().any(|p| !active(p));
         assert!(
             old.is_empty() || new == 0,
@@ -793,11 +695,11 @@ async fn new_pods_count_as_available_only_after_min_ready_seconds() {
     // Whenever an old pod began terminating, as many new pods had been ready for 2 s.
     let mut deleted = BTreeSet::new();
     for (at, pods) in observer.pod_states() {
-        for pod in pods.values().filter(|p| image_of(p).ends_with(":v1") && !active(p)) {
+        for pod in pods.values().filter(|p| first_image(p).ends_with(":v1") && !active(p)) {
             if deleted.insert(pod_name(pod)) {
                 let held = pods
                     .values()
-                    .filter(|p| image_of(p).ends_with(":v2"))
+                    .filter(|p| first_image(p).ends_with(":v2"))
                     .filter_map(|p| agent.ready_at(&pod_name(p)))
                     .filter(|ready| at.duration_since(*ready) >= Duration::from_secs(2))
                     .count();

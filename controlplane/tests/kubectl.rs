@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{Value, json};
 use strait_controlplane::{
     client::ApiClient,
-    testing::{TestController, eventually, node, pod},
+    testing::{AgentTiming, SimulatedAgent, TestController, eventually, node, pod},
 };
 use support::kubectl::Kubectl;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -397,45 +397,97 @@ spec:
         image: strait/netexec
 ";
 
-/// `kubectl create deployment` (a JSON POST up to 1.31, protobuf from 1.32) or, for the
-/// versions that send protobuf, `kubectl apply -f` of the same deployment.
-async fn kubectl_creates_and_scales_deployments(version: &str) {
+/// Cells of a deployment's row in `kubectl get deploy`, once its pods are all ready.
+async fn ready_row(kubectl: &Kubectl, name: &str, ready: &str) -> Vec<String> {
+    eventually(&format!("{name} at {ready}"), 20, || async {
+        let listed = kubectl.ok(&["get", "deploy", name]).await;
+        let cells: Vec<String> = row(&listed, name).iter().map(|c| (*c).to_owned()).collect();
+        (cells[1] == ready).then_some(cells)
+    })
+    .await
+}
+
+/// Deployments through stock kubectl, with a simulated agent making pods ready: create
+/// (`create deployment` is a JSON POST up to 1.31; 1.32+ send protobuf, so those versions
+/// create by `apply -f`), get, scale, rollout status and rollout history.
+async fn kubectl_rolls_deployments(version: &str) {
     let server = TestController::start(&format!("kubectl-deploy-{version}")).await;
     let client = server.client();
     let kubectl = Kubectl::new(version, &server);
+    client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
+    let _agent = SimulatedAgent::start(client.clone(), "default", AgentTiming::default());
 
-    let created = kubectl
-        .ok(&["create", "deployment", "web", "--image=strait/netexec", "--replicas=2"])
-        .await;
-    assert_eq!(created.trim(), "deployment.apps/web created");
     let manifest = server.data_dir().join("deployment.yaml");
     std::fs::write(&manifest, DEPLOYMENT_YAML).unwrap();
     let applied = kubectl.ok(&["apply", "-f", &manifest.to_string_lossy()]).await;
     assert_eq!(applied.trim(), "deployment.apps/api created");
+    let web = if version == "1.27" || version == "1.31" {
+        let created = kubectl
+            .ok(&["create", "deployment", "web", "--image=strait/netexec:v1", "--replicas=2"])
+            .await;
+        assert_eq!(created.trim(), "deployment.apps/web created");
+        "web"
+    } else {
+        "api"
+    };
+    let container = if web == "web" { "netexec" } else { "api" };
 
+    let status =
+        kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
+    assert!(status.contains(&format!("deployment \"{web}\" successfully rolled out")), "{status}");
     let listed = kubectl.ok(&["get", "deploy"]).await;
     assert_eq!(
         header(&listed).split_whitespace().collect::<Vec<_>>(),
         ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
     );
-    assert_eq!(row(&listed, "web")[1], "0/2", "{listed}");
+    assert_eq!(&row(&listed, web)[1..4], ["2/2", "2", "2"], "{listed}");
     let wide = kubectl.ok(&["get", "deployments", "-o", "wide"]).await;
     assert_eq!(
         header(&wide).split_whitespace().collect::<Vec<_>>(),
         ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]
     );
-    assert_eq!(&row(&wide, "web")[5..], ["netexec", "strait/netexec", "app=web"], "{wide}");
+    assert_eq!(row(&wide, web)[5], container, "{wide}");
+    assert_eq!(row(&wide, web)[7], format!("app={web}"), "{wide}");
+    let sets = kubectl.ok(&["get", "rs", "-l", &format!("app={web}")]).await;
+    assert_eq!(sets.lines().count(), 2, "one replica set: {sets}");
 
-    let scaled = kubectl.ok(&["scale", "deployment", "web", "--replicas=4"]).await;
-    assert_eq!(scaled.trim(), "deployment.apps/web scaled");
-    let stored: k8s_openapi::api::apps::v1::Deployment =
-        client.get(Some("default"), "web").await.unwrap().unwrap();
-    assert_eq!(stored.spec.unwrap().replicas, Some(4));
-    let refused = kubectl.run(&["scale", "deployment", "web", "--replicas=-1"]).await;
-    assert!(!refused.ok);
+    // kubectl scale: GET, then a merge patch of /scale.
+    let scaled = kubectl.ok(&["scale", "deployment", web, "--replicas=3"]).await;
+    assert_eq!(scaled.trim(), format!("deployment.apps/{web} scaled"));
+    ready_row(&kubectl, web, "3/3").await;
+
+    // A second revision, with its change cause (annotations are merge patches).
+    kubectl.ok(&["annotate", "deployment", web, "kubernetes.io/change-cause=image v2"]).await;
+    let template = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": container, "image": "strait/netexec:v2"}]}}}});
+    kubectl.ok(&["patch", "deployment", web, "--type=merge", "-p", &template.to_string()]).await;
+    let status =
+        kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let history = kubectl.ok(&["rollout", "history", &format!("deployment/{web}")]).await;
+    let revisions: Vec<Vec<&str>> = history
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cells| cells.first().is_some_and(|c| c.parse::<u32>().is_ok()))
+        .collect();
+    assert_eq!(revisions.len(), 2, "{history}");
+    assert_eq!(revisions[1], ["2", "image", "v2"], "{history}");
+    let detail =
+        kubectl.ok(&["rollout", "history", &format!("deployment/{web}"), "--revision=2"]).await;
+    assert!(detail.contains("strait/netexec:v2"), "{detail}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_1_27_creates_and_scales_deployments() {
-    kubectl_creates_and_scales_deployments("1.27").await;
+async fn kubectl_1_27_rolls_deployments() {
+    kubectl_rolls_deployments("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_rolls_deployments() {
+    kubectl_rolls_deployments("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_33_rolls_deployments() {
+    kubectl_rolls_deployments("1.33").await;
 }

@@ -12,7 +12,7 @@ use http::Method;
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, ReplicaSet},
-        core::v1::{Node, Pod},
+        core::v1::{Event, Node, Pod},
     },
     apimachinery::pkg::apis::meta::v1::WatchEvent,
 };
@@ -554,6 +554,27 @@ async fn replica_sets_are_named_by_template_hash_owned_and_numbered_by_revision(
     );
     let available = conditions.iter().find(|c| c.type_ == "Available").unwrap();
     assert_eq!(available.status, "True");
+
+    // Every resize is an event of the deployment, as kubectl describe shows them.
+    let v3_name =
+        sets.iter().find(|s| set_image(s).ends_with(":v3")).unwrap().metadata.name.clone().unwrap();
+    let messages = eventually("scaling events", 10, || async {
+        let (events, _) = client.list::<Event>(Some("default"), "").await.ok()?;
+        let messages: Vec<String> = events
+            .into_iter()
+            .filter(|e| {
+                e.involved_object.kind.as_deref() == Some("Deployment")
+                    && e.reason.as_deref() == Some("ScalingReplicaSet")
+            })
+            .filter_map(|e| e.message)
+            .collect();
+        messages
+            .iter()
+            .any(|m| *m == format!("Scaled down replica set {v3_name} from 1 to 0"))
+            .then_some(messages)
+    })
+    .await;
+    assert!(messages.iter().any(|m| m.starts_with("Scaled up replica set web-")), "{messages:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,16 +42,19 @@ use super::{
     CacheChanges, ObjectCache, Reconciler,
     replica_set::{is_available, precise_now},
 };
-use crate::api::{
-    Registry,
-    error::ApiError,
-    kind::{DeleteRequest, Strategy},
-    kinds::{
-        deployment::{DeploymentStrategy, is_recreate, rolling_bounds},
-        pod::{PodStrategy, is_terminated},
-        replica_set::{ReplicaSetStrategy, selects},
+use crate::{
+    api::{
+        Registry,
+        error::ApiError,
+        kind::{DeleteRequest, Strategy},
+        kinds::{
+            deployment::{DeploymentStrategy, is_recreate, rolling_bounds},
+            pod::{PodStrategy, is_terminated},
+            replica_set::{ReplicaSetStrategy, selects},
+        },
+        typed::{UpdateMode, current_time},
     },
-    typed::{UpdateMode, current_time},
+    events::EventRecorder,
 };
 
 /// The revision of a replica set, and of the deployment (its new set's).
@@ -103,6 +106,7 @@ pub struct DeploymentController {
     changed: bool,
     /// Deployments that want a pass at a moment even if nothing changes (progress deadlines).
     due: BTreeMap<DeploymentKey, Timestamp>,
+    events: EventRecorder,
 }
 
 impl DeploymentController {
@@ -111,6 +115,7 @@ impl DeploymentController {
             deployments: ObjectCache::logging_changes(Arc::clone(&registry.deployments)),
             sets: ObjectCache::logging_changes(Arc::clone(&registry.replica_sets)),
             pods: ObjectCache::logging_changes(Arc::clone(&registry.pods)),
+            events: EventRecorder::spawn(Arc::clone(&registry.events), "deployment-controller"),
             registry,
             dirty: BTreeSet::new(),
             changed: false,
@@ -563,11 +568,16 @@ impl DeploymentController {
                 },
             )
             .await?;
-        tracing::debug!(
-            replica_set = name_of(&set.metadata),
-            from = spec_replicas(set),
-            to = replicas,
-            "scaled a replica set"
+        let from = spec_replicas(set);
+        tracing::debug!(replica_set = name_of(&set.metadata), from, to = replicas, "scaled");
+        let direction = if replicas > from { "up" } else { "down" };
+        self.events.normal(
+            deployment,
+            "ScalingReplicaSet",
+            format!(
+                "Scaled {direction} replica set {} from {from} to {replicas}",
+                name_of(&set.metadata)
+            ),
         );
         self.sets.record_write(updated.clone());
         family.replace(updated);
@@ -657,6 +667,14 @@ impl DeploymentController {
                     revision = next_revision,
                     replicas,
                     "created a new replica set"
+                );
+                self.events.normal(
+                    deployment,
+                    "ScalingReplicaSet",
+                    format!(
+                        "Scaled up replica set {} from 0 to {replicas}",
+                        name_of(&created.metadata)
+                    ),
                 );
                 notes.progressing = Some(new_condition(
                     CONDITION_PROGRESSING,

@@ -475,6 +475,26 @@ async fn kubectl_rolls_deployments(version: &str) {
     let detail =
         kubectl.ok(&["rollout", "history", &format!("deployment/{web}"), "--revision=2"]).await;
     assert!(detail.contains("strait/netexec:v2"), "{detail}");
+    // describe: the new and old replica sets (found by selector and owner) and the events.
+    let described = kubectl.ok(&["describe", "deployment", web]).await;
+    let new_set = eventually("the new set in describe", 10, || async {
+        let sets = kubectl.ok(&["get", "rs", "-l", &format!("app={web}"), "--no-headers"]).await;
+        sets.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.get(1) == Some(&"3"))
+            .map(|cells| cells[0].to_owned())
+    })
+    .await;
+    assert!(
+        described.contains(&format!("NewReplicaSet:   {new_set} (3/3 replicas created)")),
+        "{described}"
+    );
+    let described = eventually("scaling events in describe", 10, || async {
+        let described = kubectl.ok(&["describe", "deployment", web]).await;
+        described.contains("Scaled down replica set").then_some(described)
+    })
+    .await;
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

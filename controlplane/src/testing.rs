@@ -506,7 +506,7 @@ impl SimulatedAgent {
             let mut deleting_since: HashMap<String, Instant> = HashMap::new();
             let mut next_ip = 2u32;
             loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 // A failed list is retried on the next round, as an agent's relist would be.
                 let Ok((pods, _)) = client.list::<Pod>(namespace, "").await else { continue };
                 for pod in pods {

@@ -394,7 +394,7 @@ spec:
     spec:
       containers:
       - name: api
-        image: strait/netexec
+        image: strait/netexec:v1
 ";
 
 /// Cells of a deployment's row in `kubectl get deploy`, once its pods are all ready.
@@ -408,8 +408,8 @@ async fn ready_row(kubectl: &Kubectl, name: &str, ready: &str) -> Vec<String> {
 }
 
 /// Deployments through stock kubectl, with a simulated agent making pods ready: create
-/// (`create deployment` is a JSON POST up to 1.31; 1.32+ send protobuf, so those versions
-/// create by `apply -f`), get, scale, rollout status and rollout history.
+/// deployment and apply -f, get, scale, set image and rollout status, history, undo (to the
+/// previous and to a given revision), pause, resume and restart.
 async fn kubectl_rolls_deployments(version: &str) {
     let server = TestController::start(&format!("kubectl-deploy-{version}")).await;
     let client = server.client();
@@ -421,16 +421,12 @@ async fn kubectl_rolls_deployments(version: &str) {
     std::fs::write(&manifest, DEPLOYMENT_YAML).unwrap();
     let applied = kubectl.ok(&["apply", "-f", &manifest.to_string_lossy()]).await;
     assert_eq!(applied.trim(), "deployment.apps/api created");
-    let web = if version == "1.27" || version == "1.31" {
-        let created = kubectl
-            .ok(&["create", "deployment", "web", "--image=strait/netexec:v1", "--replicas=2"])
-            .await;
-        assert_eq!(created.trim(), "deployment.apps/web created");
-        "web"
-    } else {
-        "api"
-    };
-    let container = if web == "web" { "netexec" } else { "api" };
+    // A JSON POST up to 1.31, protobuf from 1.32.
+    let created = kubectl
+        .ok(&["create", "deployment", "web", "--image=strait/netexec:v1", "--replicas=2"])
+        .await;
+    assert_eq!(created.trim(), "deployment.apps/web created");
+    let (web, container) = ("web", "netexec");
 
     let status =
         kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
@@ -465,13 +461,13 @@ async fn kubectl_rolls_deployments(version: &str) {
         kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
     assert!(status.contains("successfully rolled out"), "{status}");
     let history = kubectl.ok(&["rollout", "history", &format!("deployment/{web}")]).await;
-    let revisions: Vec<Vec<&str>> = history
+    let rows: Vec<Vec<&str>> = history
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|cells| cells.first().is_some_and(|c| c.parse::<u32>().is_ok()))
         .collect();
-    assert_eq!(revisions.len(), 2, "{history}");
-    assert_eq!(revisions[1], ["2", "image", "v2"], "{history}");
+    assert_eq!(rows.len(), 2, "{history}");
+    assert_eq!(rows[1], ["2", "image", "v2"], "{history}");
     let detail =
         kubectl.ok(&["rollout", "history", &format!("deployment/{web}"), "--revision=2"]).await;
     assert!(detail.contains("strait/netexec:v2"), "{detail}");
@@ -495,6 +491,72 @@ async fn kubectl_rolls_deployments(version: &str) {
     })
     .await;
     assert!(described.contains("ScalingReplicaSet"), "{described}");
+
+    // set image (a strategic merge patch of the containers by name) is revision 3.
+    let deployment = format!("deployment/{web}");
+    let image = |version: &str| format!("{container}=strait/netexec:{version}");
+    kubectl.ok(&["set", "image", &deployment, &image("v3")]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["1", "2", "3"]);
+
+    // rollout undo (a JSON patch of the template): revision 2's set runs again, as 4; with
+    // --to-revision, revision 1's, as 5.
+    let undone = kubectl.ok(&["rollout", "undo", &deployment]).await;
+    assert_eq!(undone.trim(), format!("deployment.apps/{web} rolled back"));
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(stored_image(&client, web).await, "strait/netexec:v2");
+    assert_eq!(revisions(&kubectl, &deployment).await, ["1", "3", "4"]);
+    kubectl.ok(&["rollout", "undo", &deployment, "--to-revision=1"]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(stored_image(&client, web).await, "strait/netexec:v1");
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5"]);
+
+    // pause: a template change starts nothing, and undo is refused; resume rolls it out.
+    kubectl.ok(&["rollout", "pause", &deployment]).await;
+    kubectl.ok(&["set", "image", &deployment, &image("v4")]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5"], "no rollout while paused");
+    let refused = kubectl.run(&["rollout", "undo", &deployment]).await;
+    assert!(!refused.ok && refused.stderr.contains("paused"), "{}", refused.stderr);
+    kubectl.ok(&["rollout", "resume", &deployment]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5", "6"]);
+
+    // restart: a new template (its restartedAt stamp), so new pods under revision 7.
+    let (before, _) =
+        client.list::<Pod>(Some("default"), &format!("labelSelector=app%3D{web}")).await.unwrap();
+    kubectl.ok(&["rollout", "restart", &deployment]).await;
+    rollout_done(&kubectl, &deployment).await;
+    let (after, _) =
+        client.list::<Pod>(Some("default"), &format!("labelSelector=app%3D{web}")).await.unwrap();
+    let old: Vec<_> = before.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let live = after.iter().filter(|p| p.metadata.deletion_timestamp.is_none());
+    assert!(live.clone().all(|p| !old.contains(p.metadata.name.as_ref().unwrap())));
+    assert_eq!(live.count(), 3);
+    assert_eq!(revisions(&kubectl, &deployment).await.last().map(String::as_str), Some("7"));
+}
+
+async fn rollout_done(kubectl: &Kubectl, deployment: &str) {
+    let status = kubectl.ok(&["rollout", "status", deployment, "--timeout=30s"]).await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+}
+
+/// The revisions `kubectl rollout history` lists.
+async fn revisions(kubectl: &Kubectl, deployment: &str) -> Vec<String> {
+    let history = kubectl.ok(&["rollout", "history", deployment]).await;
+    history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.parse::<u32>().is_ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn stored_image(client: &ApiClient, name: &str) -> String {
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        client.get(Some("default"), name).await.unwrap().unwrap();
+    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    spec.containers[0].image.clone().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

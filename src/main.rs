@@ -106,6 +106,9 @@ enum NetclientCommand {
         new_every_ms: u64,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// What the new connections ask for (the long-lived ones ask for `/hostname`).
+        #[arg(long, default_value = "/hostname")]
+        path: String,
     },
     /// One DNS query for the A records of a name.
     Dns {
@@ -403,6 +406,10 @@ struct NetexecArgs {
     /// On SIGTERM, keep serving this many seconds before exiting.
     #[arg(long)]
     shutdown_delay_seconds: Option<u64>,
+    /// What `/release` answers: the version of the workload, so that clients can tell a
+    /// rollout's old pods from its new ones.
+    #[arg(long, default_value = "")]
+    release: String,
 }
 
 fn main() -> ExitCode {
@@ -500,12 +507,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     seconds,
                     new_every_ms,
                     timeout_ms,
+                    path,
                 } => serde_json::to_string(&netclient::hold(&netclient::HoldOptions {
                     target,
                     connections,
                     duration: Duration::from_secs(seconds),
                     new_every: Duration::from_millis(new_every_ms),
                     timeout: Duration::from_millis(timeout_ms),
+                    path,
                 }))?,
                 NetclientCommand::Dns { server, name, tcp, timeout_ms } => serde_json::to_string(
                     &netclient::dns(server, &name, tcp, Duration::from_millis(timeout_ms)),
@@ -526,7 +535,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Netexec(args) => {
             let ports = netexec::NetexecPorts { http: args.http_port, udp: args.udp_port };
             let delay = args.shutdown_delay_seconds.map(std::time::Duration::from_secs);
-            netexec::run(ports, delay).await?
+            netexec::run(ports, delay, args.release).await?
         }
     }
     Ok(ExitCode::SUCCESS)

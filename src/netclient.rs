@@ -284,6 +284,8 @@ pub struct HoldOptions {
     /// A new short connection this often, all along.
     pub new_every: Duration,
     pub timeout: Duration,
+    /// What each new connection asks for.
+    pub path: String,
 }
 
 /// What `netclient hold` prints.
@@ -300,6 +302,9 @@ pub struct HoldReport {
     pub new_failed: BTreeMap<String, u32>,
     /// The longest run of consecutive failed new connections, in milliseconds.
     pub new_longest_outage_ms: f64,
+    /// The answers of the new connections in the order they came, as runs of one answer
+    /// (`[["v1", 120], ["v2", 3], ["v1", 1], ["v2", 300]]`): how the answers switched.
+    pub new_answer_runs: Vec<(String, u32)>,
 }
 
 /// One keep-alive request on an HTTP/1.1 connection; the body of `/hostname` is short, so the
@@ -369,10 +374,14 @@ pub fn hold(options: &HoldOptions) -> HoldReport {
         if Instant::now() >= next_new {
             next_new += options.new_every;
             let result = TcpStream::connect_timeout(&target, options.timeout)
-                .and_then(|stream| request(&stream, "/hostname", options.timeout));
+                .and_then(|stream| request(&stream, &options.path, options.timeout));
             match result {
-                Ok(_) => {
+                Ok(answer) => {
                     report.new_ok += 1;
+                    match report.new_answer_runs.last_mut() {
+                        Some((last, count)) if *last == answer => *count += 1,
+                        _ => report.new_answer_runs.push((answer, 1)),
+                    }
                     if let Some(since) = outage_started.take() {
                         let ms = since.elapsed().as_secs_f64() * 1000.0;
                         report.new_longest_outage_ms = report.new_longest_outage_ms.max(ms);

@@ -44,6 +44,7 @@ struct EchoQuery {
 pub async fn run(
     ports: NetexecPorts,
     shutdown_delay: Option<std::time::Duration>,
+    release: String,
 ) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, ports.http))
         .await
@@ -64,8 +65,30 @@ pub async fn run(
                 .layer(axum::extract::DefaultBodyLimit::max(ECHO_BODY_LIMIT)),
         )
         .route("/port", get(move || async move { ports.http.to_string() }))
+        .route("/release", get(move || std::future::ready(release.clone())))
         .route("/healthz", get(|| async { "ok" }));
-    let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>());
+    // With a delay, SIGTERM is followed by that much more serving; then the server stops
+    // accepting and finishes the requests it has before exiting, so that no request that
+    // reached it is cut off.
+    let mut term = match shutdown_delay {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?,
+        ),
+        None => None,
+    };
+    let drained = async move {
+        match (shutdown_delay, term.as_mut()) {
+            (Some(delay), Some(term)) => {
+                term.recv().await;
+                eprintln!("netexec: SIGTERM; serving {delay:?} more before exiting");
+                tokio::time::sleep(delay).await;
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    let http_server = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(drained);
     let udp_server = async move {
         let mut buffer = vec![0u8; 65_536];
         loop {
@@ -84,18 +107,8 @@ pub async fn run(
         #[expect(unreachable_code, reason = "gives the async block its Result type")]
         anyhow::Ok(())
     };
-    let drained = async move {
-        let Some(delay) = shutdown_delay else { return std::future::pending().await };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        term.recv().await;
-        eprintln!("netexec: SIGTERM; serving {delay:?} more before exiting");
-        tokio::time::sleep(delay).await;
-        anyhow::Ok(())
-    };
     tokio::select! {
         served = http_server => served.context("serving HTTP"),
         served = udp_server => served,
-        done = drained => done,
     }
 }

@@ -314,6 +314,10 @@ fn spawn_controllers(
         stopped.clone(),
     ));
     tasks.spawn(controllers::run(
+        controllers::deployment::DeploymentController::new(Arc::clone(registry)),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
         controllers::event_expiry::EventExpiry::new(Arc::clone(&registry.events), event_ttl),
         stopped.clone(),
     ));

@@ -446,3 +446,120 @@ impl Drop for LocalEtcd {
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// How a [`SimulatedAgent`] treats pods.
+#[derive(Clone, Debug)]
+pub struct AgentTiming {
+    /// A bound pod turns Running and Ready this long after the agent first sees it.
+    pub ready_after: Duration,
+    /// A terminating pod is removed this long after the agent first sees it terminating.
+    pub stop_after: Duration,
+    /// Pods of these images never turn ready (a broken version).
+    pub never_ready: Vec<String>,
+}
+
+impl Default for AgentTiming {
+    fn default() -> Self {
+        Self {
+            ready_after: Duration::from_millis(150),
+            stop_after: Duration::from_millis(200),
+            never_ready: Vec::new(),
+        }
+    }
+}
+
+/// Plays the node agent of every node for control-plane tests without a lab: bound pods of
+/// one namespace become Running and Ready, terminating ones are removed (grace 0 with their
+/// uid, as an agent finishes a graceful delete). Records when each pod turned ready. Stops
+/// when dropped.
+pub struct SimulatedAgent {
+    task: tokio::task::JoinHandle<()>,
+    ready_at:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+/// The image of a pod's first container.
+pub fn first_image(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default()
+}
+
+fn has_ready_condition(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl SimulatedAgent {
+    pub fn start(client: crate::client::ApiClient, namespace: &str, timing: AgentTiming) -> Self {
+        use std::{collections::HashMap, time::Instant};
+        let ready_at = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let recorded = std::sync::Arc::clone(&ready_at);
+        let namespace = namespace.to_owned();
+        let task = tokio::spawn(async move {
+            let namespace = Some(namespace.as_str());
+            let mut first_seen: HashMap<String, Instant> = HashMap::new();
+            let mut deleting_since: HashMap<String, Instant> = HashMap::new();
+            let mut next_ip = 2u32;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A failed list is retried on the next round, as an agent's relist would be.
+                let Ok((pods, _)) = client.list::<Pod>(namespace, "").await else { continue };
+                for pod in pods {
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+                    if pod.metadata.deletion_timestamp.is_some() {
+                        let since = *deleting_since.entry(uid.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() >= timing.stop_after {
+                            // Gone already or replaced: either way nothing is left to stop.
+                            let _ = client
+                                .delete_with_uid::<Pod>(namespace, &name, Some(0), Some(&uid))
+                                .await;
+                        }
+                        continue;
+                    }
+                    if !bound
+                        || has_ready_condition(&pod)
+                        || timing.never_ready.contains(&first_image(&pod))
+                    {
+                        continue;
+                    }
+                    let seen = *first_seen.entry(uid).or_insert_with(Instant::now);
+                    if seen.elapsed() < timing.ready_after {
+                        continue;
+                    }
+                    next_ip += 1;
+                    let ip = format!("10.244.{}.{}", next_ip / 250, next_ip % 250 + 2);
+                    let now = crate::api::typed::current_time();
+                    let status = serde_json::json!({"status": {
+                        "phase": "Running", "podIP": ip,
+                        "conditions": [
+                            {"type": "Ready", "status": "True", "lastTransitionTime": now}],
+                    }});
+                    if client.merge_patch::<Pod>(namespace, &name, &status, true).await.is_ok()
+                        && let Ok(mut recorded) = recorded.lock()
+                    {
+                        recorded.insert(name, Instant::now());
+                    }
+                }
+            }
+        });
+        Self { task, ready_at }
+    }
+
+    /// When a pod turned ready, as the agent saw it.
+    pub fn ready_at(&self, pod: &str) -> Option<std::time::Instant> {
+        self.ready_at.lock().ok()?.get(pod).copied()
+    }
+}
+
+impl Drop for SimulatedAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

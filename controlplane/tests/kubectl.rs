@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{Value, json};
 use strait_controlplane::{
     client::ApiClient,
-    testing::{TestController, eventually, node, pod},
+    testing::{AgentTiming, SimulatedAgent, TestController, eventually, node, pod},
 };
 use support::kubectl::Kubectl;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -394,48 +394,182 @@ spec:
     spec:
       containers:
       - name: api
-        image: strait/netexec
+        image: strait/netexec:v1
 ";
 
-/// `kubectl create deployment` (a JSON POST up to 1.31, protobuf from 1.32) or, for the
-/// versions that send protobuf, `kubectl apply -f` of the same deployment.
-async fn kubectl_creates_and_scales_deployments(version: &str) {
+/// Cells of a deployment's row in `kubectl get deploy`, once its pods are all ready.
+async fn ready_row(kubectl: &Kubectl, name: &str, ready: &str) -> Vec<String> {
+    eventually(&format!("{name} at {ready}"), 20, || async {
+        let listed = kubectl.ok(&["get", "deploy", name]).await;
+        let cells: Vec<String> = row(&listed, name).iter().map(|c| (*c).to_owned()).collect();
+        (cells[1] == ready).then_some(cells)
+    })
+    .await
+}
+
+/// Deployments through stock kubectl, with a simulated agent making pods ready: create
+/// deployment and apply -f, get, scale, set image and rollout status, history, undo (to the
+/// previous and to a given revision), pause, resume and restart.
+async fn kubectl_rolls_deployments(version: &str) {
     let server = TestController::start(&format!("kubectl-deploy-{version}")).await;
     let client = server.client();
     let kubectl = Kubectl::new(version, &server);
+    client.create::<Node>(None, &node("node-1", "172.20.0.11", true)).await.unwrap();
+    let _agent = SimulatedAgent::start(client.clone(), "default", AgentTiming::default());
 
-    let created = kubectl
-        .ok(&["create", "deployment", "web", "--image=strait/netexec", "--replicas=2"])
-        .await;
-    assert_eq!(created.trim(), "deployment.apps/web created");
     let manifest = server.data_dir().join("deployment.yaml");
     std::fs::write(&manifest, DEPLOYMENT_YAML).unwrap();
     let applied = kubectl.ok(&["apply", "-f", &manifest.to_string_lossy()]).await;
     assert_eq!(applied.trim(), "deployment.apps/api created");
+    // A JSON POST up to 1.31, protobuf from 1.32.
+    let created = kubectl
+        .ok(&["create", "deployment", "web", "--image=strait/netexec:v1", "--replicas=2"])
+        .await;
+    assert_eq!(created.trim(), "deployment.apps/web created");
+    let (web, container) = ("web", "netexec");
 
+    let status =
+        kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
+    assert!(status.contains(&format!("deployment \"{web}\" successfully rolled out")), "{status}");
     let listed = kubectl.ok(&["get", "deploy"]).await;
     assert_eq!(
         header(&listed).split_whitespace().collect::<Vec<_>>(),
         ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
     );
-    assert_eq!(row(&listed, "web")[1], "0/2", "{listed}");
+    assert_eq!(&row(&listed, web)[1..4], ["2/2", "2", "2"], "{listed}");
     let wide = kubectl.ok(&["get", "deployments", "-o", "wide"]).await;
     assert_eq!(
         header(&wide).split_whitespace().collect::<Vec<_>>(),
         ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]
     );
-    assert_eq!(&row(&wide, "web")[5..], ["netexec", "strait/netexec", "app=web"], "{wide}");
+    assert_eq!(row(&wide, web)[5], container, "{wide}");
+    assert_eq!(row(&wide, web)[7], format!("app={web}"), "{wide}");
+    let sets = kubectl.ok(&["get", "rs", "-l", &format!("app={web}")]).await;
+    assert_eq!(sets.lines().count(), 2, "one replica set: {sets}");
 
-    let scaled = kubectl.ok(&["scale", "deployment", "web", "--replicas=4"]).await;
-    assert_eq!(scaled.trim(), "deployment.apps/web scaled");
-    let stored: k8s_openapi::api::apps::v1::Deployment =
-        client.get(Some("default"), "web").await.unwrap().unwrap();
-    assert_eq!(stored.spec.unwrap().replicas, Some(4));
-    let refused = kubectl.run(&["scale", "deployment", "web", "--replicas=-1"]).await;
-    assert!(!refused.ok);
+    // kubectl scale: GET, then a merge patch of /scale.
+    let scaled = kubectl.ok(&["scale", "deployment", web, "--replicas=3"]).await;
+    assert_eq!(scaled.trim(), format!("deployment.apps/{web} scaled"));
+    ready_row(&kubectl, web, "3/3").await;
+
+    // A second revision, with its change cause (annotations are merge patches).
+    kubectl.ok(&["annotate", "deployment", web, "kubernetes.io/change-cause=image v2"]).await;
+    let template = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": container, "image": "strait/netexec:v2"}]}}}});
+    kubectl.ok(&["patch", "deployment", web, "--type=merge", "-p", &template.to_string()]).await;
+    let status =
+        kubectl.ok(&["rollout", "status", &format!("deployment/{web}"), "--timeout=30s"]).await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let history = kubectl.ok(&["rollout", "history", &format!("deployment/{web}")]).await;
+    let rows: Vec<Vec<&str>> = history
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cells| cells.first().is_some_and(|c| c.parse::<u32>().is_ok()))
+        .collect();
+    assert_eq!(rows.len(), 2, "{history}");
+    assert_eq!(rows[1], ["2", "image", "v2"], "{history}");
+    let detail =
+        kubectl.ok(&["rollout", "history", &format!("deployment/{web}"), "--revision=2"]).await;
+    assert!(detail.contains("strait/netexec:v2"), "{detail}");
+    // describe: the new and old replica sets (found by selector and owner) and the events.
+    let described = kubectl.ok(&["describe", "deployment", web]).await;
+    let new_set = eventually("the new set in describe", 10, || async {
+        let sets = kubectl.ok(&["get", "rs", "-l", &format!("app={web}"), "--no-headers"]).await;
+        sets.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.get(1) == Some(&"3"))
+            .map(|cells| cells[0].to_owned())
+    })
+    .await;
+    assert!(
+        described.contains(&format!("NewReplicaSet:   {new_set} (3/3 replicas created)")),
+        "{described}"
+    );
+    let described = eventually("scaling events in describe", 10, || async {
+        let described = kubectl.ok(&["describe", "deployment", web]).await;
+        described.contains("Scaled down replica set").then_some(described)
+    })
+    .await;
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
+
+    // set image (a strategic merge patch of the containers by name) is revision 3.
+    let deployment = format!("deployment/{web}");
+    let image = |version: &str| format!("{container}=strait/netexec:{version}");
+    kubectl.ok(&["set", "image", &deployment, &image("v3")]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["1", "2", "3"]);
+
+    // rollout undo (a JSON patch of the template): revision 2's set runs again, as 4; with
+    // --to-revision, revision 1's, as 5.
+    let undone = kubectl.ok(&["rollout", "undo", &deployment]).await;
+    assert_eq!(undone.trim(), format!("deployment.apps/{web} rolled back"));
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(stored_image(&client, web).await, "strait/netexec:v2");
+    assert_eq!(revisions(&kubectl, &deployment).await, ["1", "3", "4"]);
+    kubectl.ok(&["rollout", "undo", &deployment, "--to-revision=1"]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(stored_image(&client, web).await, "strait/netexec:v1");
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5"]);
+
+    // pause: a template change starts nothing, and undo is refused; resume rolls it out.
+    kubectl.ok(&["rollout", "pause", &deployment]).await;
+    kubectl.ok(&["set", "image", &deployment, &image("v4")]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5"], "no rollout while paused");
+    let refused = kubectl.run(&["rollout", "undo", &deployment]).await;
+    assert!(!refused.ok && refused.stderr.contains("paused"), "{}", refused.stderr);
+    kubectl.ok(&["rollout", "resume", &deployment]).await;
+    rollout_done(&kubectl, &deployment).await;
+    assert_eq!(revisions(&kubectl, &deployment).await, ["3", "4", "5", "6"]);
+
+    // restart: a new template (its restartedAt stamp), so new pods under revision 7.
+    let (before, _) =
+        client.list::<Pod>(Some("default"), &format!("labelSelector=app%3D{web}")).await.unwrap();
+    kubectl.ok(&["rollout", "restart", &deployment]).await;
+    rollout_done(&kubectl, &deployment).await;
+    let (after, _) =
+        client.list::<Pod>(Some("default"), &format!("labelSelector=app%3D{web}")).await.unwrap();
+    let old: Vec<_> = before.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let live = after.iter().filter(|p| p.metadata.deletion_timestamp.is_none());
+    assert!(live.clone().all(|p| !old.contains(p.metadata.name.as_ref().unwrap())));
+    assert_eq!(live.count(), 3);
+    assert_eq!(revisions(&kubectl, &deployment).await.last().map(String::as_str), Some("7"));
+}
+
+async fn rollout_done(kubectl: &Kubectl, deployment: &str) {
+    let status = kubectl.ok(&["rollout", "status", deployment, "--timeout=30s"]).await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+}
+
+/// The revisions `kubectl rollout history` lists.
+async fn revisions(kubectl: &Kubectl, deployment: &str) -> Vec<String> {
+    let history = kubectl.ok(&["rollout", "history", deployment]).await;
+    history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.parse::<u32>().is_ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn stored_image(client: &ApiClient, name: &str) -> String {
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        client.get(Some("default"), name).await.unwrap().unwrap();
+    let spec = deployment.spec.unwrap().template.spec.unwrap();
+    spec.containers[0].image.clone().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_1_27_creates_and_scales_deployments() {
-    kubectl_creates_and_scales_deployments("1.27").await;
+async fn kubectl_1_27_rolls_deployments() {
+    kubectl_rolls_deployments("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_rolls_deployments() {
+    kubectl_rolls_deployments("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_33_rolls_deployments() {
+    kubectl_rolls_deployments("1.33").await;
 }

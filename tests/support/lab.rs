@@ -304,3 +304,27 @@ pub async fn eventually<T>(
         }
     }
 }
+
+impl TestLab {
+    /// Starts `strait netclient <args>` inside `pod` (its namespace and cgroup), for a run
+    /// that goes on while the test acts; [`netclient_report`] waits for its JSON report.
+    pub fn spawn_netclient(&self, pod: &str, args: &[&str]) -> std::process::Child {
+        let strait = env!("CARGO_BIN_EXE_strait");
+        Command::new(strait)
+            .args(["lab", "exec", "--name", self.name(), pod, "--", strait, "netclient"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting strait netclient in a pod")
+    }
+}
+
+/// Waits for a netclient started by [`TestLab::spawn_netclient`] and returns its report.
+pub fn netclient_report(child: std::process::Child) -> serde_json::Value {
+    let output = child.wait_with_output().expect("waiting for netclient");
+    assert!(output.status.success(), "netclient: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("netclient report {:?}: {e}", String::from_utf8_lossy(&output.stdout))
+    })
+}

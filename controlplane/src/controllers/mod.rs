@@ -3,6 +3,7 @@
 //! of the kinds it reads, filled by a list and kept current by a store watch (relisted when
 //! the watch's history is compacted).
 
+pub mod deployment;
 pub mod endpoint_slice;
 pub mod event_expiry;
 pub mod garbage_collector;
@@ -266,8 +267,8 @@ pub async fn shutdown_signalled(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-/// How long a controller waits between passes when nothing changes: time-based conditions
-/// (none today) and missed errors are caught up at this pace.
+/// How long a controller waits between passes when nothing changes: missed errors are caught
+/// up at this pace (time-based conditions ask for their own pass, [`Reconciler::requeue_after`]).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A level-triggered controller: caches that follow the store, and a pass that converges
@@ -283,6 +284,12 @@ pub trait Reconciler: Send {
     async fn drain_ready(&mut self) -> Result<(), ApiError>;
     /// One pass over everything cached. Idempotent: a pass with nothing to do writes nothing.
     async fn reconcile(&mut self) -> Result<(), ApiError>;
+    /// After a successful pass: how soon the next one is due even if nothing changes (a pod
+    /// becoming available after `minReadySeconds`, a progress deadline). `None`: only changes
+    /// and [`RESYNC_INTERVAL`] bring one.
+    fn requeue_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Runs a controller until shutdown: a pass after every burst of changes, after a backoff
@@ -296,7 +303,7 @@ pub async fn run<R: Reconciler>(mut reconciler: R, mut shutdown: watch::Receiver
             match reconciler.reconcile().await {
                 Ok(()) => {
                     failures.reset();
-                    RESYNC_INTERVAL
+                    reconciler.requeue_after().map_or(RESYNC_INTERVAL, |d| d.min(RESYNC_INTERVAL))
                 }
                 Err(error) => failures.record(name, &error),
             }

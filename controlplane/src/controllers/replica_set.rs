@@ -1,9 +1,11 @@
 //! The replica set controller: each ReplicaSet keeps `replicas` active pods (not terminating,
 //! not finished) that it controls (a controller ownerReference with its uid), made from its
 //! template. Missing pods are created with `generateName: <set>-`, surplus ones deleted
-//! gracefully (unscheduled, then unready, then the newest first), and failed ones deleted so
-//! that they are replaced. Status counts replicas, ready and available pods. Pods whose replica
-//! set is gone are the garbage collector's (their ownerReference).
+//! gracefully (unscheduled, then unready, then ready for the shortest time, then the newest
+//! first), and failed ones deleted so that they are replaced. Status counts replicas, ready and
+//! available pods: a pod is available once it has been ready for the set's `minReadySeconds`,
+//! and the controller wakes up when the next one comes due. Pods whose replica set is gone are
+//! the garbage collector's (their ownerReference).
 //!
 //! Caches lag behind writes, so pods this controller created or deleted but has not seen yet
 //! through its watch are remembered ("expectations") and counted as they will be: a pass never
@@ -19,9 +21,10 @@ use async_trait::async_trait;
 use k8s_openapi::{
     api::{
         apps::v1::{ReplicaSet, ReplicaSetStatus},
-        core::v1::Pod,
+        core::v1::{Pod, PodCondition},
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    jiff::{SignedDuration, Timestamp},
 };
 
 use super::{ObjectCache, Reconciler};
@@ -48,6 +51,8 @@ pub struct ReplicaSetController {
     /// Per replica set uid: pods created and not yet seen, pods deleted and still seen active.
     expectations: HashMap<String, Expectations>,
     events: EventRecorder,
+    /// The earliest moment a ready pod becomes available, seen in the last pass.
+    next_available: Option<Timestamp>,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +76,7 @@ impl ReplicaSetController {
             events: EventRecorder::spawn(Arc::clone(&registry.events), "replicaset-controller"),
             registry,
             expectations: HashMap::new(),
+            next_available: None,
         }
     }
 }
@@ -84,11 +90,42 @@ fn is_active(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none() && !is_terminated(pod)
 }
 
-fn is_ready(pod: &Pod) -> bool {
+fn ready_condition(pod: &Pod) -> Option<&PodCondition> {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    ready_condition(pod).is_some()
+}
+
+/// When a ready pod is (or was) available: once it has been ready for `min_ready_seconds`.
+/// `None` for a pod that is not ready, or that must be ready for a while and does not say
+/// since when. Transition times are whole seconds, cut down: the pod turned ready up to a
+/// second after the one recorded, so that second is added for it to have been ready long
+/// enough.
+pub fn available_since(pod: &Pod, min_ready_seconds: i32) -> Option<Timestamp> {
+    let condition = ready_condition(pod)?;
+    let since = condition.last_transition_time.as_ref().map(|t| t.0);
+    if min_ready_seconds <= 0 {
+        return Some(since.unwrap_or(Timestamp::UNIX_EPOCH));
+    }
+    since?.checked_add(SignedDuration::from_secs(i64::from(min_ready_seconds) + 1)).ok()
+}
+
+/// The current time to the nanosecond (stored timestamps carry whole seconds).
+pub fn precise_now() -> Timestamp {
+    let since =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp::from_nanosecond(since.as_nanos().try_into().unwrap_or(0))
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Whether a pod counts as available at `now` (see [`available_since`]).
+pub fn is_available(pod: &Pod, min_ready_seconds: i32, now: Timestamp) -> bool {
+    available_since(pod, min_ready_seconds).is_some_and(|at| at <= now)
 }
 
 /// The pod a replica set makes from its template.
@@ -117,13 +154,17 @@ fn pod_from_template(set: &ReplicaSet) -> Pod {
     }
 }
 
-/// Which surplus pods go first: unscheduled, then not ready, then the newest.
+/// Which surplus pods go first: unscheduled, then not ready, then ready for the shortest
+/// time (not yet available after `minReadySeconds`, so the deployment controller's count of
+/// available pods stays true), then the newest.
 fn deletion_order(pods: &mut [&Pod]) {
     pods.sort_by(|a, b| {
         let key = |p: &Pod| {
+            let ready_since = ready_condition(p).and_then(|c| c.last_transition_time.clone());
             (
                 !node_name(p).is_empty(),
                 is_ready(p),
+                std::cmp::Reverse(ready_since),
                 std::cmp::Reverse(p.metadata.creation_timestamp.clone()),
             )
         };
@@ -168,6 +209,18 @@ impl ReplicaSetController {
             .collect();
         let counted = active.len() + expectations.created.len();
         let ready = active.iter().filter(|p| is_ready(p)).count();
+        let min_ready = set.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
+        let now = precise_now();
+        let mut available: i32 = 0;
+        for pod in &active {
+            match available_since(pod, min_ready) {
+                Some(at) if at <= now => available += 1,
+                Some(at) => {
+                    self.next_available = Some(self.next_available.map_or(at, |n| n.min(at)));
+                }
+                None => {}
+            }
+        }
         let mut surplus: Vec<&Pod> = active.clone();
         deletion_order(&mut surplus);
         let to_delete: Vec<String> = surplus
@@ -180,7 +233,7 @@ impl ReplicaSetController {
             replicas: i32::try_from(active.len()).unwrap_or(i32::MAX),
             fully_labeled_replicas: Some(i32::try_from(active.len()).unwrap_or(i32::MAX)),
             ready_replicas: Some(i32::try_from(ready).unwrap_or(i32::MAX)),
-            available_replicas: Some(i32::try_from(ready).unwrap_or(i32::MAX)),
+            available_replicas: Some(available),
             observed_generation: set.metadata.generation,
             ..ReplicaSetStatus::default()
         };
@@ -266,7 +319,15 @@ impl Reconciler for ReplicaSetController {
         self.pods.drain_ready().await
     }
 
+    fn requeue_after(&self) -> Option<Duration> {
+        let at = self.next_available?;
+        let wait = at.duration_since(precise_now());
+        // A little past the moment, so that the pass sees it as come.
+        Some(Duration::try_from(wait).unwrap_or_default() + Duration::from_millis(10))
+    }
+
     async fn reconcile(&mut self) -> Result<(), ApiError> {
+        self.next_available = None;
         let sets: Vec<ReplicaSet> = self
             .sets
             .objects()
@@ -290,25 +351,56 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
-    use super::deletion_order;
+    use super::{available_since, deletion_order, is_available};
 
     #[test]
-    fn surplus_pods_go_unscheduled_first_then_unready_then_newest() {
-        let pod = |name: &str, node: &str, ready: &str, created: &str| -> Pod {
+    fn surplus_pods_go_unscheduled_first_then_unready_then_ready_shortest_then_newest() {
+        let pod = |name: &str, node: &str, ready: &str, created: &str, since: &str| -> Pod {
             serde_json::from_value(json!({
                 "metadata": {"name": name, "creationTimestamp": created},
                 "spec": {"nodeName": node, "containers": []},
-                "status": {"conditions": [{"type": "Ready", "status": ready}]},
+                "status": {"conditions": [
+                    {"type": "Ready", "status": ready, "lastTransitionTime": since}]},
             }))
             .unwrap()
         };
-        let old_ready = pod("old-ready", "n1", "True", "2026-01-01T00:00:00Z");
-        let new_ready = pod("new-ready", "n1", "True", "2026-01-02T00:00:00Z");
-        let unready = pod("unready", "n1", "False", "2026-01-01T00:00:00Z");
-        let pending = pod("pending", "", "False", "2026-01-01T00:00:00Z");
-        let mut pods = vec![&old_ready, &new_ready, &unready, &pending];
+        let day = |d: u32| format!("2026-01-0{d}T00:00:00Z");
+        let old_ready = pod("old-ready", "n1", "True", &day(1), &day(2));
+        let new_ready = pod("new-ready", "n1", "True", &day(2), &day(2));
+        // Created first but ready last: it has been ready for the shortest time.
+        let late_ready = pod("late-ready", "n1", "True", &day(1), &day(3));
+        let unready = pod("unready", "n1", "False", &day(1), &day(1));
+        let pending = pod("pending", "", "False", &day(1), &day(1));
+        let mut pods = vec![&old_ready, &new_ready, &late_ready, &unready, &pending];
         deletion_order(&mut pods);
         let names: Vec<&str> = pods.iter().map(|p| p.metadata.name.as_deref().unwrap()).collect();
-        assert_eq!(names, ["pending", "unready", "new-ready", "old-ready"]);
+        assert_eq!(names, ["pending", "unready", "late-ready", "new-ready", "old-ready"]);
+    }
+
+    #[test]
+    fn a_pod_is_available_once_ready_for_min_ready_seconds_plus_the_cut_second() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:10Z"}]},
+        }))
+        .unwrap();
+        let at = |s: &str| s.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        assert!(is_available(&pod, 0, at("2026-01-01T00:00:10Z")));
+        assert_eq!(available_since(&pod, 5), Some(at("2026-01-01T00:00:16Z")));
+        assert!(!is_available(&pod, 5, at("2026-01-01T00:00:15.9Z")));
+        assert!(is_available(&pod, 5, at("2026-01-01T00:00:16Z")));
+        let unready: Pod = serde_json::from_value(json!({
+            "status": {"conditions": [{"type": "Ready", "status": "False"}]},
+        }))
+        .unwrap();
+        assert_eq!(available_since(&unready, 0), None);
+        // Without a transition time it cannot have been ready long enough.
+        let untimed: Pod = serde_json::from_value(json!({
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        assert!(is_available(&untimed, 0, at("2026-01-01T00:00:00Z")));
+        assert_eq!(available_since(&untimed, 1), None);
     }
 }

@@ -34,6 +34,11 @@ pub fn kubectl_binary() -> String {
 impl TestLab {
     /// Brings up a lab named `e2e-<tag>-<pid>` with `nodes` nodes.
     pub async fn up(tag: &str, nodes: usize) -> Self {
+        Self::up_with(tag, nodes, &lab::ControlPlaneOptions::default()).await
+    }
+
+    /// [`TestLab::up`] with the control plane given; `api` is a client of every replica.
+    pub async fn up_with(tag: &str, nodes: usize, control: &lab::ControlPlaneOptions) -> Self {
         let name = format!("e2e-{tag}-{}", std::process::id() % 100_000);
         assert!(name.len() <= 20, "lab name {name} too long; shorten the tag");
         // A lab of this name left by a crashed earlier run of this same test is removed first.
@@ -45,8 +50,12 @@ impl TestLab {
             cni_plugin: env!("CARGO_BIN_EXE_strait-cni").into(),
             ready_timeout: Duration::from_secs(90),
         };
-        let state = lab::up(&options).await.unwrap_or_else(|e| panic!("lab up {name}: {e:#}"));
-        let api = ApiClient::new(&state.api_server).expect("API client");
+        let state = lab::up_with(&options, control)
+            .await
+            .unwrap_or_else(|e| panic!("lab up {name}: {e:#}"));
+        let mut servers = vec![state.api_server.clone()];
+        servers.extend(state.replicas.iter().map(|r| r.api_server.clone()));
+        let api = ApiClient::new(&servers.join(",")).expect("API client");
         Self { state, api }
     }
 

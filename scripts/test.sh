@@ -28,9 +28,11 @@ cargo test --quiet 2>&1 | tee "$log" || status=$?
 
 failures=()
 if [ "$(id -u)" = 0 ]; then
-  # The service benchmark's quick preset (about 1.5 minutes here): it must run and clean up.
+  # The benchmarks' quick presets (services about 2 minutes here, pods about 30 s): they must
+  # run and clean up.
   bench_out=$(mktemp -d)
   "${CARGO_TARGET_DIR:-target}/debug/strait" bench services --quick --out "$bench_out" || status=$?
+  "${CARGO_TARGET_DIR:-target}/debug/strait" bench pods --quick --out "$bench_out" || status=$?
   rm -rf "$bench_out"
   # A privileged test cannot skip here: with STRAIT_REQUIRE_PRIVILEGED=1 it fails instead
   # (tests/support). What remains to catch is a test marked #[ignore].
@@ -42,7 +44,7 @@ if [ "$(id -u)" = 0 ]; then
   [ -n "$(ls -d /sys/fs/bpf/strait/e2e-* /sys/fs/bpf/strait/t-* /sys/fs/bpf/strait/strait-bench-* 2>/dev/null)" ] && failures+=("tests left BPF pins")
   # The mount point is field 5; optional fields come before " - ", so match on the fstype.
   cg2=$(sed -n 's/^[^ ]* [^ ]* [^ ]* [^ ]* \([^ ]*\) .* - cgroup2 .*/\1/p' /proc/self/mountinfo | head -n 1)
-  [ -n "$(ls -d "$cg2"/strait/e2e-* "$cg2"/strait/strait-bench-* 2>/dev/null)" ] && failures+=("tests left cgroups")
+  [ -n "$(ls -d "$cg2"/strait/e2e-* "$cg2"/strait/strait-bench-* /sys/fs/cgroup/memory/strait-bench-* 2>/dev/null)" ] && failures+=("tests left cgroups")
   [ "$(ip -4 route show)" != "$routes_before" ] && failures+=("the root namespace's routes changed")
   [ "$(sysctl -n net.ipv4.ip_forward)" != "$forward_before" ] && failures+=("net.ipv4.ip_forward changed in the root namespace")
 fi

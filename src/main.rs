@@ -367,15 +367,18 @@ enum BenchCommand {
     },
     /// CNI ADD/DEL latency of strait-cni beside the reference bridge + host-local plugins.
     Cni(bench::CniArgs),
-    /// New-connection rate and latency through a service: strait's socket and tc paths beside
-    /// direct pod-IP connections, in a lab of its own.
+    /// What a service costs per connection, per request and per change as services grow:
+    /// strait's socket and tc paths and kube-proxy's rule sets beside direct pod-IP
+    /// connections, in a lab of its own.
     Services(bench::ServicesArgs),
+    /// Pod-to-pod traffic on one node and across nodes, beside plain veths and routes.
+    Pods(bench::PodsArgs),
 }
 
-/// The processes `strait bench services` runs inside its lab.
+/// The processes `strait bench services` and `strait bench pods` run inside their labs.
 #[derive(Subcommand)]
 enum BenchWorkerCommand {
-    /// Accept, read one byte, write it back, close; forever.
+    /// Serves new connections, request/response and streams, one connection at a time.
     Serve {
         #[arg(long)]
         port: u16,
@@ -383,18 +386,52 @@ enum BenchWorkerCommand {
         cpu: usize,
     },
     /// New connections one after another; prints a JSON report.
-    ConnRate {
-        #[arg(long)]
-        target: std::net::SocketAddrV4,
-        #[arg(long, default_value_t = 200)]
-        warmup_ms: u64,
-        #[arg(long, default_value_t = 1000)]
-        duration_ms: u64,
-        #[arg(long, default_value_t = 0)]
-        cpu: usize,
-    },
+    ConnRate(BenchClientArgs),
+    /// 1-byte requests and answers on one connection; prints a JSON report.
+    RequestResponse(BenchClientArgs),
+    /// One connection writing as fast as it can; prints a JSON report.
+    Stream(BenchClientArgs),
     /// Waits for `open ADDR` / `closed ADDR` lines on stdin to come true.
     Probe,
+    /// Holds and programs services as the node agent does, on commands from stdin.
+    AgentServices {
+        #[arg(long)]
+        pin_dir: std::path::PathBuf,
+        #[arg(long)]
+        first_vip: std::net::Ipv4Addr,
+        #[arg(long)]
+        service_port: u16,
+        #[arg(long = "backend")]
+        backends: Vec<std::net::SocketAddrV4>,
+    },
+}
+
+#[derive(Args)]
+struct BenchClientArgs {
+    #[arg(long)]
+    target: std::net::SocketAddrV4,
+    #[arg(long, default_value_t = 200)]
+    warmup_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    duration_ms: u64,
+    #[arg(long, default_value_t = 0)]
+    cpu: usize,
+}
+
+impl BenchClientArgs {
+    fn run<T: serde::Serialize>(
+        &self,
+        client: fn(std::net::SocketAddrV4, Duration, Duration, usize) -> anyhow::Result<T>,
+    ) -> anyhow::Result<()> {
+        let report = client(
+            self.target,
+            Duration::from_millis(self.warmup_ms),
+            Duration::from_millis(self.duration_ms),
+            self.cpu,
+        )?;
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -466,17 +503,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             BenchCommand::Cni(args) => bench::cni(&args, &sibling_binary("strait-cni")?)?,
             BenchCommand::Services(args) => bench::services(&args, &sibling_binary("strait-cni")?)?,
+            BenchCommand::Pods(args) => bench::pods(&args, &sibling_binary("strait-cni")?)?,
         },
         Command::BenchWorker { command } => match command {
             BenchWorkerCommand::Serve { port, cpu } => bench::worker::serve(port, cpu)?,
-            BenchWorkerCommand::ConnRate { target, warmup_ms, duration_ms, cpu } => {
-                let report = bench::worker::conn_rate(
-                    target,
-                    Duration::from_millis(warmup_ms),
-                    Duration::from_millis(duration_ms),
-                    cpu,
-                )?;
-                println!("{}", serde_json::to_string(&report)?);
+            BenchWorkerCommand::ConnRate(args) => args.run(bench::worker::conn_rate)?,
+            BenchWorkerCommand::RequestResponse(args) => {
+                args.run(bench::worker::request_response)?
+            }
+            BenchWorkerCommand::Stream(args) => args.run(bench::worker::stream)?,
+            BenchWorkerCommand::AgentServices { pin_dir, first_vip, service_port, backends } => {
+                bench::worker::agent_services(&bench::worker::AgentServicesOptions {
+                    pin_dir,
+                    first_vip,
+                    service_port,
+                    backends,
+                })?
             }
             BenchWorkerCommand::Probe => bench::worker::probe()?,
         },

@@ -14,9 +14,14 @@ use std::{
 use anyhow::Context as _;
 
 pub mod kube_proxy;
+pub mod lab;
+pub mod pods;
 pub mod services;
+pub mod stats;
+pub mod svg;
 pub mod worker;
 
+pub use pods::{PodsArgs, pods};
 pub use services::{ServicesArgs, services};
 
 /// Timings of bringing a lab up (until every node is Ready) and down again, beside the floor:

@@ -466,6 +466,18 @@ async fn replica_sets_are_named_by_template_hash_owned_and_numbered_by_revision(
         .unwrap();
     let uid = created.metadata.uid.clone().unwrap();
     rolled_out(&client, "web", "v1", 20).await;
+    // Once converged, passes write nothing: the versions stay put.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let versions = || async {
+        let deployment: Deployment = client.get(Some("default"), "web").await.unwrap().unwrap();
+        let sets = sets_of(&client, "web").await;
+        let mut versions = vec![deployment.metadata.resource_version];
+        versions.extend(sets.into_iter().map(|s| s.metadata.resource_version));
+        versions
+    };
+    let settled = versions().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(versions().await, settled, "a converged deployment is rewritten");
     let sets = sets_of(&client, "web").await;
     assert_eq!(sets.len(), 1);
     let first = &sets[0];

@@ -96,6 +96,39 @@ async fn until<T>(
     }
 }
 
+/// The events about pod `name`, as (type, reason, message), through kubectl.
+fn events_of(lab: &TestLab, name: &str) -> Vec<(String, String, String)> {
+    let selector = format!("involvedObject.name={name}");
+    let json = lab.kubectl_ok(&["get", "events", "--field-selector", &selector, "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("an event list");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["source"]["component"] == "kubelet")
+        .map(|e| {
+            let text = |field: &str| e[field].as_str().unwrap_or_default().to_owned();
+            (text("type"), text("reason"), text("message"))
+        })
+        .collect()
+}
+
+/// Waits until pod `name` has an event of `reason` whose message contains `message`.
+async fn until_event(lab: &TestLab, name: &str, reason: &str, message: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = events_of(lab, name);
+        if events.iter().any(|(_, r, m)| r == reason && m.contains(message)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no {reason} event with {message:?}: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Whether anything is mounted at or below `dir` (in the test's, i.e. the node's, namespace).
 fn mounted_below(dir: &Path) -> Vec<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -400,15 +433,19 @@ spec:
     })
     .await;
 
-    // Every state change above is an event of the agent's (logged until the API has Events).
-    let agent_log =
-        std::fs::read_to_string(node_dir(&lab).join("agent.log")).expect("the agent's log");
-    for reason in ["\"BackOff\"", "\"Started\"", "\"Created\"", "\"Failed\""] {
-        assert!(
-            agent_log.contains(&format!("reason={reason}")),
-            "no {reason} event in the agent's log"
-        );
-    }
+    // The state changes above are events of the node, as kubectl shows them.
+    until_event(
+        &lab,
+        "crasher",
+        "BackOff",
+        "Back-off restarting failed container c in pod crasher_default",
+    )
+    .await;
+    until_event(&lab, "crasher", "Started", "Started container c").await;
+    until_event(&lab, "needs-config", "Failed", "Error: configmap \"later\" not found").await;
+    until_event(&lab, "needs-config", "Created", "Created container c").await;
+    let backoff = events_of(&lab, "crasher").into_iter().find(|(_, r, _)| r == "BackOff");
+    assert_eq!(backoff.map(|e| e.0).as_deref(), Some("Warning"));
 }
 
 /// Whether strait's cgroups can have the memory controller on this machine.
@@ -477,6 +514,7 @@ spec:
         })
         .await;
         assert_eq!(limits_condition(&pod).map(|c| c.0).as_deref(), Some("True"));
+        until_event(&lab, "hungry", "OOMKilled", "out of memory").await;
         eprintln!("this machine enforces memory limits: the container was OOMKilled");
     } else {
         // This machine's cgroup v2 hierarchy has no memory controller for strait: the pod says
@@ -503,6 +541,7 @@ spec:
             "jsonpath={.status.conditions[?(@.type==\"strait.io/ResourceLimitsEnforced\")].status}",
         ]);
         assert_eq!(table, "False");
+        until_event(&lab, "hungry", "LimitsNotEnforced", "limits not enforced").await;
         eprintln!("this machine does not enforce memory limits: reported on the pod");
     }
 

@@ -630,7 +630,5 @@ spec:
         gone_after >= Duration::from_millis(2900),
         "killed before its grace period: {gone_after:?}"
     );
-    let agent_log =
-        std::fs::read_to_string(node_dir(&lab).join("agent.log")).expect("the agent's log");
-    assert!(agent_log.contains("Stopping container ignores-term"), "a Killing event");
+    until_event(&lab, "stubborn", "Killing", "Stopping container ignores-term").await;
 }

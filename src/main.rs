@@ -246,6 +246,12 @@ struct AgentArgs {
     /// (pinned maps keep their size across agent restarts).
     #[command(flatten)]
     lb_sizes: LbSizeArgs,
+    /// Seconds a crashed container waits before its second restart; each further restart
+    /// waits twice as long, up to `--restart-backoff-max` (Kubernetes: 10 and 300).
+    #[arg(long, default_value_t = 10.0)]
+    restart_backoff: f64,
+    #[arg(long, default_value_t = 300.0)]
+    restart_backoff_max: f64,
 }
 
 #[derive(Args)]
@@ -698,8 +704,18 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             conntrack: args.lb_sizes.lb_conntrack,
             fragments: args.lb_sizes.lb_fragments,
         },
+        restart_backoff: strait_dataplane::runtime::backoff::BackoffPolicy {
+            initial: seconds_arg("--restart-backoff", args.restart_backoff)?,
+            max: seconds_arg("--restart-backoff-max", args.restart_backoff_max)?,
+        },
     };
     strait_dataplane::agent::run(config, termination()).await
+}
+
+/// A duration given in (fractional) seconds.
+fn seconds_arg(flag: &str, seconds: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .with_context(|| format!("{flag} {seconds}: not a duration in seconds"))
 }
 
 /// A binary that ships next to this one.
@@ -726,6 +742,7 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
                 strait_exe: std::env::current_exe()?,
                 cni_plugin: sibling_binary("strait-cni")?,
                 ready_timeout: Duration::from_secs(timeout),
+                agent_args: Vec::new(),
             };
             let control = lab::ControlPlaneOptions { store, controllers };
             let state = lab::up_with(&options, &control).await?;

@@ -107,6 +107,9 @@ pub struct LabState {
     /// The binaries the lab's processes run, for restarts.
     pub strait_exe: PathBuf,
     pub cni_plugin: PathBuf,
+    /// Extra arguments of the agents, for restarts.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
     /// Where the controllers keep the cluster's state: `embedded` or an etcd URL.
     #[serde(default = "embedded_store")]
     pub store: String,
@@ -219,6 +222,9 @@ pub fn down(lab: &str) -> anyhow::Result<DownReport> {
 
     let dir = lab_dir(lab);
     if dir.exists() {
+        // Pods' `medium: Memory` emptyDirs are tmpfs mounts in there.
+        strait_dataplane::runtime::volumes::unmount_all_below(&dir)
+            .with_context(|| format!("unmounting what is mounted below {}", dir.display()))?;
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         report.state_removed = true;
     }

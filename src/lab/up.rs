@@ -35,6 +35,8 @@ pub struct UpOptions {
     pub cni_plugin: PathBuf,
     /// How long to wait for every node to be Ready.
     pub ready_timeout: Duration,
+    /// Extra arguments for every agent (e.g. `--restart-backoff 1` in tests).
+    pub agent_args: Vec<String>,
 }
 
 /// The lab's control plane: where it keeps the cluster's state and how many controller
@@ -204,6 +206,7 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         cni_plugin: options.cni_plugin.clone(),
         store: control.store.to_string(),
         replicas,
+        agent_args: options.agent_args.clone(),
     };
     state.save()?;
     wait_until_ready(&state, options.ready_timeout).await?;
@@ -293,7 +296,8 @@ fn start_agent(
         .arg("--cni-plugin")
         .arg(binaries.cni_plugin())
         .arg("--cni-conf-dir")
-        .arg(node_dir.join("net.d"));
+        .arg(node_dir.join("net.d"))
+        .args(binaries.agent_args());
     spawn_daemon(
         agent,
         &cgroup,
@@ -312,6 +316,8 @@ fn node_netns_path(lab: &str, node: &str) -> PathBuf {
 trait LabBinaries {
     fn strait_exe(&self) -> &Path;
     fn cni_plugin(&self) -> &Path;
+    /// Extra arguments of the agents.
+    fn agent_args(&self) -> &[String];
 }
 
 impl LabBinaries for UpOptions {
@@ -321,6 +327,9 @@ impl LabBinaries for UpOptions {
     fn cni_plugin(&self) -> &Path {
         &self.cni_plugin
     }
+    fn agent_args(&self) -> &[String] {
+        &self.agent_args
+    }
 }
 
 impl LabBinaries for LabState {
@@ -329,6 +338,9 @@ impl LabBinaries for LabState {
     }
     fn cni_plugin(&self) -> &Path {
         &self.cni_plugin
+    }
+    fn agent_args(&self) -> &[String] {
+        &self.agent_args
     }
 }
 

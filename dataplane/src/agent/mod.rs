@@ -33,7 +33,7 @@ use crate::{
         lb::{LbMapSizes, ServiceLb},
     },
     metrics::{AgentMetrics, BpfMapStats, ScrapeSource, ScrapeValues},
-    runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, record::RecordStore},
+    runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, limits, record::RecordStore},
 };
 use node::NodeIdentity;
 use routes::NodeRoute;
@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Capacities of the load balancer's maps.
     pub lb_sizes: LbMapSizes,
+    /// The crash-loop back-off of containers (Kubernetes': 10 s doubling to 5 min).
+    pub restart_backoff: crate::runtime::backoff::BackoffPolicy,
 }
 
 /// Runs the agent until `shutdown` completes. Pods are left running on shutdown.
@@ -119,6 +121,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         lb.attach_cgroup(hooked.path()).with_context(|| {
             format!("attaching the socket load balancer to {}", hooked.path().display())
         })?;
+    }
+    let controllers = limits::enable_controllers(&[&pods_cgroup, &pods_cgroup_without_socket_lb])
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot enable the cpu and memory controllers for pods");
+            limits::Controllers::default()
+        });
+    if let Some(why) =
+        limits::not_enforced(limits::Controllers { cpu: true, memory: true }, controllers)
+    {
+        tracing::warn!("pods' CPU and memory {why}");
     }
     let local = services::LocalNode {
         name: config.node_name.clone(),
@@ -213,6 +225,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         cni: cni_receiver,
         cluster_dns: Some(config.cluster_dns),
         cluster_domain: config.cluster_domain.clone(),
+        config_maps: Default::default(),
+        restart_backoff: config.restart_backoff,
+        controllers,
+        node_allocatable: node::allocatable(&config.state_dir),
     }));
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");
@@ -260,6 +276,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                         .send_replace(Some(CniInvoker::new(config.cni_plugin.clone(), cni_config)));
                 }
                 routes_sender.send_replace(nodes);
+            }
+            if !change.config_maps_changed.is_empty() {
+                let changes: Vec<_> = change
+                    .config_maps_changed
+                    .iter()
+                    .map(|key| (key.clone(), state.config_maps.get(key).cloned()))
+                    .collect();
+                runtime.update_config_maps(&changes);
             }
             if change.snapshot {
                 runtime.apply(&state.pods, true);

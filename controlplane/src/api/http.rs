@@ -208,13 +208,20 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
             }));
         }
         for (subresource, kind) in info.post_subresources {
-            resources.push(json!({
+            let mut entry = json!({
                 "name": format!("{}/{subresource}", info.plural),
                 "singularName": "",
                 "namespaced": info.namespaced,
                 "kind": kind,
                 "verbs": ["create"],
-            }));
+            });
+            // kubectl drain evicts only where discovery names the Eviction's group version
+            // (and falls back to plain deletes otherwise).
+            if *kind == "Eviction" {
+                entry["group"] = json!("policy");
+                entry["version"] = json!("v1");
+            }
+            resources.push(entry);
         }
     }
     if resources.is_empty() {

@@ -289,6 +289,27 @@ enum LabCommand {
         /// NodeSync, one leads; agents are given every replica.
         #[arg(long, default_value_t = 1)]
         controllers: usize,
+        /// An extra argument of the controllers (repeatable), e.g.
+        /// `--controller-arg=--node-monitor-grace-period-seconds=5`.
+        #[arg(long, allow_hyphen_values = true)]
+        controller_arg: Vec<String>,
+        /// An extra argument of every agent (repeatable), e.g. `--agent-arg=--lease-renew-ms=1000`.
+        #[arg(long, allow_hyphen_values = true)]
+        agent_arg: Vec<String>,
+    },
+    /// Stop a node as if it died: kill its agent (its pods keep running) and take its link
+    /// off the fabric.
+    Stop {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The node (`node-1`).
+        node: String,
+    },
+    /// Bring a stopped node back: its link on the fabric, then its agent.
+    Start {
+        #[arg(long, default_value = "default")]
+        name: String,
+        node: String,
     },
     /// Remove every trace of a lab: processes, namespaces, links, pins, cgroups, state.
     Down {
@@ -718,7 +739,15 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes, name, timeout, store, controllers } => {
+        LabCommand::Up {
+            nodes,
+            name,
+            timeout,
+            store,
+            controllers,
+            controller_arg: controller_args,
+            agent_arg: agent_args,
+        } => {
             let started = std::time::Instant::now();
             let options = lab::UpOptions {
                 name,
@@ -726,6 +755,8 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
                 strait_exe: std::env::current_exe()?,
                 cni_plugin: sibling_binary("strait-cni")?,
                 ready_timeout: Duration::from_secs(timeout),
+                controller_args,
+                agent_args,
             };
             let control = lab::ControlPlaneOptions { store, controllers };
             let state = lab::up_with(&options, &control).await?;
@@ -753,6 +784,16 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Restart { name, process } => {
             let pid = lab::restart(&name, &process)?;
             println!("{process:?} of lab {name} restarted as pid {pid}");
+        }
+        LabCommand::Stop { name, node } => {
+            lab::kill(&name, &lab::LabProcess::Agent(node.clone()))?;
+            lab::set_node_link(&name, &node, false).await?;
+            println!("{node} of lab {name} stopped: agent killed, link down");
+        }
+        LabCommand::Start { name, node } => {
+            lab::set_node_link(&name, &node, true).await?;
+            let pid = lab::start(&name, &lab::LabProcess::Agent(node.clone()))?;
+            println!("{node} of lab {name} started: link up, agent pid {pid}");
         }
         LabCommand::Kubeconfig { name } => {
             println!("{}", lab::LabState::load(&name)?.kubeconfig.display())

@@ -32,7 +32,7 @@ use strait_dataplane::{cgroup::Cgroup, ebpf::BPFFS_ROOT, netns::NetNs};
 pub use exec::{exec_in_node, exec_in_pod};
 pub use up::{
     ControlPlaneOptions, LabProcess, MAX_CONTROLLERS, UpOptions, is_node_ready, kill, log_tails,
-    restart, up, up_with, wait_until_ready,
+    restart, set_node_link, start, up, up_with, wait_until_ready,
 };
 
 /// Where labs keep their state (store, logs, kubeconfig, CNI allocations). Under /run: a lab
@@ -113,6 +113,11 @@ pub struct LabState {
     /// The controller replicas after the first (`controller-2`, …), on etcd.
     #[serde(default)]
     pub replicas: Vec<LabReplica>,
+    /// Extra arguments the controllers and the agents were started with, for restarts.
+    #[serde(default)]
+    pub controller_args: Vec<String>,
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 fn embedded_store() -> String {

@@ -186,6 +186,15 @@ struct ControllerArgs {
     /// scheduler and controllers stay unreplaced).
     #[arg(long, default_value_t = 3)]
     leader_lease_seconds: u64,
+    /// Seconds between two evaluations of each horizontal pod autoscaler.
+    #[arg(long, default_value_t = 15)]
+    horizontal_pod_autoscaler_sync_period_seconds: u64,
+    /// Usage ratios within 1 ± this do not change an autoscaled replica count.
+    #[arg(long, default_value_t = 0.1)]
+    horizontal_pod_autoscaler_tolerance: f64,
+    /// Seconds an autoscaler remembers its recommendations before it scales down.
+    #[arg(long, default_value_t = 300)]
+    horizontal_pod_autoscaler_downscale_stabilization_seconds: u64,
 }
 
 #[derive(Args)]
@@ -228,6 +237,9 @@ struct AgentArgs {
     /// Milliseconds between renewals of the node lease.
     #[arg(long, default_value_t = 10_000)]
     lease_renew_ms: u64,
+    /// Milliseconds between reports of the node's and its pods' CPU and memory usage.
+    #[arg(long, default_value_t = 15_000)]
+    usage_report_ms: u64,
     /// The cluster's service CIDR (the controller's `--service-cidr`).
     #[arg(long, default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -639,6 +651,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.node_lifecycle.grace_period =
         Duration::from_secs(args.node_monitor_grace_period_seconds);
+    config.autoscaler.sync_period =
+        Duration::from_secs(args.horizontal_pod_autoscaler_sync_period_seconds.max(1));
+    config.autoscaler.tolerance = args.horizontal_pod_autoscaler_tolerance;
+    config.autoscaler.downscale_stabilization =
+        Duration::from_secs(args.horizontal_pod_autoscaler_downscale_stabilization_seconds);
     config.registry.default_tolerations =
         strait_controlplane::api::kinds::pod::DefaultTolerationSeconds {
             not_ready: args.default_not_ready_toleration_seconds,
@@ -700,6 +717,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         status_refresh: Duration::from_secs(args.status_refresh_seconds),
         lease_duration: Duration::from_secs(args.lease_duration_seconds),
         lease_renew_interval: Duration::from_millis(args.lease_renew_ms),
+        usage_report_interval: Duration::from_millis(args.usage_report_ms.max(100)),
         service_cidr: args.service_cidr,
         cluster_dns: args.cluster_dns,
         cluster_domain: args.cluster_domain,

@@ -35,8 +35,9 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    handler::{KindHandler, PatchBody, ScaleWrite, WatchEventOut, WriteOptions},
+    handler::{KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
     kind::{DeleteRequest, KindInfo},
+    metadata::MetadataAccess,
     selectors::FieldSelector,
     table::{self, Column, ResponseFormat, Row},
     typed::{ListFilter, WatchStart},
@@ -353,7 +354,7 @@ impl KindHandler for MetricsHandler {
         _namespace: Option<&str>,
         _body: &[u8],
         _options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         Err(Self::read_only())
     }
 
@@ -385,8 +386,10 @@ impl KindHandler for MetricsHandler {
         &self,
         namespace: Option<&str>,
         filter: &ListFilter,
+        _page: &PageRequest,
         format: ResponseFormat,
     ) -> Result<Value, ApiError> {
+        // A list is a few objects per node, always answered whole.
         Ok(self.render(self.select(namespace, filter), format))
     }
 
@@ -408,7 +411,7 @@ impl KindHandler for MetricsHandler {
         body: &[u8],
         status: bool,
         _options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         if !self.is_nodes() || status {
             return Err(Self::read_only());
         }
@@ -425,7 +428,7 @@ impl KindHandler for MetricsHandler {
         answer["kind"] = self.info.kind.into();
         answer["apiVersion"] = self.info.api_version().into();
         self.metrics.record(report);
-        Ok(answer)
+        Ok(Written { object: answer, created: false, warnings: Vec::new() })
     }
 
     async fn patch(
@@ -435,7 +438,7 @@ impl KindHandler for MetricsHandler {
         _patch: &PatchBody,
         _status: bool,
         _options: WriteOptions,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Written, ApiError> {
         Err(Self::read_only())
     }
 
@@ -463,6 +466,10 @@ impl KindHandler for MetricsHandler {
         json!({"kind": self.info.kind, "apiVersion": self.info.api_version(), "metadata": {}})
     }
 
+    fn metadata_access(&self) -> &dyn MetadataAccess {
+        self
+    }
+
     async fn get_scale(&self, _namespace: Option<&str>, _name: &str) -> Result<Value, ApiError> {
         Err(ApiError::UnknownPath)
     }
@@ -475,6 +482,45 @@ impl KindHandler for MetricsHandler {
         _options: WriteOptions,
     ) -> Result<Value, ApiError> {
         Err(ApiError::UnknownPath)
+    }
+}
+
+/// Metrics are not stored objects: nothing to collect or delete with a namespace.
+#[async_trait]
+impl MetadataAccess for MetricsHandler {
+    fn info(&self) -> &KindInfo {
+        self.info
+    }
+
+    async fn list_metadata(&self, _namespace: Option<&str>) -> Result<Vec<ObjectMeta>, ApiError> {
+        Ok(Vec::new())
+    }
+
+    async fn get_metadata(
+        &self,
+        _namespace: Option<&str>,
+        _name: &str,
+    ) -> Result<Option<ObjectMeta>, ApiError> {
+        Ok(None)
+    }
+
+    async fn delete_object(
+        &self,
+        _namespace: Option<&str>,
+        _name: &str,
+        _request: &DeleteRequest,
+    ) -> Result<(), ApiError> {
+        Err(Self::read_only())
+    }
+
+    async fn update_metadata(
+        &self,
+        _namespace: Option<&str>,
+        _name: &str,
+        _uid: &str,
+        _change: &(dyn for<'m> Fn(&'m mut ObjectMeta) + Send + Sync),
+    ) -> Result<bool, ApiError> {
+        Ok(false)
     }
 }
 

@@ -2,6 +2,7 @@
 //! kinds (Namespace, Node, Pod, Service, EndpointSlice, ConfigMap, ...).
 
 pub mod deletion;
+pub mod autoscaling_v1;
 pub mod error;
 pub mod handler;
 pub mod http;
@@ -126,6 +127,9 @@ impl Registry {
         let horizontal_pod_autoscalers =
             Arc::new(TypedKind::new(Arc::clone(&store), HorizontalPodAutoscalerStrategy));
         let metrics = Arc::new(metrics::ResourceMetrics::default());
+        // Autoscalers are stored in autoscaling/v2 and also served in v1, converted.
+        let autoscalers_v2: Arc<dyn KindHandler> =
+            Arc::new(Handler::new(Arc::clone(&horizontal_pod_autoscalers)));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -138,7 +142,8 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&events))),
             Arc::new(Handler::new(Arc::clone(&deployments))),
             Arc::new(Handler::new(Arc::clone(&leases))),
-            Arc::new(Handler::new(Arc::clone(&horizontal_pod_autoscalers))),
+            Arc::clone(&autoscalers_v2),
+            Arc::new(autoscaling_v1::AutoscalingV1Handler::new(autoscalers_v2)),
             Arc::new(metrics::MetricsHandler::nodes(Arc::clone(&metrics))),
             Arc::new(metrics::MetricsHandler::pods(Arc::clone(&metrics))),
         ];

@@ -813,10 +813,16 @@ async fn evict_pod(
         });
     }
     let preconditions = options.preconditions.unwrap_or_default();
+    let propagation_policy = options
+        .propagation_policy
+        .as_deref()
+        .map(crate::api::deletion::PropagationPolicy::parse)
+        .transpose()?;
     let request = DeleteRequest {
         grace_period_seconds: options.grace_period_seconds,
         precondition_uid: preconditions.uid,
         precondition_resource_version: preconditions.resource_version,
+        propagation_policy,
     };
     let dry_run = options.dry_run.iter().flatten().any(|d| d == "All");
     kind.delete(namespace, name, &request, dry_run).await?;

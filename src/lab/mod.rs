@@ -32,7 +32,7 @@ use strait_dataplane::{cgroup::Cgroup, ebpf::BPFFS_ROOT, netns::NetNs};
 pub use exec::{exec_in_node, exec_in_pod};
 pub use up::{
     ControlPlaneOptions, LabProcess, MAX_CONTROLLERS, UpOptions, is_node_ready, kill, log_tails,
-    restart, up, up_with, wait_until_ready,
+    restart, set_node_link, start, up, up_with, wait_until_ready,
 };
 
 /// Where labs keep their state (store, logs, kubeconfig, CNI allocations). Under /run: a lab
@@ -107,15 +107,17 @@ pub struct LabState {
     /// The binaries the lab's processes run, for restarts.
     pub strait_exe: PathBuf,
     pub cni_plugin: PathBuf,
-    /// Extra arguments of the agents, for restarts.
-    #[serde(default)]
-    pub agent_args: Vec<String>,
     /// Where the controllers keep the cluster's state: `embedded` or an etcd URL.
     #[serde(default = "embedded_store")]
     pub store: String,
     /// The controller replicas after the first (`controller-2`, …), on etcd.
     #[serde(default)]
     pub replicas: Vec<LabReplica>,
+    /// Extra arguments the controllers and the agents were started with, for restarts.
+    #[serde(default)]
+    pub controller_args: Vec<String>,
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 fn embedded_store() -> String {

@@ -35,7 +35,9 @@ pub struct UpOptions {
     pub cni_plugin: PathBuf,
     /// How long to wait for every node to be Ready.
     pub ready_timeout: Duration,
-    /// Extra arguments for every agent (e.g. `--restart-backoff 1` in tests).
+    /// Extra arguments of `strait controller` (e.g. shorter node timers for tests).
+    pub controller_args: Vec<String>,
+    /// Extra arguments of every `strait agent`.
     pub agent_args: Vec<String>,
 }
 
@@ -176,7 +178,14 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("binding a loopback port for the API")?;
         let api_server = format!("http://127.0.0.1:{}", loopback.local_addr()?.port());
-        let pid = start_controller(lab, &options.strait_exe, loopback, index, &control.store)?;
+        let pid = start_controller(
+            lab,
+            &options.strait_exe,
+            loopback,
+            index,
+            &control.store,
+            &options.controller_args,
+        )?;
         replicas.push(LabReplica { index, pid, api_server });
     }
     let first = replicas.remove(0);
@@ -206,6 +215,7 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         cni_plugin: options.cni_plugin.clone(),
         store: control.store.to_string(),
         replicas,
+        controller_args: options.controller_args.clone(),
         agent_args: options.agent_args.clone(),
     };
     state.save()?;
@@ -240,6 +250,7 @@ fn start_controller(
     loopback: TcpListener,
     index: usize,
     store: &StoreLocation,
+    extra_args: &[String],
 ) -> anyhow::Result<u32> {
     let dir = lab_dir(lab);
     let name = controller_name(index);
@@ -260,6 +271,7 @@ fn start_controller(
         "4",
     ]);
     controller.arg("--store").arg(store.to_string());
+    controller.args(extra_args);
     spawn_daemon(
         controller,
         &cgroup,
@@ -411,7 +423,14 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
                 .context("reading the API port from the lab state")?;
             let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
                 .with_context(|| format!("binding 127.0.0.1:{port} again"))?;
-            let pid = start_controller(lab, &state.strait_exe, loopback, index, &store)?;
+            let pid = start_controller(
+                lab,
+                &state.strait_exe,
+                loopback,
+                index,
+                &store,
+                &state.controller_args,
+            )?;
             match state.replicas.iter_mut().find(|r| r.index == index) {
                 Some(replica) => replica.pid = pid,
                 None => state.controller_pid = pid,
@@ -434,6 +453,37 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
     };
     state.save()?;
     Ok(pid)
+}
+
+/// Takes a node off the fabric (`up: false`) or puts it back: the fabric end of its veth goes
+/// down or up. With its agent killed ([`kill`]), a node taken off is a node that died: its
+/// pods keep running but nothing reaches them and nothing is heard from them.
+pub async fn set_node_link(lab: &str, node: &str, up: bool) -> anyhow::Result<()> {
+    let state = LabState::load(lab)?;
+    if !state.nodes.iter().any(|n| n.name == node) {
+        bail!("lab {lab} has no node {node}");
+    }
+    let fabric = NetNs::open(&fabric_netns(lab))?;
+    let handle = fabric.netlink()?;
+    let index = netlink::link_index(&handle, node)
+        .await?
+        .with_context(|| format!("finding the fabric end of {node}"))?;
+    if up {
+        netlink::set_link_up(&handle, index).await?;
+    } else {
+        netlink::set_link_down(&handle, index).await?;
+    }
+    Ok(())
+}
+
+/// Starts a lab process that [`kill`] stopped (its cgroup empty), without killing anything.
+pub fn start(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
+    let state = LabState::load(lab)?;
+    let cgroup = process_cgroup(&state, process)?;
+    if cgroup.is_populated().unwrap_or(false) {
+        bail!("{process:?} of lab {lab} is running; restart it instead");
+    }
+    restart(lab, process)
 }
 
 fn process_cgroup(state: &LabState, process: &LabProcess) -> anyhow::Result<Cgroup> {

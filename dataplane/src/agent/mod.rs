@@ -9,9 +9,10 @@ pub mod node;
 pub mod routes;
 pub mod services;
 pub mod sync;
+pub mod usage;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
@@ -21,6 +22,7 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Pod;
 use strait_controlplane::client::ApiClient;
 use tokio::sync::watch;
 
@@ -80,6 +82,9 @@ pub struct AgentConfig {
     pub lease_duration: Duration,
     /// How often the node lease is renewed (10 s, a quarter of its duration, as the kubelet's).
     pub lease_renew_interval: Duration,
+    /// How often the node's and its pods' resource usage is reported (`kubectl top`, the
+    /// autoscaler); 15 s as metrics-server's resolution.
+    pub usage_report_interval: Duration,
     /// Service VIPs come from here; the node marks it `unreachable` so that a VIP the load
     /// balancer did not translate is refused at once.
     pub service_cidr: Ipv4Net,
@@ -251,6 +256,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         routes_receiver,
     ));
 
+    let (pods_sender, pods_receiver) = watch::channel(HashMap::<String, Arc<Pod>>::new());
+    let usage = tokio::spawn(usage::report_loop(
+        api.clone(),
+        config.node_name.clone(),
+        cgroup.clone(),
+        runtime.clone(),
+        pods_receiver,
+        config.usage_report_interval,
+    ));
+
     let controller = config.controller.clone();
     let node_name = config.node_name.clone();
     let follow = {
@@ -306,6 +321,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 runtime.remove(uid);
             }
             if change.snapshot
+                || !change.pods_upserted.is_empty()
+                || !change.pods_removed.is_empty()
+            {
+                pods_sender.send_replace(state.pods.clone());
+            }
+            if change.snapshot
                 || !change.services_upserted.is_empty()
                 || !change.services_removed.is_empty()
             {
@@ -334,6 +355,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     }
     heartbeat.abort();
     lease.abort();
+    usage.abort();
     route_task.abort();
     Ok(())
 }

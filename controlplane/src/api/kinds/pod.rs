@@ -5,9 +5,12 @@ use std::{collections::HashSet, net::IpAddr};
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    api::core::v1::{
-        Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
-        ResourceRequirements, Toleration,
+    api::{
+        core::v1::{
+            Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
+            ResourceRequirements, Toleration,
+        },
+        policy::v1::Eviction,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -39,7 +42,7 @@ pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 30;
 
 const INFO: KindInfo = KindInfo {
     categories: &["all"],
-    post_subresources: &[("binding", "Binding")],
+    post_subresources: &[("binding", "Binding"), ("eviction", "Eviction")],
     ..KindInfo::of::<Pod>("pod", true, &["po"], NameRule::Subdomain)
 };
 
@@ -1039,8 +1042,10 @@ impl Strategy for PodStrategy {
         subresource: &str,
         body: &[u8],
     ) -> Result<Value, ApiError> {
-        if subresource != "binding" {
-            return Err(ApiError::UnknownPath);
+        match subresource {
+            "binding" => {}
+            "eviction" => return evict_pod(kind, namespace, name, body).await,
+            _ => return Err(ApiError::UnknownPath),
         }
         let binding: Binding = serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("decoding the Binding: {e}")))?;
@@ -1077,6 +1082,58 @@ impl Strategy for PodStrategy {
             "code": 201,
         }))
     }
+}
+
+/// `POST …/pods/{name}/eviction` (`policy/v1` Eviction, what `kubectl drain` sends): the pod
+/// is deleted gracefully with the eviction's delete options. PodDisruptionBudgets are not
+/// served, so no budget can refuse an eviction (Kubernetes would answer 429 then).
+async fn evict_pod(
+    kind: &TypedKind<PodStrategy>,
+    namespace: Option<&str>,
+    name: &str,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let eviction: Eviction = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("decoding the Eviction: {e}")))?;
+    if eviction.metadata.name.as_deref().is_some_and(|n| !n.is_empty() && n != name) {
+        return Err(ApiError::BadRequest(format!(
+            "name in URL does not match name in Eviction object: {name} != {}",
+            eviction.metadata.name.as_deref().unwrap_or_default()
+        )));
+    }
+    let options = eviction.delete_options.unwrap_or_default();
+    if let Some(grace) = options.grace_period_seconds.filter(|g| *g < 0) {
+        return Err(ApiError::Invalid {
+            kind: "Eviction".to_owned(),
+            name: name.to_owned(),
+            causes: vec![FieldError::invalid(
+                "deleteOptions.gracePeriodSeconds",
+                grace,
+                "must be greater than or equal to 0",
+            )],
+        });
+    }
+    let preconditions = options.preconditions.unwrap_or_default();
+    let propagation_policy = options
+        .propagation_policy
+        .as_deref()
+        .map(crate::api::deletion::PropagationPolicy::parse)
+        .transpose()?;
+    let request = DeleteRequest {
+        grace_period_seconds: options.grace_period_seconds,
+        precondition_uid: preconditions.uid,
+        precondition_resource_version: preconditions.resource_version,
+        propagation_policy,
+    };
+    let dry_run = options.dry_run.iter().flatten().any(|d| d == "All");
+    kind.delete(namespace, name, &request, dry_run).await?;
+    Ok(json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "code": 201,
+    }))
 }
 
 /// Binds a pod to a node: sets `spec.nodeName` and a `PodScheduled=True` condition. A pod

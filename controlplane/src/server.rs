@@ -198,7 +198,8 @@ async fn serve(
     // The embedded store bounds its own history; etcd keeps all until it is compacted.
     let compacts = election.is_some();
     background.spawn(leader::run_while_leading(election, stopped.clone(), move |term| {
-        let mut tasks = spawn_controllers(&leading, event_ttl, node_lifecycle, autoscaler, term.clone());
+        let mut tasks =
+            spawn_controllers(&leading, event_ttl, node_lifecycle, autoscaler, term.clone());
         if compacts {
             let store = Arc::clone(leading.store());
             tasks.spawn(crate::store::etcd::bound_history(store, history_revisions, term));

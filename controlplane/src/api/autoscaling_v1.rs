@@ -89,7 +89,9 @@ pub fn to_v1(object: v2::HorizontalPodAutoscaler) -> v1::HorizontalPodAutoscaler
     });
     let other_current: Vec<&v2::MetricStatus> = current
         .iter()
-        .filter(|m| !(m.type_ == "Resource" && m.resource.as_ref().is_some_and(|r| r.name == "cpu")))
+        .filter(|m| {
+            !(m.type_ == "Resource" && m.resource.as_ref().is_some_and(|r| r.name == "cpu"))
+        })
         .collect();
     add(
         CURRENT_METRICS_ANNOTATION,
@@ -139,7 +141,9 @@ pub fn to_v2(object: v1::HorizontalPodAutoscaler) -> v2::HorizontalPodAutoscaler
             ..v2::MetricSpec::default()
         });
     }
-    metrics.extend(decode::<Vec<v2::MetricSpec>>(&annotations, METRICS_ANNOTATION).unwrap_or_default());
+    metrics.extend(
+        decode::<Vec<v2::MetricSpec>>(&annotations, METRICS_ANNOTATION).unwrap_or_default(),
+    );
     let status = object.status.map(|s| {
         let mut current = Vec::new();
         if let Some(cpu) = s.current_cpu_utilization_percentage {

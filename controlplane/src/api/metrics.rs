@@ -35,7 +35,9 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    handler::{KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written},
+    handler::{
+        KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written,
+    },
     kind::{DeleteRequest, KindInfo},
     metadata::MetadataAccess,
     selectors::FieldSelector,

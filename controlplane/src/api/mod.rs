@@ -1,8 +1,8 @@
 //! The Kubernetes-style API server: REST layout, JSON and Table output, watch, and the served
 //! kinds (Namespace, Node, Pod, Service, EndpointSlice, ConfigMap, ...).
 
-pub mod deletion;
 pub mod autoscaling_v1;
+pub mod deletion;
 pub mod error;
 pub mod handler;
 pub mod http;

@@ -514,7 +514,10 @@ static HPA_SCALING_RULES: Message = Message {
 
 static HORIZONTAL_POD_AUTOSCALER_BEHAVIOR: Message = Message {
     name: "HorizontalPodAutoscalerBehavior",
-    fields: &[opt(1, "scaleUp", Msg(&HPA_SCALING_RULES)), opt(2, "scaleDown", Msg(&HPA_SCALING_RULES))],
+    fields: &[
+        opt(1, "scaleUp", Msg(&HPA_SCALING_RULES)),
+        opt(2, "scaleDown", Msg(&HPA_SCALING_RULES)),
+    ],
 };
 
 static HORIZONTAL_POD_AUTOSCALER_SPEC_V2: Message = Message {

@@ -223,7 +223,8 @@ async fn serve(
         shutdown: stopped.clone(),
         bookmark_interval: config.watch_bookmark_interval,
     })
-    .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc);
+    .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc)
+    .layer(axum::middleware::from_fn_with_state(Arc::clone(&registry), auth::authz::guard));
     drop(registry);
     drop(store);
 

@@ -8,10 +8,13 @@
 //! - [`https`]: the listener itself: TLS with ALPN `h2` and `http/1.1` on one port, so kubectl
 //!   (HTTP/1.1 or HTTP/2) and the agents' NodeSync gRPC (HTTP/2) share it, as before TLS.
 //! - [`kubeconfig`]: kubeconfigs that carry the CA and a client certificate.
+//! - [`authz`]: 401 for requests without a certificate, 403 for what the user may not do (the
+//!   admin may do everything, a node agent what concerns its own node).
 //!
 //! A client certificate authenticates as Kubernetes does it (x509 client-cert authentication):
 //! the subject's CommonName is the user name, each Organization a group.
 
+pub mod authz;
 pub mod https;
 pub mod kubeconfig;
 pub mod pki;

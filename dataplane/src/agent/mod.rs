@@ -419,6 +419,12 @@ async fn route_loop(
     service_cidr: Ipv4Net,
     mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>,
 ) {
+    // Nothing is reconciled before the first snapshot says what the peers are: the empty
+    // initial value would remove every route a previous run installed, and traffic to the
+    // other nodes' pods would be unreachable until the snapshot arrives.
+    if nodes.changed().await.is_err() {
+        return;
+    }
     loop {
         let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update(), service_cidr);
         match routes::reconcile_routes(&handle, &desired).await {

@@ -252,6 +252,15 @@ struct ControllerArgs {
     /// scheduler and controllers stay unreplaced).
     #[arg(long, default_value_t = 3)]
     leader_lease_seconds: u64,
+    /// Seconds between two evaluations of each horizontal pod autoscaler.
+    #[arg(long, default_value_t = 15)]
+    horizontal_pod_autoscaler_sync_period_seconds: u64,
+    /// Usage ratios within 1 ± this do not change an autoscaled replica count.
+    #[arg(long, default_value_t = 0.1)]
+    horizontal_pod_autoscaler_tolerance: f64,
+    /// Seconds an autoscaler remembers its recommendations before it scales down.
+    #[arg(long, default_value_t = 300)]
+    horizontal_pod_autoscaler_downscale_stabilization_seconds: u64,
 }
 
 #[derive(Args)]
@@ -299,6 +308,9 @@ struct AgentArgs {
     /// Milliseconds between renewals of the node lease.
     #[arg(long, default_value_t = 10_000)]
     lease_renew_ms: u64,
+    /// Milliseconds between reports of the node's and its pods' CPU and memory usage.
+    #[arg(long, default_value_t = 15_000)]
+    usage_report_ms: u64,
     /// The cluster's service CIDR (the controller's `--service-cidr`).
     #[arg(long, default_value = "10.96.0.0/16")]
     service_cidr: ipnet::Ipv4Net,
@@ -317,6 +329,12 @@ struct AgentArgs {
     /// (pinned maps keep their size across agent restarts).
     #[command(flatten)]
     lb_sizes: LbSizeArgs,
+    /// Seconds a crashed container waits before its second restart; each further restart
+    /// waits twice as long, up to `--restart-backoff-max` (Kubernetes: 10 and 300).
+    #[arg(long, default_value_t = 10.0)]
+    restart_backoff: f64,
+    #[arg(long, default_value_t = 300.0)]
+    restart_backoff_max: f64,
 }
 
 #[derive(Args)]
@@ -360,6 +378,27 @@ enum LabCommand {
         /// NodeSync, one leads; agents are given every replica.
         #[arg(long, default_value_t = 1)]
         controllers: usize,
+        /// An extra argument of the controllers (repeatable), e.g.
+        /// `--controller-arg=--node-monitor-grace-period-seconds=5`.
+        #[arg(long, allow_hyphen_values = true)]
+        controller_arg: Vec<String>,
+        /// An extra argument of every agent (repeatable), e.g. `--agent-arg=--lease-renew-ms=1000`.
+        #[arg(long, allow_hyphen_values = true)]
+        agent_arg: Vec<String>,
+    },
+    /// Stop a node as if it died: kill its agent (its pods keep running) and take its link
+    /// off the fabric.
+    Stop {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The node (`node-1`).
+        node: String,
+    },
+    /// Bring a stopped node back: its link on the fabric, then its agent.
+    Start {
+        #[arg(long, default_value = "default")]
+        name: String,
+        node: String,
     },
     /// Remove every trace of a lab: processes, namespaces, links, pins, cgroups, state.
     Down {
@@ -698,6 +737,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.node_lifecycle.grace_period =
         Duration::from_secs(args.node_monitor_grace_period_seconds);
+    config.autoscaler.sync_period =
+        Duration::from_secs(args.horizontal_pod_autoscaler_sync_period_seconds.max(1));
+    config.autoscaler.tolerance = args.horizontal_pod_autoscaler_tolerance;
+    config.autoscaler.downscale_stabilization =
+        Duration::from_secs(args.horizontal_pod_autoscaler_downscale_stabilization_seconds);
     config.registry.default_tolerations =
         strait_controlplane::api::kinds::pod::DefaultTolerationSeconds {
             not_ready: args.default_not_ready_toleration_seconds,
@@ -792,6 +836,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         status_refresh: Duration::from_secs(args.status_refresh_seconds),
         lease_duration: Duration::from_secs(args.lease_duration_seconds),
         lease_renew_interval: Duration::from_millis(args.lease_renew_ms),
+        usage_report_interval: Duration::from_millis(args.usage_report_ms.max(100)),
         service_cidr: args.service_cidr,
         cluster_dns: args.cluster_dns,
         cluster_domain: args.cluster_domain,
@@ -811,8 +856,18 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             conntrack: args.lb_sizes.lb_conntrack,
             fragments: args.lb_sizes.lb_fragments,
         },
+        restart_backoff: strait_dataplane::runtime::backoff::BackoffPolicy {
+            initial: seconds_arg("--restart-backoff", args.restart_backoff)?,
+            max: seconds_arg("--restart-backoff-max", args.restart_backoff_max)?,
+        },
     };
     strait_dataplane::agent::run(config, termination()).await
+}
+
+/// A duration given in (fractional) seconds.
+fn seconds_arg(flag: &str, seconds: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .with_context(|| format!("{flag} {seconds}: not a duration in seconds"))
 }
 
 /// A binary that ships next to this one.
@@ -831,7 +886,15 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes, name, timeout, store, controllers } => {
+        LabCommand::Up {
+            nodes,
+            name,
+            timeout,
+            store,
+            controllers,
+            controller_arg: controller_args,
+            agent_arg: agent_args,
+        } => {
             let started = std::time::Instant::now();
             let options = lab::UpOptions {
                 name,
@@ -839,6 +902,8 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
                 strait_exe: std::env::current_exe()?,
                 cni_plugin: sibling_binary("strait-cni")?,
                 ready_timeout: Duration::from_secs(timeout),
+                controller_args,
+                agent_args,
             };
             let control = lab::ControlPlaneOptions { store, controllers };
             let state = lab::up_with(&options, &control).await?;
@@ -866,6 +931,16 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Restart { name, process } => {
             let pid = lab::restart(&name, &process)?;
             println!("{process:?} of lab {name} restarted as pid {pid}");
+        }
+        LabCommand::Stop { name, node } => {
+            lab::kill(&name, &lab::LabProcess::Agent(node.clone()))?;
+            lab::set_node_link(&name, &node, false).await?;
+            println!("{node} of lab {name} stopped: agent killed, link down");
+        }
+        LabCommand::Start { name, node } => {
+            lab::set_node_link(&name, &node, true).await?;
+            let pid = lab::start(&name, &lab::LabProcess::Agent(node.clone()))?;
+            println!("{node} of lab {name} started: link up, agent pid {pid}");
         }
         LabCommand::Kubeconfig { name } => {
             println!("{}", lab::LabState::load(&name)?.kubeconfig.display())

@@ -28,6 +28,7 @@ use crate::{
     controllers::{
         self,
         endpoint_slice::EndpointSliceController,
+        horizontal_pod_autoscaler::{AutoscalerConfig, HorizontalPodAutoscalerController},
         namespace::NamespaceController,
         node_ipam::PodCidrReconciler,
         node_lifecycle::{NodeLifecycleConfig, NodeLifecycleController},
@@ -69,6 +70,8 @@ pub struct ControllerConfig {
     pub event_ttl: Duration,
     /// When nodes are judged unreachable.
     pub node_lifecycle: NodeLifecycleConfig,
+    /// How horizontal pod autoscalers scale.
+    pub autoscaler: AutoscalerConfig,
     /// Admission defaults of the served kinds (pods' default tolerations).
     pub registry: RegistryOptions,
     /// Where the store lives: the embedded file in `data_dir` (default) or etcd.
@@ -107,6 +110,7 @@ impl ControllerConfig {
             shutdown_grace: Duration::from_secs(5),
             event_ttl: controllers::event_expiry::DEFAULT_EVENT_TTL,
             node_lifecycle: NodeLifecycleConfig::default(),
+            autoscaler: AutoscalerConfig::default(),
             registry: RegistryOptions::default(),
             store: StoreLocation::Embedded,
             leader_lease: Duration::from_secs(3),
@@ -205,11 +209,12 @@ async fn serve(
     let mut background = JoinSet::new();
     let leading = Arc::clone(&registry);
     let (history_revisions, event_ttl) = (config.history_revisions, config.event_ttl);
-    let node_lifecycle = config.node_lifecycle;
+    let (node_lifecycle, autoscaler) = (config.node_lifecycle, config.autoscaler);
     // The embedded store bounds its own history; etcd keeps all until it is compacted.
     let compacts = election.is_some();
     background.spawn(leader::run_while_leading(election, stopped.clone(), move |term| {
-        let mut tasks = spawn_controllers(&leading, event_ttl, node_lifecycle, term.clone());
+        let mut tasks =
+            spawn_controllers(&leading, event_ttl, node_lifecycle, autoscaler, term.clone());
         if compacts {
             let store = Arc::clone(leading.store());
             tasks.spawn(crate::store::etcd::bound_history(store, history_revisions, term));
@@ -310,6 +315,7 @@ fn spawn_controllers(
     registry: &Arc<Registry>,
     event_ttl: Duration,
     node_lifecycle: NodeLifecycleConfig,
+    autoscaler: AutoscalerConfig,
     stopped: watch::Receiver<bool>,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
@@ -338,6 +344,10 @@ fn spawn_controllers(
     ));
     tasks.spawn(controllers::run(
         NodeLifecycleController::new(Arc::clone(registry), node_lifecycle),
+        stopped.clone(),
+    ));
+    tasks.spawn(controllers::run(
+        HorizontalPodAutoscalerController::new(Arc::clone(registry), autoscaler),
         stopped,
     ));
     tasks

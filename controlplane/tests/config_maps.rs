@@ -1,5 +1,6 @@
 //! ConfigMaps through the API: stored and updated as sent, an invalid one refused with 422
-//! naming its field (nothing stored), an immutable one keeps its data.
+//! naming its field (nothing stored), an immutable one keeps its data; a pod that refers to
+//! volumes or ConfigMap keys wrongly is refused naming the field.
 
 use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -77,4 +78,36 @@ async fn config_maps_are_validated_stored_and_immutable_ones_keep_their_data() {
     assert_eq!(code, StatusCode::OK);
     let read: ConfigMap = client.get(Some("default"), "game").await.unwrap().expect("stored");
     assert_eq!(read.data.as_ref().unwrap()["lives"], "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_mounting_no_volume_or_a_bad_key_is_refused_naming_the_field() {
+    let server = TestController::start("pod-volumes").await;
+    let client = server.client();
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web"},
+        "spec": {
+            "volumes": [{"name": "config", "configMap": {"name": "app"}}],
+            "containers": [{
+                "name": "web", "image": "strait/netexec",
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                "env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "a/b"}}}],
+            }],
+        },
+    });
+    let (code, status) = send(&client, Method::POST, "/api/v1/namespaces/default/pods", pod).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+    assert_eq!(
+        causes(&status),
+        [
+            "spec.containers[0].volumeMounts[0].name",
+            "spec.containers[0].env[0].valueFrom.configMapKeyRef.key",
+        ]
+    );
+    assert_eq!(status["details"]["causes"][0]["reason"], "FieldValueNotFound");
+    assert!(
+        status["message"].as_str().unwrap().contains("volumeMounts[0].name: Not found: \"data\""),
+        "{status}"
+    );
 }

@@ -466,6 +466,18 @@ async fn replica_sets_are_named_by_template_hash_owned_and_numbered_by_revision(
         .unwrap();
     let uid = created.metadata.uid.clone().unwrap();
     rolled_out(&client, "web", "v1", 20).await;
+    // Once converged, passes write nothing: the versions stay put.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let versions = || async {
+        let deployment: Deployment = client.get(Some("default"), "web").await.unwrap().unwrap();
+        let sets = sets_of(&client, "web").await;
+        let mut versions = vec![deployment.metadata.resource_version];
+        versions.extend(sets.into_iter().map(|s| s.metadata.resource_version));
+        versions
+    };
+    let settled = versions().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(versions().await, settled, "a converged deployment is rewritten");
     let sets = sets_of(&client, "web").await;
     assert_eq!(sets.len(), 1);
     let first = &sets[0];
@@ -733,4 +745,73 @@ async fn new_pods_count_as_available_only_after_min_ready_seconds() {
         }
     }
     assert_eq!(deleted.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_deployment_takes_its_replica_sets_and_pods_along() {
+    let (_server, client, _agent) = cluster("deployments-delete", AgentTiming::default()).await;
+    client
+        .create::<Deployment>(Some("default"), &versioned("web", 2, "v1", json!({})))
+        .await
+        .unwrap();
+    rolled_out(&client, "web", "v1", 20).await;
+    set_version(&client, "web", "v2").await;
+    rolled_out(&client, "web", "v2", 20).await;
+    assert_eq!(sets_of(&client, "web").await.len(), 2);
+    // Background propagation, as kubectl delete sends: the garbage collector follows the
+    // controller references the deployment controller wrote.
+    client.delete::<Deployment>(Some("default"), "web", None).await.unwrap();
+    eventually("no replica set and no pod left", 20, || async {
+        let sets = sets_of(&client, "web").await;
+        let (pods, _) =
+            client.list::<Pod>(Some("default"), "labelSelector=app%3Dweb").await.ok()?;
+        (sets.is_empty() && pods.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_during_a_rollout_shares_the_new_replicas_in_proportion() {
+    // Kubernetes' own example: 10 replicas, maxSurge 3, maxUnavailable 2, a new version that
+    // never becomes ready, then 15 replicas: 3 more for the old set, 2 for the new.
+    let timing = AgentTiming {
+        never_ready: vec!["strait/netexec:broken".to_owned()],
+        ..AgentTiming::default()
+    };
+    let (_server, client, _agent) = cluster("deployments-proportion", timing).await;
+    let spec = json!({"strategy": {"rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}}});
+    client.create::<Deployment>(Some("default"), &versioned("web", 10, "v1", spec)).await.unwrap();
+    rolled_out(&client, "web", "v1", 30).await;
+    set_version(&client, "web", "broken").await;
+    let sizes = |sets: &[ReplicaSet]| -> (i32, i32) {
+        let size = |suffix: &str| {
+            sets.iter()
+                .filter(|s| set_image(s).ends_with(suffix))
+                .map(|s| s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0))
+                .sum()
+        };
+        (size(":v1"), size(":broken"))
+    };
+    eventually("the rollout stuck at 8 old and 5 new", 20, || async {
+        (sizes(&sets_of(&client, "web").await) == (8, 5)).then_some(())
+    })
+    .await;
+    // Nothing moves while the new pods stay unready.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sizes(&sets_of(&client, "web").await), (8, 5));
+    client
+        .merge_patch::<Deployment>(
+            Some("default"),
+            "web",
+            &json!({"spec": {"replicas": 15}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("11 old and 7 new", 20, || async {
+        (sizes(&sets_of(&client, "web").await) == (11, 7)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sizes(&sets_of(&client, "web").await), (11, 7), "then it holds");
 }

@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
     coordination::v1::Lease,
-    core::v1::{Node, Pod, Service},
+    core::v1::{Event, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use serde_json::{Value, json};
@@ -316,6 +316,14 @@ async fn a_node_whose_lease_lapses_is_unknown_tainted_and_its_pods_leave_and_com
     );
     let n2: Node = client.get(None, "n2").await.unwrap().unwrap();
     assert_eq!(ready_condition(&n2).unwrap().0, "True", "n2 keeps renewing");
+    eventually("a NodeNotReady event for n1", 5, || async {
+        let (events, _) = client
+            .list::<Event>(Some("default"), "fieldSelector=involvedObject.name%3Dn1")
+            .await
+            .unwrap();
+        events.iter().any(|e| e.reason.as_deref() == Some("NodeNotReady")).then_some(())
+    })
+    .await;
 
     // Its pods lose readiness, and their endpoints leave the service.
     eventually("n1's pods not ready, its endpoint not ready", 5, || async {
@@ -350,6 +358,15 @@ async fn a_node_whose_lease_lapses_is_unknown_tainted_and_its_pods_leave_and_com
         evicted_after
             >= GRACE + Duration::from_secs(UNREACHABLE_TOLERATION as u64) - Duration::from_secs(1),
         "not before its toleration: {evicted_after:?}"
+    );
+    let (events, _) = client
+        .list::<Event>(Some("default"), &format!("fieldSelector=involvedObject.name%3D{on_n1}"))
+        .await
+        .unwrap();
+    let reasons: BTreeSet<_> = events.iter().filter_map(|e| e.reason.clone()).collect();
+    assert!(
+        reasons.contains("NodeNotReady") && reasons.contains("TaintManagerEviction"),
+        "{reasons:?}"
     );
     let loyal: Pod = client.get(Some("default"), "loyal").await.unwrap().expect("loyal stays");
     assert!(loyal.metadata.deletion_timestamp.is_none(), "a pod tolerating forever stays");

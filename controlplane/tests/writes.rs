@@ -540,6 +540,22 @@ fn names(list: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_show_the_list_as_it_was_at_its_first_page() {
     let server = TestController::start("writes-pages").await;
+    pages_at_the_first_page_revision(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_on_etcd_show_the_list_as_it_was_at_its_first_page() {
+    let etcd = strait_controlplane::testing::LocalEtcd::start("writes-pages")
+        .await
+        .unwrap_or_else(|error| panic!("starting etcd: {error}"));
+    let server = TestController::start_with("writes-pages-etcd", |config| {
+        config.store = etcd.location("/strait/pages");
+    })
+    .await;
+    pages_at_the_first_page_revision(&server).await;
+}
+
+async fn pages_at_the_first_page_revision(server: &TestController) {
     let client = server.client();
     let mut created = std::collections::BTreeMap::new();
     for name in ["cm-1", "cm-2", "cm-3", "cm-4", "cm-5"] {

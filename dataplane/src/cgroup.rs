@@ -99,6 +99,28 @@ impl Cgroup {
         }
     }
 
+    /// CPU time used by the subtree so far, in microseconds (`cpu.stat` `usage_usec`, which
+    /// cgroup v2 keeps whether or not the cpu controller is enabled).
+    pub fn cpu_usage_usec(&self) -> io::Result<u64> {
+        let stat = fs::read_to_string(self.path.join("cpu.stat"))?;
+        stat.lines()
+            .find_map(|line| line.strip_prefix("usage_usec "))
+            .and_then(|value| value.trim().parse().ok())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "cpu.stat without usage_usec")
+            })
+    }
+
+    /// Memory used by the subtree, in bytes (`memory.current`); `None` where the memory
+    /// controller is not enabled for this cgroup.
+    pub fn memory_current(&self) -> io::Result<Option<u64>> {
+        match fs::read_to_string(self.path.join("memory.current")) {
+            Ok(text) => Ok(text.trim().parse().ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends `signal` to every process in the subtree.
     pub fn signal_all(&self, signal: nix::sys::signal::Signal) -> io::Result<()> {
         for pid in self.processes()? {

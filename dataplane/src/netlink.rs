@@ -121,6 +121,16 @@ pub async fn set_link_up(handle: &Handle, index: u32) -> Result<(), NetlinkError
         .map_err(|e| NetlinkError::new(format!("setting link {index} up"), e))
 }
 
+/// Sets the link administratively down.
+pub async fn set_link_down(handle: &Handle, index: u32) -> Result<(), NetlinkError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).down().build())
+        .execute()
+        .await
+        .map_err(|e| NetlinkError::new(format!("setting link {index} down"), e))
+}
+
 /// Renames a link (it must be down, or the kernel refuses with EBUSY).
 pub async fn rename_link(handle: &Handle, index: u32, name: &str) -> Result<(), NetlinkError> {
     handle

@@ -86,6 +86,8 @@ pub async fn lab_up_down(
         strait_exe: std::env::current_exe()?,
         cni_plugin: cni_plugin.to_owned(),
         ready_timeout: Duration::from_secs(120),
+        controller_args: Vec::new(),
+        agent_args: Vec::new(),
     };
     let mut report = LabUpDownReport {
         nodes,

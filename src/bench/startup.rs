@@ -208,6 +208,8 @@ pub async fn startup(
         strait_exe: std::env::current_exe()?,
         cni_plugin: cni_plugin.to_owned(),
         ready_timeout: Duration::from_secs(120),
+        controller_args: Vec::new(),
+        agent_args: Vec::new(),
     };
     let state = crate::lab::up(&options).await.context("bringing the lab up")?;
     let measured = async {

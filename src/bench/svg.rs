@@ -22,10 +22,10 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const WIDTH: f64 = 760.0;
+const WIDTH: f64 = 780.0;
 const HEIGHT: f64 = 420.0;
 const LEFT: f64 = 78.0;
-const RIGHT: f64 = 190.0;
+const RIGHT: f64 = 210.0;
 const TOP: f64 = 46.0;
 const BOTTOM: f64 = 56.0;
 

@@ -36,11 +36,15 @@ pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Re
     let opted_out = Cgroup::new(
         &node_cgroup.join(strait_dataplane::agent::POD_CGROUP_WITHOUT_SOCKET_LB).join(&uid),
     )?;
-    let cgroup = if opted_out.exists() {
+    let pod_cgroup = if opted_out.exists() {
         opted_out
     } else {
         Cgroup::new(&node_cgroup.join(strait_dataplane::agent::POD_CGROUP).join(&uid))?
     };
+    // A leaf of its own beside the containers': a cgroup v2 whose controllers are enabled for
+    // its children holds no process itself. No container can be named so (not a DNS label).
+    let cgroup = pod_cgroup.child("_lab-exec");
+    cgroup.create()?;
     // The node's agent keeps its state in `<lab dir>/nodes/<node>` (see `up.rs`); a pod with
     // a resolv.conf of its own has it there, and the command sees it as the containers do.
     let resolv_conf = pod_resolv_conf_path(&lab_dir(lab).join("nodes").join(&node), &uid);

@@ -32,7 +32,7 @@ use strait_dataplane::{cgroup::Cgroup, ebpf::BPFFS_ROOT, netns::NetNs};
 pub use exec::{exec_in_node, exec_in_pod};
 pub use up::{
     ControlPlaneOptions, LabProcess, MAX_CONTROLLERS, UpOptions, is_node_ready, kill, log_tails,
-    restart, up, up_with, wait_until_ready,
+    restart, set_node_link, start, up, up_with, wait_until_ready,
 };
 
 /// Where labs keep their state (store, logs, kubeconfig, CNI allocations). Under /run: a lab
@@ -123,6 +123,11 @@ pub struct LabState {
     /// The controller replicas after the first (`controller-2`, …), on etcd.
     #[serde(default)]
     pub replicas: Vec<LabReplica>,
+    /// Extra arguments the controllers and the agents were started with, for restarts.
+    #[serde(default)]
+    pub controller_args: Vec<String>,
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 fn embedded_store() -> String {
@@ -240,6 +245,9 @@ pub fn down(lab: &str) -> anyhow::Result<DownReport> {
 
     let dir = lab_dir(lab);
     if dir.exists() {
+        // Pods' `medium: Memory` emptyDirs are tmpfs mounts in there.
+        strait_dataplane::runtime::volumes::unmount_all_below(&dir)
+            .with_context(|| format!("unmounting what is mounted below {}", dir.display()))?;
         fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         report.state_removed = true;
     }

@@ -38,6 +38,10 @@ pub struct UpOptions {
     pub cni_plugin: PathBuf,
     /// How long to wait for every node to be Ready.
     pub ready_timeout: Duration,
+    /// Extra arguments of `strait controller` (e.g. shorter node timers for tests).
+    pub controller_args: Vec<String>,
+    /// Extra arguments of every `strait agent`.
+    pub agent_args: Vec<String>,
 }
 
 /// The lab's control plane: where it keeps the cluster's state and how many controller
@@ -181,7 +185,14 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("binding a loopback port for the API")?;
         let api_server = format!("https://127.0.0.1:{}", loopback.local_addr()?.port());
-        let pid = start_controller(lab, &options.strait_exe, loopback, index, &control.store)?;
+        let pid = start_controller(
+            lab,
+            &options.strait_exe,
+            loopback,
+            index,
+            &control.store,
+            &options.controller_args,
+        )?;
         replicas.push(LabReplica { index, pid, api_server });
     }
     let first = replicas.remove(0);
@@ -212,6 +223,8 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         cni_plugin: options.cni_plugin.clone(),
         store: control.store.to_string(),
         replicas,
+        controller_args: options.controller_args.clone(),
+        agent_args: options.agent_args.clone(),
     };
     state.save()?;
     wait_until_ready(&state, options.ready_timeout).await?;
@@ -245,6 +258,7 @@ fn start_controller(
     loopback: TcpListener,
     index: usize,
     store: &StoreLocation,
+    extra_args: &[String],
 ) -> anyhow::Result<u32> {
     let dir = lab_dir(lab);
     let name = controller_name(index);
@@ -267,6 +281,7 @@ fn start_controller(
     controller.arg("--store").arg(store.to_string());
     // Every replica serves with the lab's one CA, so that any of them accepts any client.
     controller.arg("--pki-dir").arg(pki_dir(lab));
+    controller.args(extra_args);
     spawn_daemon(
         controller,
         &cgroup,
@@ -306,7 +321,8 @@ fn start_agent(
         .arg("--cni-plugin")
         .arg(binaries.cni_plugin())
         .arg("--cni-conf-dir")
-        .arg(node_dir.join("net.d"));
+        .arg(node_dir.join("net.d"))
+        .args(binaries.agent_args());
     spawn_daemon(
         agent,
         &cgroup,
@@ -338,6 +354,8 @@ fn node_netns_path(lab: &str, node: &str) -> PathBuf {
 trait LabBinaries {
     fn strait_exe(&self) -> &Path;
     fn cni_plugin(&self) -> &Path;
+    /// Extra arguments of the agents.
+    fn agent_args(&self) -> &[String];
 }
 
 impl LabBinaries for UpOptions {
@@ -347,6 +365,9 @@ impl LabBinaries for UpOptions {
     fn cni_plugin(&self) -> &Path {
         &self.cni_plugin
     }
+    fn agent_args(&self) -> &[String] {
+        &self.agent_args
+    }
 }
 
 impl LabBinaries for LabState {
@@ -355,6 +376,9 @@ impl LabBinaries for LabState {
     }
     fn cni_plugin(&self) -> &Path {
         &self.cni_plugin
+    }
+    fn agent_args(&self) -> &[String] {
+        &self.agent_args
     }
 }
 
@@ -425,7 +449,14 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
                 .context("reading the API port from the lab state")?;
             let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
                 .with_context(|| format!("binding 127.0.0.1:{port} again"))?;
-            let pid = start_controller(lab, &state.strait_exe, loopback, index, &store)?;
+            let pid = start_controller(
+                lab,
+                &state.strait_exe,
+                loopback,
+                index,
+                &store,
+                &state.controller_args,
+            )?;
             match state.replicas.iter_mut().find(|r| r.index == index) {
                 Some(replica) => replica.pid = pid,
                 None => state.controller_pid = pid,
@@ -448,6 +479,37 @@ pub fn restart(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
     };
     state.save()?;
     Ok(pid)
+}
+
+/// Takes a node off the fabric (`up: false`) or puts it back: the fabric end of its veth goes
+/// down or up. With its agent killed ([`kill`]), a node taken off is a node that died: its
+/// pods keep running but nothing reaches them and nothing is heard from them.
+pub async fn set_node_link(lab: &str, node: &str, up: bool) -> anyhow::Result<()> {
+    let state = LabState::load(lab)?;
+    if !state.nodes.iter().any(|n| n.name == node) {
+        bail!("lab {lab} has no node {node}");
+    }
+    let fabric = NetNs::open(&fabric_netns(lab))?;
+    let handle = fabric.netlink()?;
+    let index = netlink::link_index(&handle, node)
+        .await?
+        .with_context(|| format!("finding the fabric end of {node}"))?;
+    if up {
+        netlink::set_link_up(&handle, index).await?;
+    } else {
+        netlink::set_link_down(&handle, index).await?;
+    }
+    Ok(())
+}
+
+/// Starts a lab process that [`kill`] stopped (its cgroup empty), without killing anything.
+pub fn start(lab: &str, process: &LabProcess) -> anyhow::Result<u32> {
+    let state = LabState::load(lab)?;
+    let cgroup = process_cgroup(&state, process)?;
+    if cgroup.is_populated().unwrap_or(false) {
+        bail!("{process:?} of lab {lab} is running; restart it instead");
+    }
+    restart(lab, process)
 }
 
 fn process_cgroup(state: &LabState, process: &LabProcess) -> anyhow::Result<Cgroup> {

@@ -39,6 +39,32 @@ impl TestLab {
 
     /// [`TestLab::up`] with the control plane given; `api` is a client of every replica.
     pub async fn up_with(tag: &str, nodes: usize, control: &lab::ControlPlaneOptions) -> Self {
+        Self::start(tag, nodes, control, &[], &[]).await
+    }
+
+    /// [`TestLab::up`] with extra arguments for the controller and the agents (shorter timers).
+    pub async fn up_with_args(
+        tag: &str,
+        nodes: usize,
+        controller_args: &[&str],
+        agent_args: &[&str],
+    ) -> Self {
+        Self::start(tag, nodes, &lab::ControlPlaneOptions::default(), controller_args, agent_args)
+            .await
+    }
+
+    /// A lab whose agents get `agent_args` too (short back-off delays, say).
+    pub async fn up_with_agent_args(tag: &str, nodes: usize, agent_args: &[&str]) -> Self {
+        Self::up_with_args(tag, nodes, &[], agent_args).await
+    }
+
+    async fn start(
+        tag: &str,
+        nodes: usize,
+        control: &lab::ControlPlaneOptions,
+        controller_args: &[&str],
+        agent_args: &[&str],
+    ) -> Self {
         let name = format!("e2e-{tag}-{}", std::process::id() % 100_000);
         assert!(name.len() <= 20, "lab name {name} too long; shorten the tag");
         // A lab of this name left by a crashed earlier run of this same test is removed first.
@@ -49,6 +75,8 @@ impl TestLab {
             strait_exe: env!("CARGO_BIN_EXE_strait").into(),
             cni_plugin: env!("CARGO_BIN_EXE_strait-cni").into(),
             ready_timeout: Duration::from_secs(90),
+            controller_args: controller_args.iter().map(|a| (*a).to_owned()).collect(),
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         let state = lab::up_with(&options, control)
             .await

@@ -20,6 +20,8 @@ pub enum FieldErrorKind {
     NotSupported(Value),
     /// Longer than a limit; the detail says which (`must have at most 1048576 bytes`).
     TooLong,
+    /// It refers to something that does not exist (a volume a mount names).
+    NotFound(Value),
 }
 
 /// One invalid field: its JSON path (`spec.containers[0].image`) and why.
@@ -59,6 +61,14 @@ impl FieldError {
         Self { field: field.into(), kind: FieldErrorKind::Forbidden, detail: detail.into() }
     }
 
+    pub fn not_found(field: impl Into<String>, value: impl Into<Value>) -> Self {
+        Self {
+            field: field.into(),
+            kind: FieldErrorKind::NotFound(value.into()),
+            detail: String::new(),
+        }
+    }
+
     pub fn too_long(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Self { field: field.into(), kind: FieldErrorKind::TooLong, detail: detail.into() }
     }
@@ -84,6 +94,7 @@ impl FieldError {
             FieldErrorKind::Forbidden => "FieldValueForbidden",
             FieldErrorKind::NotSupported(_) => "FieldValueNotSupported",
             FieldErrorKind::TooLong => "FieldValueTooLong",
+            FieldErrorKind::NotFound(_) => "FieldValueNotFound",
         }
     }
 
@@ -96,6 +107,7 @@ impl FieldError {
             FieldErrorKind::Forbidden => ("Forbidden", None),
             FieldErrorKind::NotSupported(value) => ("Unsupported value", Some(value)),
             FieldErrorKind::TooLong => ("Too long", None),
+            FieldErrorKind::NotFound(value) => ("Not found", Some(value)),
         };
         let mut message = what.to_owned();
         if let Some(value) = value {

@@ -118,20 +118,28 @@ async fn core_versions(headers: HeaderMap) -> Response {
 }
 
 async fn group_list(State(state): State<ApiState>) -> Response {
-    let mut groups: Vec<(&str, &str)> = state
-        .registry
-        .handlers()
-        .iter()
-        .map(|h| (h.info().group, h.info().version))
-        .filter(|(group, _)| !group.is_empty())
-        .collect();
-    groups.sort();
-    groups.dedup();
+    // Groups by name, each with its versions in registration order: the first registered is
+    // the preferred one (autoscaling serves v2, preferred, and v1).
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for info in state.registry.handlers().iter().map(|h| h.info()) {
+        if info.group.is_empty() {
+            continue;
+        }
+        match groups.iter_mut().find(|(group, _)| *group == info.group) {
+            Some((_, versions)) if !versions.contains(&info.version) => versions.push(info.version),
+            Some(_) => {}
+            None => groups.push((info.group, vec![info.version])),
+        }
+    }
+    groups.sort_by(|a, b| a.0.cmp(b.0));
     let groups: Vec<Value> = groups
         .into_iter()
-        .map(|(group, version)| {
-            let version = json!({"groupVersion": format!("{group}/{version}"), "version": version});
-            json!({"name": group, "versions": [version.clone()], "preferredVersion": version})
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+                .collect();
+            json!({"name": group, "preferredVersion": versions[0].clone(), "versions": versions})
         })
         .collect();
     json_response(
@@ -208,13 +216,20 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
             }));
         }
         for (subresource, kind) in info.post_subresources {
-            resources.push(json!({
+            let mut entry = json!({
                 "name": format!("{}/{subresource}", info.plural),
                 "singularName": "",
                 "namespaced": info.namespaced,
                 "kind": kind,
                 "verbs": ["create"],
-            }));
+            });
+            // kubectl drain evicts only where discovery names the Eviction's group version
+            // (and falls back to plain deletes otherwise).
+            if *kind == "Eviction" {
+                entry["group"] = json!("policy");
+                entry["version"] = json!("v1");
+            }
+            resources.push(entry);
         }
     }
     if resources.is_empty() {

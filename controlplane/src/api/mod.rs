@@ -1,6 +1,7 @@
 //! The Kubernetes-style API server: REST layout, JSON and Table output, watch, and the served
 //! kinds (Namespace, Node, Pod, Service, EndpointSlice, ConfigMap, ...).
 
+pub mod autoscaling_v1;
 pub mod deletion;
 pub mod error;
 pub mod handler;
@@ -11,6 +12,7 @@ pub mod kinds;
 pub mod managed_fields;
 pub mod merge_patch;
 pub mod metadata;
+pub mod metrics;
 pub mod openapi;
 pub mod pagination;
 pub mod patch_schema;
@@ -40,6 +42,7 @@ use self::{
         deployment::DeploymentStrategy,
         endpoint_slice::EndpointSliceStrategy,
         event::EventStrategy,
+        horizontal_pod_autoscaler::HorizontalPodAutoscalerStrategy,
         lease::LeaseStrategy,
         namespace::{NamespaceStrategy, SYSTEM_NAMESPACES},
         node::NodeStrategy,
@@ -80,6 +83,9 @@ pub struct Registry {
     pub events: Arc<TypedKind<EventStrategy>>,
     pub deployments: Arc<TypedKind<DeploymentStrategy>>,
     pub leases: Arc<TypedKind<LeaseStrategy>>,
+    pub horizontal_pod_autoscalers: Arc<TypedKind<HorizontalPodAutoscalerStrategy>>,
+    /// The node agents' latest resource usage reports (in memory), served as `metrics.k8s.io`.
+    pub metrics: Arc<metrics::ResourceMetrics>,
     handlers: Vec<Arc<dyn KindHandler>>,
 }
 
@@ -118,6 +124,12 @@ impl Registry {
         let events = Arc::new(TypedKind::new(Arc::clone(&store), EventStrategy));
         let deployments = Arc::new(TypedKind::new(Arc::clone(&store), DeploymentStrategy));
         let leases = Arc::new(TypedKind::new(Arc::clone(&store), LeaseStrategy));
+        let horizontal_pod_autoscalers =
+            Arc::new(TypedKind::new(Arc::clone(&store), HorizontalPodAutoscalerStrategy));
+        let metrics = Arc::new(metrics::ResourceMetrics::default());
+        // Autoscalers are stored in autoscaling/v2 and also served in v1, converted.
+        let autoscalers_v2: Arc<dyn KindHandler> =
+            Arc::new(Handler::new(Arc::clone(&horizontal_pod_autoscalers)));
         let handlers: Vec<Arc<dyn KindHandler>> = vec![
             Arc::new(Handler::new(Arc::clone(&namespaces))),
             Arc::new(Handler::new(Arc::clone(&nodes))),
@@ -130,6 +142,10 @@ impl Registry {
             Arc::new(Handler::new(Arc::clone(&events))),
             Arc::new(Handler::new(Arc::clone(&deployments))),
             Arc::new(Handler::new(Arc::clone(&leases))),
+            Arc::clone(&autoscalers_v2),
+            Arc::new(autoscaling_v1::AutoscalingV1Handler::new(autoscalers_v2)),
+            Arc::new(metrics::MetricsHandler::nodes(Arc::clone(&metrics))),
+            Arc::new(metrics::MetricsHandler::pods(Arc::clone(&metrics))),
         ];
         Self {
             store,
@@ -144,6 +160,8 @@ impl Registry {
             events,
             deployments,
             leases,
+            horizontal_pod_autoscalers,
+            metrics,
             handlers,
         }
     }

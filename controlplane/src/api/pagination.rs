@@ -15,7 +15,7 @@ use futures::StreamExt;
 use super::error::ApiError;
 use crate::store::{EventKind, KeyValue, Revision, Store, StoreError};
 
-/// How long replaying history may take before the page is given up.
+/// How long replaying history may take before the token is given up as expired.
 const HISTORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a continued list resumes.
@@ -161,12 +161,13 @@ async fn replay(
         }
         Ok(())
     };
-    tokio::time::timeout(HISTORY_TIMEOUT, read).await.map_err(|_| {
-        ApiError::internal(
-            "reading the history of the list",
-            std::io::Error::other("the history did not arrive in time"),
-        )
-    })?
+    // A store shared with writers outside it (an etcd cluster used by others) may have
+    // revisions without a change of its own; the history then never reaches `until`. The
+    // token is then treated as expired: clients (client-go's pager) list again in full.
+    match tokio::time::timeout(HISTORY_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => Err(expired(after, after)),
+    }
 }
 
 #[cfg(test)]

@@ -457,6 +457,108 @@ static REPLICA_SET: Message = Message {
     ],
 };
 
+// autoscaling/v2 and autoscaling/v1 (`kubectl autoscale` sends v2 from 1.33 on, falling
+// back to v1).
+static CROSS_VERSION_OBJECT_REFERENCE: Message = Message {
+    name: "CrossVersionObjectReference",
+    fields: &[keep(1, "kind", Str), keep(2, "name", Str), opt(3, "apiVersion", Str)],
+};
+
+static METRIC_TARGET: Message = Message {
+    name: "MetricTarget",
+    fields: &[
+        keep(1, "type", Str),
+        opt(2, "value", Quantity),
+        opt(3, "averageValue", Quantity),
+        keep(4, "averageUtilization", Int32),
+    ],
+};
+
+static RESOURCE_METRIC_SOURCE: Message = Message {
+    name: "ResourceMetricSource",
+    fields: &[keep(1, "name", Str), opt(2, "target", Msg(&METRIC_TARGET))],
+};
+
+static CONTAINER_RESOURCE_METRIC_SOURCE: Message = Message {
+    name: "ContainerResourceMetricSource",
+    fields: &[
+        keep(1, "name", Str),
+        opt(2, "target", Msg(&METRIC_TARGET)),
+        keep(3, "container", Str),
+    ],
+};
+
+static METRIC_SPEC: Message = Message {
+    name: "MetricSpec",
+    fields: &[
+        keep(1, "type", Str),
+        opt(4, "resource", Msg(&RESOURCE_METRIC_SOURCE)),
+        opt(7, "containerResource", Msg(&CONTAINER_RESOURCE_METRIC_SOURCE)),
+    ],
+};
+
+static HPA_SCALING_POLICY: Message = Message {
+    name: "HPAScalingPolicy",
+    fields: &[keep(1, "type", Str), keep(2, "value", Int32), keep(3, "periodSeconds", Int32)],
+};
+
+static HPA_SCALING_RULES: Message = Message {
+    name: "HPAScalingRules",
+    fields: &[
+        keep(3, "stabilizationWindowSeconds", Int32),
+        opt(1, "selectPolicy", Str),
+        list(2, "policies", Msg(&HPA_SCALING_POLICY)),
+        opt(4, "tolerance", Quantity),
+    ],
+};
+
+static HORIZONTAL_POD_AUTOSCALER_BEHAVIOR: Message = Message {
+    name: "HorizontalPodAutoscalerBehavior",
+    fields: &[
+        opt(1, "scaleUp", Msg(&HPA_SCALING_RULES)),
+        opt(2, "scaleDown", Msg(&HPA_SCALING_RULES)),
+    ],
+};
+
+static HORIZONTAL_POD_AUTOSCALER_SPEC_V2: Message = Message {
+    name: "HorizontalPodAutoscalerSpec",
+    fields: &[
+        opt(1, "scaleTargetRef", Msg(&CROSS_VERSION_OBJECT_REFERENCE)),
+        keep(2, "minReplicas", Int32),
+        keep(3, "maxReplicas", Int32),
+        list(4, "metrics", Msg(&METRIC_SPEC)),
+        opt(5, "behavior", Msg(&HORIZONTAL_POD_AUTOSCALER_BEHAVIOR)),
+    ],
+};
+
+static HORIZONTAL_POD_AUTOSCALER_V2: Message = Message {
+    name: "HorizontalPodAutoscaler",
+    fields: &[
+        opt(1, "metadata", Msg(&OBJECT_META)),
+        opt(2, "spec", Msg(&HORIZONTAL_POD_AUTOSCALER_SPEC_V2)),
+        opt(3, "status", Discard),
+    ],
+};
+
+static HORIZONTAL_POD_AUTOSCALER_SPEC_V1: Message = Message {
+    name: "HorizontalPodAutoscalerSpec",
+    fields: &[
+        opt(1, "scaleTargetRef", Msg(&CROSS_VERSION_OBJECT_REFERENCE)),
+        keep(2, "minReplicas", Int32),
+        keep(3, "maxReplicas", Int32),
+        keep(4, "targetCPUUtilizationPercentage", Int32),
+    ],
+};
+
+static HORIZONTAL_POD_AUTOSCALER_V1: Message = Message {
+    name: "HorizontalPodAutoscaler",
+    fields: &[
+        opt(1, "metadata", Msg(&OBJECT_META)),
+        opt(2, "spec", Msg(&HORIZONTAL_POD_AUTOSCALER_SPEC_V1)),
+        opt(3, "status", Discard),
+    ],
+};
+
 /// The message of a kind (by `apiVersion` and `kind`), when the decoder has it.
 fn kind_message(api_version: &str, kind: &str) -> Option<&'static Message> {
     Some(match (api_version, kind) {
@@ -467,6 +569,8 @@ fn kind_message(api_version: &str, kind: &str) -> Option<&'static Message> {
         ("v1", "Pod") => &POD,
         ("apps/v1", "Deployment") => &DEPLOYMENT,
         ("apps/v1", "ReplicaSet") => &REPLICA_SET,
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => &HORIZONTAL_POD_AUTOSCALER_V2,
+        ("autoscaling/v1", "HorizontalPodAutoscaler") => &HORIZONTAL_POD_AUTOSCALER_V1,
         _ => return None,
     })
 }

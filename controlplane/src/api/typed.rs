@@ -34,6 +34,11 @@ use crate::store::{
 /// object for unconditional writes) changed between its read and its commit.
 const MAX_ATTEMPTS: usize = 16;
 
+/// How often a create is retried when an allocation it claims (a pod CIDR, a cluster IP) went
+/// to a racing create first. Every round has a winner, so this bounds the creates that can race
+/// one another for the same free block; a jittered pause between rounds spreads them out.
+const CLAIM_ATTEMPTS: usize = 64;
+
 /// Characters of `generateName` suffixes: no vowels (no accidental words), no look-alikes.
 const NAME_SUFFIX_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 const NAME_SUFFIX_LEN: usize = 5;
@@ -384,7 +389,7 @@ impl<S: Strategy> TypedKind<S> {
         let mut name = object.metadata().name.clone().unwrap_or_default();
         let mut key = self.key(namespace, &name);
 
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..CLAIM_ATTEMPTS {
             let mut compares = vec![Compare::Absent { key: key.clone() }];
             if let Some(namespace) = namespace {
                 compares.push(self.namespace_guard(namespace, &name).await?);
@@ -419,8 +424,9 @@ impl<S: Strategy> TypedKind<S> {
                     key = self.key(namespace, &name);
                     object.metadata_mut().name = Some(name.clone());
                 }
-                // The namespace or a claim changed meanwhile: look again.
-                TxnOutcome::CompareFailed { .. } => continue,
+                // The namespace or a claim changed meanwhile: look again, after a pause that
+                // keeps the creates that lost this round from meeting again in the next.
+                TxnOutcome::CompareFailed { .. } => claim_backoff(attempt).await,
             }
         }
         Err(self.conflict(&name))
@@ -958,6 +964,13 @@ fn reset_server_metadata(meta: &mut ObjectMeta) {
     meta.deletion_grace_period_seconds = None;
     meta.managed_fields = None;
     meta.self_link = None;
+}
+
+/// A random pause of up to 2 ms per lost round so far (at most 20 ms).
+async fn claim_backoff(attempt: usize) {
+    let most = 2 * (attempt.min(9) as u64 + 1);
+    let pause = rand::rng().random_range(0..=most * 1000);
+    tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
 }
 
 fn random_suffix() -> String {

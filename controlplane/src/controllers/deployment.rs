@@ -1093,9 +1093,11 @@ impl DeploymentController {
         if is_complete(deployment, status) {
             return None;
         }
+        // Nothing is timed for a rollout already reported out of time, nor for a deployment
+        // that only grew after completing (Kubernetes leaves that one complete).
         match condition(status, CONDITION_PROGRESSING)?.reason.as_deref() {
-            Some(REASON_DEADLINE_EXCEEDED) => None,
-            _ => deadline_of(deployment, status),
+            Some(REASON_DEADLINE_EXCEEDED | REASON_NEW_SET_AVAILABLE) => None,
+            _ => deadline_of(deployment, status).filter(|at| *at > precise_now()),
         }
     }
 
@@ -1379,7 +1381,65 @@ mod tests {
     use k8s_openapi::api::core::v1::PodTemplateSpec;
     use serde_json::json;
 
-    use super::{same_template, template_hash};
+    use std::collections::HashMap;
+
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+
+    use super::{DeploymentController, Family, precise_now, same_template, template_hash};
+
+    /// A 3-replica deployment (deadline 60 s) whose stored status has 2 pods, all updated and
+    /// available, and a Progressing condition last updated at `updated` with `reason`.
+    fn deployment_at(reason: &str, updated: &str) -> (Deployment, DeploymentStatus) {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "web", "generation": 2},
+            "spec": {"replicas": 3, "progressDeadlineSeconds": 60,
+                     "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}}},
+            "status": {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2,
+                       "readyReplicas": 2, "availableReplicas": 2,
+                       "conditions": [{"type": "Progressing", "status": "True", "reason": reason,
+                                       "lastUpdateTime": updated, "lastTransitionTime": updated}]},
+        }))
+        .unwrap();
+        let status = deployment.status.clone().unwrap();
+        (deployment, status)
+    }
+
+    fn reason(status: &DeploymentStatus) -> String {
+        let conditions = status.conditions.as_ref().unwrap();
+        let progressing = conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        progressing.reason.clone().unwrap()
+    }
+
+    #[test]
+    fn a_stalled_rollout_times_out_once_and_a_fresh_one_is_woken_at_its_deadline() {
+        let family = Family { new: None, old: Vec::new(), pods: HashMap::new() };
+        let long_ago = "2020-01-01T00:00:00Z";
+        // No progress since long ago: out of time, and nothing more to wait for.
+        let (deployment, mut status) = deployment_at("ReplicaSetUpdated", long_ago);
+        let wake = DeploymentController::rollout_conditions(&deployment, &family, &mut status);
+        assert_eq!((reason(&status), wake), ("ProgressDeadlineExceeded".to_owned(), None));
+        // Grown after completing: stays complete, nothing timed (no pass every few ms).
+        let (deployment, mut status) = deployment_at("NewReplicaSetAvailable", long_ago);
+        let wake = DeploymentController::rollout_conditions(&deployment, &family, &mut status);
+        assert_eq!((reason(&status), wake), ("NewReplicaSetAvailable".to_owned(), None));
+        // Progress just now: woken a second past the deadline.
+        let now = strait_time_now();
+        let (deployment, mut status) = deployment_at("ReplicaSetUpdated", &now);
+        let wake = DeploymentController::rollout_conditions(&deployment, &family, &mut status)
+            .expect("a deadline to wake up at");
+        assert_eq!(reason(&status), "ReplicaSetUpdated");
+        let wait = wake.duration_since(precise_now()).as_secs_f64();
+        assert!((58.0..=61.0).contains(&wait), "woken in {wait} s");
+    }
+
+    fn strait_time_now() -> String {
+        serde_json::to_value(crate::api::typed::current_time())
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
 
     fn template(image: &str) -> PodTemplateSpec {
         serde_json::from_value(json!({

@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod endpoint_slice;
 pub mod event_expiry;
 pub mod garbage_collector;
+pub mod horizontal_pod_autoscaler;
 pub mod namespace;
 pub mod node_ipam;
 pub mod node_lifecycle;

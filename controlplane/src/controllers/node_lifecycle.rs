@@ -52,6 +52,7 @@ use crate::{
         },
         typed::{UpdateMode, current_time, now_timestamp},
     },
+    events::EventRecorder,
     scheduler::fit::tolerates,
 };
 
@@ -87,6 +88,7 @@ struct NodeHealth {
 
 pub struct NodeLifecycleController {
     registry: Arc<Registry>,
+    events: EventRecorder,
     config: NodeLifecycleConfig,
     nodes: ObjectCache<NodeStrategy>,
     leases: ObjectCache<LeaseStrategy>,
@@ -104,6 +106,7 @@ pub struct NodeLifecycleController {
 impl NodeLifecycleController {
     pub fn new(registry: Arc<Registry>, config: NodeLifecycleConfig) -> Self {
         Self {
+            events: EventRecorder::spawn(Arc::clone(&registry.events), "node-controller"),
             nodes: ObjectCache::new(Arc::clone(&registry.nodes)),
             leases: ObjectCache::new(Arc::clone(&registry.leases)),
             pods: ObjectCache::new(Arc::clone(&registry.pods)),
@@ -319,6 +322,17 @@ impl NodeLifecycleController {
                             "node readiness changed; taints follow"
                         );
                     }
+                    // Kubernetes' node controller reports the change of the Ready condition
+                    // it saw, whoever made it.
+                    let (before, after) = (ready_status(node), ready_status(&updated));
+                    if before != after && (before == "True" || after == "True") {
+                        let reason = if after == "True" { "NodeReady" } else { "NodeNotReady" };
+                        self.events.normal(
+                            &updated,
+                            reason,
+                            format!("Node {name} status is now: {reason}"),
+                        );
+                    }
                     self.nodes.record_write(updated);
                 }
                 Err(ApiError::NotFound { .. }) => {}
@@ -430,6 +444,7 @@ impl NodeLifecycleController {
                         node = node_name(&pod),
                         "marked the pod of a not-ready node not ready"
                     );
+                    self.events.warning(&pod, "NodeNotReady", "Node is not ready");
                 }
                 Err(ApiError::NotFound { .. }) => {}
                 Err(error) => {
@@ -452,7 +467,14 @@ impl NodeLifecycleController {
                 .delete(Some(&namespace), &name, &DeleteRequest::default(), false)
                 .await
             {
-                Ok(_) => tracing::info!(namespace, pod = name, "evicted a pod from a tainted node"),
+                Ok(pod) => {
+                    tracing::info!(namespace, pod = name, "evicted a pod from a tainted node");
+                    self.events.normal(
+                        &pod,
+                        "TaintManagerEviction",
+                        format!("Marking for deletion Pod {namespace}/{name}"),
+                    );
+                }
                 Err(ApiError::NotFound { .. }) => {}
                 Err(error) => {
                     first_error.get_or_insert(error);

@@ -9,9 +9,10 @@ pub mod node;
 pub mod routes;
 pub mod services;
 pub mod sync;
+pub mod usage;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
@@ -21,6 +22,7 @@ use std::{
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Pod;
 use strait_controlplane::{auth::ClientCredentials, client::ApiClient};
 use tokio::sync::watch;
 
@@ -33,7 +35,7 @@ use crate::{
         lb::{LbMapSizes, ServiceLb},
     },
     metrics::{AgentMetrics, BpfMapStats, ScrapeSource, ScrapeValues},
-    runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, record::RecordStore},
+    runtime::{PodRuntime, RuntimeContext, cni::CniInvoker, limits, record::RecordStore},
 };
 use node::NodeIdentity;
 use routes::NodeRoute;
@@ -83,6 +85,9 @@ pub struct AgentConfig {
     pub lease_duration: Duration,
     /// How often the node lease is renewed (10 s, a quarter of its duration, as the kubelet's).
     pub lease_renew_interval: Duration,
+    /// How often the node's and its pods' resource usage is reported (`kubectl top`, the
+    /// autoscaler); 15 s as metrics-server's resolution.
+    pub usage_report_interval: Duration,
     /// Service VIPs come from here; the node marks it `unreachable` so that a VIP the load
     /// balancer did not translate is refused at once.
     pub service_cidr: Ipv4Net,
@@ -96,6 +101,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Capacities of the load balancer's maps.
     pub lb_sizes: LbMapSizes,
+    /// The crash-loop back-off of containers (Kubernetes': 10 s doubling to 5 min).
+    pub restart_backoff: crate::runtime::backoff::BackoffPolicy,
 }
 
 /// Runs the agent until `shutdown` completes. Pods are left running on shutdown.
@@ -122,6 +129,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         lb.attach_cgroup(hooked.path()).with_context(|| {
             format!("attaching the socket load balancer to {}", hooked.path().display())
         })?;
+    }
+    let controllers = limits::enable_controllers(&[&pods_cgroup, &pods_cgroup_without_socket_lb])
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot enable the cpu and memory controllers for pods");
+            limits::Controllers::default()
+        });
+    if let Some(why) =
+        limits::not_enforced(limits::Controllers { cpu: true, memory: true }, controllers)
+    {
+        tracing::warn!("pods' CPU and memory {why}");
     }
     let local = services::LocalNode {
         name: config.node_name.clone(),
@@ -217,6 +234,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         cni: cni_receiver,
         cluster_dns: Some(config.cluster_dns),
         cluster_domain: config.cluster_domain.clone(),
+        config_maps: Default::default(),
+        restart_backoff: config.restart_backoff,
+        controllers,
+        node_allocatable: node::allocatable(&config.state_dir),
     }));
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");
@@ -237,6 +258,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         config.node_name.clone(),
         config.service_cidr,
         routes_receiver,
+    ));
+
+    let (pods_sender, pods_receiver) = watch::channel(HashMap::<String, Arc<Pod>>::new());
+    let usage = tokio::spawn(usage::report_loop(
+        api.clone(),
+        config.node_name.clone(),
+        cgroup.clone(),
+        runtime.clone(),
+        pods_receiver,
+        config.usage_report_interval,
     ));
 
     let controller = config.controller.clone();
@@ -266,6 +297,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 }
                 routes_sender.send_replace(nodes);
             }
+            if !change.config_maps_changed.is_empty() {
+                let changes: Vec<_> = change
+                    .config_maps_changed
+                    .iter()
+                    .map(|key| (key.clone(), state.config_maps.get(key).cloned()))
+                    .collect();
+                runtime.update_config_maps(&changes);
+            }
             if change.snapshot {
                 runtime.apply(&state.pods, true);
                 if !ready.send_replace(true) {
@@ -285,6 +324,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
             for uid in &change.pods_removed {
                 runtime.remove(uid);
+            }
+            if change.snapshot
+                || !change.pods_upserted.is_empty()
+                || !change.pods_removed.is_empty()
+            {
+                pods_sender.send_replace(state.pods.clone());
             }
             if change.snapshot
                 || !change.services_upserted.is_empty()
@@ -315,6 +360,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     }
     heartbeat.abort();
     lease.abort();
+    usage.abort();
     route_task.abort();
     Ok(())
 }

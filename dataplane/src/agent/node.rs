@@ -66,16 +66,35 @@ fn system_info() -> NodeSystemInfo {
     }
 }
 
-fn capacity() -> BTreeMap<String, Quantity> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn memory_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
                 .find_map(|l| l.strip_prefix("MemTotal:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// What the node offers its pods, as its Node reports it (`status.allocatable`), for the
+/// downward API's defaults; ephemeral storage is the size of the file system of `state_dir`.
+pub fn allocatable(state_dir: &std::path::Path) -> crate::runtime::env::NodeAllocatable {
+    let ephemeral_storage =
+        nix::sys::statvfs::statvfs(state_dir).map_or(0, |fs| fs.blocks() * fs.fragment_size());
+    crate::runtime::env::NodeAllocatable {
+        cpu_milli: cpus() as u64 * 1000,
+        memory: memory_kib() * 1024,
+        ephemeral_storage,
+    }
+}
+
+fn capacity() -> BTreeMap<String, Quantity> {
+    let (cpus, memory_kib) = (cpus(), memory_kib());
     [
         ("cpu".to_owned(), Quantity(cpus.to_string())),
         ("memory".to_owned(), Quantity(format!("{memory_kib}Ki"))),

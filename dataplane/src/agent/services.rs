@@ -83,18 +83,17 @@ pub fn plan_frontends(service: &ServiceState, node: &LocalNode) -> Vec<ServiceFr
                 .and_then(|p| u16::try_from(p.port).ok())?;
             Some((endpoint, SocketAddrV4::new(address, target)))
         });
-        let (ready, draining): (Vec<_>, Vec<_>) =
-            candidates.partition(|(endpoint, _)| endpoint.ready);
-        let backends: Vec<Backend> = if ready.is_empty() {
-            draining
-                .into_iter()
+        let mut backends: Vec<Backend> = candidates
+            .clone()
+            .filter(|(endpoint, _)| endpoint.ready)
+            .map(|(_, address)| Backend { address, terminating: false })
+            .collect();
+        if backends.is_empty() {
+            backends = candidates
                 .filter(|(endpoint, _)| endpoint.serving && endpoint.terminating)
                 .map(|(_, address)| Backend { address, terminating: true })
-                .collect()
-        } else {
-            ready.into_iter().map(|(_, address)| Backend { address, terminating: false }).collect()
-        };
-        let mut backends = backends;
+                .collect();
+        }
         backends.sort_by_key(|b| (*b.address.ip(), b.address.port()));
         backends.dedup_by_key(|b| b.address);
         frontends.push(ServiceFrontend { key, backends, affinity_timeout });
@@ -162,7 +161,7 @@ impl ServicePrograms {
                 gone.extend(old);
             }
         }
-        if update.snapshot {
+        if update.snapshot && !self.written.is_empty() {
             // A snapshot is every service there is: one written before and absent now is gone
             // (whether or not the batch names it among the removed).
             let present: std::collections::HashSet<(&str, &str)> = update
@@ -182,8 +181,7 @@ impl ServicePrograms {
 
         // In chunks, so that what planning holds at once stays small however large the batch
         // (a snapshot of 100,000 services is a few dozen batched writes).
-        let mut wanted_keys: std::collections::HashSet<FrontendKey> =
-            std::collections::HashSet::new();
+        let mut wanted_keys: Vec<FrontendKey> = Vec::new();
         let mut stale = Vec::new();
         for chunk in update.upserted.chunks(Self::WRITE_CHUNK) {
             let planned: Vec<PlannedService> = chunk
@@ -225,9 +223,17 @@ impl ServicePrograms {
             }
         }
         // A frontend a service no longer has, unless a service of the batch has it now.
-        stale.retain(|key| !wanted_keys.contains(key));
-        self.remove(&stale, &mut report);
-        if update.snapshot {
+        if !stale.is_empty() {
+            let wanted_keys: std::collections::HashSet<FrontendKey> =
+                wanted_keys.into_iter().collect();
+            stale.retain(|key| !wanted_keys.contains(key));
+            self.remove(&stale, &mut report);
+        }
+        // Every written key is in the writer's index; when the index holds nothing more,
+        // nothing is left to shed.
+        if update.snapshot
+            && self.lb.frontends().count() != self.written.values().map(Vec::len).sum::<usize>()
+        {
             // Whatever the maps hold beyond what the snapshot wants (adopted from a previous
             // run, or left by a failed write) goes now.
             let wanted: std::collections::HashSet<FrontendKey> =

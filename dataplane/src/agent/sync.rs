@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use strait_controlplane::{
     auth::ClientCredentials,
     nodesync_proto::{
@@ -26,6 +26,8 @@ pub struct DesiredState {
     pub pods: HashMap<String, Arc<Pod>>,
     /// Every service of the cluster with its endpoints, by `namespace/name`.
     pub services: HashMap<String, Arc<ServiceState>>,
+    /// The ConfigMaps that pods of this node use, by `namespace/name`.
+    pub config_maps: HashMap<String, Arc<ConfigMap>>,
 }
 
 /// The `namespace/name` key the stream names services by.
@@ -44,6 +46,8 @@ pub struct Change {
     pub services_upserted: Vec<String>,
     /// Keys of services gone (on a snapshot: every service known before and absent now).
     pub services_removed: Vec<String>,
+    /// Keys of ConfigMaps added, changed or gone (on a snapshot: every one known before or now).
+    pub config_maps_changed: Vec<String>,
 }
 
 impl DesiredState {
@@ -58,9 +62,11 @@ impl DesiredState {
             change.peers_changed = true;
             change.pods_removed = self.pods.keys().cloned().collect();
             change.services_removed = self.services.keys().cloned().collect();
+            change.config_maps_changed = self.config_maps.keys().cloned().collect();
             self.peers.clear();
             self.pods.clear();
             self.services.clear();
+            self.config_maps.clear();
         }
         self.revision = update.revision;
         for name in update.peers_removed {
@@ -69,6 +75,26 @@ impl DesiredState {
         for peer in update.peers_upserted {
             change.peers_changed |= self.peers.get(&peer.name) != Some(&peer);
             self.peers.insert(peer.name.clone(), peer);
+        }
+        // ConfigMaps before pods: a pod that arrives with the ConfigMaps it uses finds them.
+        for key in update.config_maps_removed {
+            if self.config_maps.remove(&key).is_some() {
+                change.config_maps_changed.push(key);
+            }
+        }
+        for state in update.config_maps_upserted {
+            let key = format!("{}/{}", state.namespace, state.name);
+            match serde_json::from_slice::<ConfigMap>(&state.config_map_json) {
+                Ok(config_map) => {
+                    change.config_maps_changed.push(key.clone());
+                    self.config_maps.insert(key, Arc::new(config_map));
+                }
+                Err(error) => tracing::error!(
+                    config_map = %key,
+                    %error,
+                    "the controller sent a ConfigMap this agent cannot decode; pods see it as missing"
+                ),
+            }
         }
         for uid in update.pods_removed {
             if self.pods.remove(&uid).is_some() || update.snapshot {
@@ -102,6 +128,8 @@ impl DesiredState {
         if update.snapshot {
             change.pods_removed.retain(|uid| !self.pods.contains_key(uid));
             change.services_removed.retain(|key| !self.services.contains_key(key));
+            change.config_maps_changed.sort();
+            change.config_maps_changed.dedup();
         }
         Some(change)
     }
@@ -300,5 +328,48 @@ mod tests {
             .expect("applied");
         assert_eq!(change.services_removed, ["default/b"]);
         assert_eq!(state.services.keys().collect::<Vec<_>>(), ["default/c"]);
+    }
+
+    fn config_map(name: &str, value: &str) -> strait_controlplane::nodesync_proto::ConfigMapState {
+        let json = serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "data": {"k": value},
+        });
+        strait_controlplane::nodesync_proto::ConfigMapState {
+            namespace: "default".into(),
+            name: name.into(),
+            config_map_json: serde_json::to_vec(&json).unwrap(),
+        }
+    }
+
+    #[test]
+    fn config_maps_follow_snapshots_and_deltas() {
+        let mut state = DesiredState::default();
+        let change = state
+            .apply(NodeStateUpdate {
+                revision: 1,
+                snapshot: true,
+                config_maps_upserted: vec![config_map("a", "1"), config_map("b", "1")],
+                ..Default::default()
+            })
+            .expect("applied");
+        assert_eq!(change.config_maps_changed, ["default/a", "default/b"]);
+        let change = state
+            .apply(NodeStateUpdate {
+                revision: 2,
+                config_maps_upserted: vec![config_map("a", "2")],
+                config_maps_removed: vec!["default/b".into(), "default/never".into()],
+                ..Default::default()
+            })
+            .expect("applied");
+        assert_eq!(change.config_maps_changed, ["default/b", "default/a"]);
+        let a = &state.config_maps["default/a"];
+        assert_eq!(a.data.as_ref().unwrap()["k"], "2");
+        assert!(!state.config_maps.contains_key("default/b"));
+        let change = state
+            .apply(NodeStateUpdate { revision: 3, snapshot: true, ..Default::default() })
+            .expect("applied");
+        assert_eq!(change.config_maps_changed, ["default/a"], "gone with the snapshot");
+        assert!(state.config_maps.is_empty());
     }
 }

@@ -599,13 +599,16 @@ impl ServiceLb {
         &mut self,
         frontends: impl IntoIterator<Item = &'a ServiceFrontend>,
     ) -> Result<(), EbpfError> {
-        let mut wanted: StdHashMap<FrontendKey, &ServiceFrontend> = StdHashMap::new();
-        for frontend in frontends {
-            wanted.insert(frontend.key, frontend);
-        }
+        // One per key, the last given winning: a stable sort keeps their order, and the
+        // reversed list puts the last first in each run of equal keys.
+        let mut wanted: Vec<&ServiceFrontend> = frontends.into_iter().collect();
+        wanted.reverse();
+        wanted.sort_by_key(|frontend| frontend.key);
+        wanted.dedup_by_key(|frontend| frontend.key);
         let mut writes = MapWrites::default();
         let mut planned = Vec::with_capacity(wanted.len());
-        for (key, frontend) in wanted {
+        for frontend in wanted {
+            let key = frontend.key;
             let old = self.index.remove(&key);
             let old_slots = old.as_ref().map_or(0, |old| old.slots.len());
             let stale_from = writes.stale_backends.len();
@@ -680,8 +683,8 @@ impl ServiceLb {
                     service_id,
                     value,
                     written: false,
-                    slots: Vec::new(),
-                    backends: BackendIds::default(),
+                    slots: Vec::with_capacity(frontend.backends.len()),
+                    backends: BackendIds(Vec::with_capacity(frontend.backends.len())),
                     dirty: false,
                     orphans: Vec::new(),
                 }

@@ -2,12 +2,15 @@
 //! a pod (what the worker reported before and what it reports now), so that the runtime only
 //! hands over its statuses and the rules live here:
 //!
-//! - `Started`: a container runs a new incarnation;
+//! - `Created` and `Started`: a container runs a new incarnation;
+//! - `OOMKilled`: a container's last exit was the kernel's OOM kill (over its memory limit);
 //! - `BackOff`: a container waits in `CrashLoopBackOff` after a new exit;
 //! - `Failed`: a container cannot start (`CreateContainerConfigError`, `RunContainerError`, …);
 //! - `Unhealthy` and `Killing`: a liveness or startup probe failure killed a container, or
 //!   its readiness probe failed while it kept running;
 //! - `FailedCreatePodSandBox`: the pod's network could not be set up;
+//! - `FailedMount`: a volume of the pod could not be set up (`MountVolume.SetUp failed …`);
+//! - `LimitsNotEnforced`: the pod has CPU or memory limits this node cannot enforce;
 //! - `Killing` (stopping): the pod is being deleted.
 //!
 //! Events are posted in the background through the API, aggregated by name (see
@@ -18,7 +21,7 @@ use strait_controlplane::events::{
     Occurrence, container_reference, object_reference, post_through_api,
 };
 
-use super::RuntimeContext;
+use super::{RuntimeContext, limits::LIMITS_CONDITION};
 
 /// The source Kubernetes tooling expects node events from.
 const COMPONENT: &str = "kubelet";
@@ -52,6 +55,19 @@ fn last_termination(status: Option<&ContainerStatus>) -> Option<(String, Option<
     let finished = terminated.finished_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
     Some((finished, terminated.message.clone()))
 }
+
+/// The reason of a container's last termination (`OOMKilled`, `Error`, …).
+fn last_termination_reason(status: &ContainerStatus) -> Option<&str> {
+    let terminated = status
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| status.last_state.as_ref()?.terminated.as_ref())?;
+    terminated.reason.as_deref()
+}
+
+/// How the message of a volume that cannot be set up begins (see `volumes.rs`).
+const MOUNT_FAILED: &str = "MountVolume.SetUp failed";
 
 fn capitalized(word: &str) -> String {
     let mut chars = word.chars();
@@ -90,8 +106,23 @@ pub fn status_changes(pod: &Pod, before: Option<&PodStatus>, after: &PodStatus) 
             }
         }
 
+        if new_termination && last_termination_reason(now) == Some("OOMKilled") {
+            occurrences.push(Occurrence::warning(
+                reference(),
+                "OOMKilled",
+                format!("Container {name} was killed: out of memory (over its memory limit)"),
+            ));
+        }
+
         let since = running_since(Some(now));
         if since.is_some() && since != running_since(then) {
+            // strait creates and starts a container in one step; both are told, as the
+            // kubelet does.
+            occurrences.push(Occurrence::normal(
+                reference(),
+                "Created",
+                format!("Created container {name}"),
+            ));
             occurrences.push(Occurrence::normal(
                 reference(),
                 "Started",
@@ -137,6 +168,44 @@ pub fn status_changes(pod: &Pod, before: Option<&PodStatus>, after: &PodStatus) 
                 "Readiness probe failed",
             ));
         }
+    }
+
+    // A volume that cannot be set up keeps every container that waits for it creating, with
+    // the same message: one event for the pod.
+    let mount_failures = |status: Option<&PodStatus>| -> Vec<String> {
+        let mut messages: Vec<String> = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| waiting(Some(c)))
+            .filter(|(reason, message)| {
+                reason == "ContainerCreating" && message.starts_with(MOUNT_FAILED)
+            })
+            .map(|(_, message)| message)
+            .collect();
+        messages.dedup();
+        messages
+    };
+    let mounts_before = mount_failures(before);
+    for message in mount_failures(Some(after)) {
+        if !mounts_before.contains(&message) {
+            occurrences.push(Occurrence::warning(object_reference(pod), "FailedMount", message));
+        }
+    }
+
+    let limits_not_enforced = |status: Option<&PodStatus>| {
+        status?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == LIMITS_CONDITION && c.status == "False")?
+            .message
+            .clone()
+    };
+    if let Some(message) = limits_not_enforced(Some(after))
+        && limits_not_enforced(before).as_ref() != Some(&message)
+    {
+        occurrences.push(Occurrence::warning(object_reference(pod), "LimitsNotEnforced", message));
     }
 
     let sandbox_failure = |status: Option<&PodStatus>| {
@@ -237,12 +306,15 @@ mod tests {
         let up = status(running("2026-01-01T00:00:00Z", true));
         assert_eq!(
             reasons(&pod, Some(&creating), &up),
-            [("Started".into(), "Started container app".into())]
+            [
+                ("Created".into(), "Created container app".into()),
+                ("Started".into(), "Started container app".into())
+            ]
         );
         assert!(reasons(&pod, Some(&up), &up).is_empty(), "the same status again reports nothing");
         assert!(reasons(&pod, Some(&creating), &creating).is_empty());
         let again = status(running("2026-01-01T00:01:00Z", true));
-        assert_eq!(reasons(&pod, Some(&up), &again)[0].0, "Started");
+        assert_eq!(reasons(&pod, Some(&up), &again)[1].0, "Started");
     }
 
     #[test]
@@ -298,6 +370,7 @@ mod tests {
                     "Liveness probe failed 3 times in a row: connection refused".into()
                 ),
                 ("Killing".into(), "Container app failed liveness probe, will be restarted".into()),
+                ("Created".into(), "Created container app".into()),
                 ("Started".into(), "Started container app".into()),
             ]
         );
@@ -327,5 +400,42 @@ mod tests {
         assert_eq!(stops[0].reason, "Killing");
         assert_eq!(stops[0].message, "Stopping container app");
         assert_eq!(stops[0].involved.field_path.as_deref(), Some("spec.containers{app}"));
+    }
+
+    #[test]
+    fn oom_kills_failed_mounts_and_unenforced_limits_are_reported_once() {
+        let pod = pod(false);
+        let up = status(running("2026-01-01T00:00:00Z", true));
+        let oom = status(json!({"name": "app", "image": "", "imageID": "", "restartCount": 1,
+            "ready": false, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                "finishedAt": "2026-01-01T00:00:30Z"}}}));
+        let found = reasons(&pod, Some(&up), &oom);
+        assert_eq!(found[0].0, "OOMKilled");
+        assert_eq!(found[1].0, "BackOff");
+        assert!(reasons(&pod, Some(&oom), &oom).is_empty());
+
+        let message = "MountVolume.SetUp failed for volume \"h\" : hostPath type check failed";
+        let mounting: PodStatus = serde_json::from_value(json!({
+            "containerStatuses": [
+                {"name": "app", "image": "", "imageID": "", "restartCount": 0, "ready": false,
+                 "state": {"waiting": {"reason": "ContainerCreating", "message": message}}},
+                {"name": "side", "image": "", "imageID": "", "restartCount": 0, "ready": false,
+                 "state": {"waiting": {"reason": "ContainerCreating", "message": message}}},
+            ],
+            "conditions": [{"type": "strait.io/ResourceLimitsEnforced", "status": "False",
+                "message": "limits not enforced: no memory controller"}],
+        }))
+        .unwrap();
+        let found = reasons(&pod, None, &mounting);
+        assert_eq!(
+            found,
+            [
+                ("FailedMount".into(), message.into()),
+                ("LimitsNotEnforced".into(), "limits not enforced: no memory controller".into()),
+            ],
+            "one FailedMount for the pod, not one per container"
+        );
+        assert!(reasons(&pod, Some(&mounting), &mounting).is_empty());
     }
 }

@@ -5,25 +5,30 @@
 //! latest [`PodTarget`]. One worker per pod means the same pod is never acted on twice at once;
 //! a newer target simply replaces an older one the worker has not looked at yet.
 
+pub mod backoff;
 pub mod cni;
 pub mod dns_config;
+pub mod env;
 pub mod events;
 pub mod image;
+pub mod limits;
+pub mod mounts;
 pub mod probe;
 pub mod process;
 pub mod record;
 pub mod status;
+pub mod volumes;
 mod worker;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
-use k8s_openapi::api::core::v1::Pod;
-use strait_controlplane::client::ApiClient;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use strait_controlplane::{api::kinds::config_map, client::ApiClient};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::cgroup::Cgroup;
@@ -53,6 +58,38 @@ pub struct RuntimeContext {
     pub cluster_dns: Option<Ipv4Addr>,
     /// The cluster domain, e.g. `cluster.local`, for the pods' DNS search list.
     pub cluster_domain: String,
+    /// The ConfigMaps this node's pods use, as NodeSync sent them.
+    pub config_maps: ConfigMaps,
+    /// The crash-loop back-off of containers.
+    pub restart_backoff: backoff::BackoffPolicy,
+    /// The cgroup v2 controllers the pods' cgroups have (for their limits).
+    pub controllers: limits::Controllers,
+    /// What `resourceFieldRef`s see as the limit of a container without one.
+    pub node_allocatable: env::NodeAllocatable,
+}
+
+/// The ConfigMaps that the pods of this node use, by `namespace/name`, as the controller sent
+/// them (see `nodesync.rs`). A ConfigMap missing here does not exist, or no longer does.
+#[derive(Debug, Default)]
+pub struct ConfigMaps(RwLock<HashMap<String, Arc<ConfigMap>>>);
+
+impl ConfigMaps {
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<ConfigMap>> {
+        self.read().get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<ConfigMap>>> {
+        // Writers only insert and remove whole entries: a poisoned map is still consistent.
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, key: &str, config_map: Option<Arc<ConfigMap>>) {
+        let mut map = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match config_map {
+            Some(config_map) => map.insert(key.to_owned(), config_map),
+            None => map.remove(key),
+        };
+    }
 }
 
 /// Annotation by which a pod opts out of socket-level load balancing (`disabled`): its
@@ -108,6 +145,13 @@ pub enum PodTarget {
 struct WorkerHandle {
     target: watch::Sender<PodTarget>,
     task: JoinHandle<()>,
+    /// The ConfigMaps (`namespace/name`) its pod uses: a change to one wakes the worker.
+    config_maps: BTreeSet<String>,
+}
+
+fn config_maps_of(pod: &Pod) -> BTreeSet<String> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    config_map::used_by(pod).into_iter().map(|name| format!("{namespace}/{name}")).collect()
 }
 
 /// The set of pod workers of this node.
@@ -140,7 +184,7 @@ impl PodRuntime {
                 receiver,
                 Some(record),
             ));
-            workers.insert(uid, WorkerHandle { target, task });
+            workers.insert(uid, WorkerHandle { target, task, config_maps: BTreeSet::new() });
         }
         Ok(count)
     }
@@ -157,8 +201,9 @@ impl PodRuntime {
             } else {
                 PodTarget::Run(pod.clone())
             };
-            match workers.get(uid) {
+            match workers.get_mut(uid) {
                 Some(handle) => {
+                    handle.config_maps = config_maps_of(pod);
                     handle.target.send_replace(target);
                 }
                 None => {
@@ -169,7 +214,8 @@ impl PodRuntime {
                         receiver,
                         None,
                     ));
-                    workers.insert(uid.clone(), WorkerHandle { target: sender, task });
+                    let config_maps = config_maps_of(pod);
+                    workers.insert(uid.clone(), WorkerHandle { target: sender, task, config_maps });
                 }
             }
         }
@@ -178,6 +224,22 @@ impl PodRuntime {
                 if !desired.contains_key(uid) {
                     handle.target.send_replace(PodTarget::Remove);
                 }
+            }
+        }
+    }
+
+    /// Takes in new versions of ConfigMaps (`None`: gone) and wakes the workers of the pods that
+    /// use them, which update their `configMap` volumes and retry containers that waited for a
+    /// missing ConfigMap or key. Call it before [`PodRuntime::apply`] for the same update.
+    pub fn update_config_maps(&self, changes: &[(String, Option<Arc<ConfigMap>>)]) {
+        for (key, config_map) in changes {
+            self.context.config_maps.set(key, config_map.clone());
+        }
+        let workers = self.lock();
+        for handle in workers.values() {
+            if changes.iter().any(|(key, _)| handle.config_maps.contains(key)) {
+                // Same target, marked as changed: the worker converges again.
+                handle.target.send_modify(|_| {});
             }
         }
     }

@@ -83,6 +83,8 @@ pub struct ProbeTarget {
     pub cgroup_procs: PathBuf,
     pub env: Vec<(String, String)>,
     pub hostname: String,
+    /// The container's mount namespace (`/proc/<pid>/ns/mnt`): exec probes see its volumes.
+    pub mount_namespace: PathBuf,
 }
 
 /// The timing fields of a `Probe`, with the Kubernetes defaults.
@@ -337,6 +339,7 @@ async fn exec(command: &[String], timeout: Duration, target: &ProbeTarget) -> Ou
         .map(ChildSetup::new_session)
         .and_then(|setup| setup.enter_netns(&target.netns_path))
         .and_then(|setup| setup.hostname(&target.hostname))
+        .and_then(|setup| setup.join_mount_namespace(&target.mount_namespace))
         .map_err(|e| format!("exec {program}: preparing: {e}"))?;
     let mut child = tokio::process::Command::new(&resolved);
     child
@@ -554,6 +557,7 @@ mod tests {
             cgroup_procs: "/nonexistent".into(),
             env: Vec::new(),
             hostname: "app".into(),
+            mount_namespace: "/proc/self/ns/mnt".into(),
         }
     }
 

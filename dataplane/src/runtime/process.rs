@@ -15,6 +15,8 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
+use super::mounts::{FileKind, MountPlan};
+
 /// Everything needed to start one container process.
 #[derive(Debug)]
 pub struct Launch {
@@ -33,6 +35,10 @@ pub struct Launch {
     /// The pod's own resolver configuration, bind-mounted over `/etc/resolv.conf` in a mount
     /// namespace of the container's own; `None` leaves the node's file.
     pub resolv_conf: Option<PathBuf>,
+    /// The container's volume mounts (see `mounts.rs`), made in its own mount namespace.
+    pub mounts: MountPlan,
+    /// An empty directory of the node where scaffolds are built (needed when the plan has any).
+    pub scaffold_dir: PathBuf,
 }
 
 /// What a new process joins between fork and exec, so that no instruction of the program runs
@@ -46,7 +52,57 @@ pub struct ChildSetup {
     new_session: bool,
     netns: Option<File>,
     hostname: Option<CString>,
+    /// A mount namespace of its own is made when there is anything to mount in it.
+    mounts: Option<PreparedMounts>,
     resolv_conf: Option<FileBind>,
+    /// An existing mount namespace to join instead (an exec probe joins its container's).
+    join_mount_ns: Option<File>,
+    working_dir: Option<CString>,
+}
+
+/// A [`MountPlan`] with every path turned into a C string before the fork.
+#[derive(Debug)]
+struct PreparedMounts {
+    staging: CString,
+    scaffolds: Vec<PreparedScaffold>,
+    mounts: Vec<PreparedMount>,
+}
+
+#[derive(Debug)]
+struct PreparedScaffold {
+    dir: CString,
+    /// `mode=<octal>` for the tmpfs.
+    options: CString,
+    pivot: bool,
+    entries: Vec<PreparedEntry>,
+}
+
+#[derive(Debug)]
+enum PreparedEntry {
+    /// A directory made in the scaffold and the node's directory bound on it, recursively.
+    Dir {
+        at: CString,
+        from: CString,
+    },
+    /// An empty file made in the scaffold and the node's file (or socket, FIFO…) bound on it.
+    File {
+        at: CString,
+        from: CString,
+    },
+    Symlink {
+        at: CString,
+        to: CString,
+    },
+}
+
+#[derive(Debug)]
+struct PreparedMount {
+    source: CString,
+    target: CString,
+    read_only: bool,
+    make_dirs: Vec<CString>,
+    /// Make the mount point itself: a directory (true) or an empty file (false).
+    make_target: Option<bool>,
 }
 
 /// A file bind-mounted over another, both paths absolute and resolved before the fork.
@@ -114,6 +170,76 @@ impl ChildSetup {
         self.bind_resolv_conf_over(file, Path::new(RESOLV_CONF))
     }
 
+    /// Gets a mount namespace of its own (as for [`ChildSetup::bind_resolv_conf`]) in which
+    /// `plan` is carried out; `staging` is an empty directory of the node where scaffolds are
+    /// built. Nothing happens for an empty plan.
+    pub fn mounts(mut self, plan: &MountPlan, staging: &Path) -> io::Result<Self> {
+        if plan.is_empty() {
+            return Ok(self);
+        }
+        let scaffolds = plan
+            .scaffolds
+            .iter()
+            .map(|scaffold| {
+                let entries = scaffold
+                    .entries
+                    .iter()
+                    .map(|(name, kind)| {
+                        let at = c_path(&staging.join(name))?;
+                        let from = c_path(&scaffold.dir.join(name))?;
+                        Ok(match kind {
+                            FileKind::Dir => PreparedEntry::Dir { at, from },
+                            FileKind::Symlink(to) => PreparedEntry::Symlink { at, to: c_path(to)? },
+                            FileKind::File | FileKind::Other => PreparedEntry::File { at, from },
+                        })
+                    })
+                    .collect::<io::Result<_>>()?;
+                Ok(PreparedScaffold {
+                    dir: c_path(&scaffold.dir)?,
+                    options: CString::new(format!("mode={:o}", scaffold.mode))
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    pivot: scaffold.dir == Path::new("/"),
+                    entries,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let mounts = plan
+            .mounts
+            .iter()
+            .map(|mount| {
+                Ok(PreparedMount {
+                    source: c_path(&mount.source)?,
+                    target: c_path(&mount.target)?,
+                    read_only: mount.read_only,
+                    make_dirs: mount
+                        .make_dirs
+                        .iter()
+                        .map(|d| c_path(d))
+                        .collect::<io::Result<_>>()?,
+                    make_target: mount.make_target.then_some(mount.source_is_dir),
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        self.mounts = Some(PreparedMounts { staging: c_path(staging)?, scaffolds, mounts });
+        Ok(self)
+    }
+
+    /// Joins the mount namespace at `path` (`/proc/<pid>/ns/mnt` of a container), which also
+    /// makes that namespace's root the process's root.
+    pub fn join_mount_namespace(mut self, path: &Path) -> io::Result<Self> {
+        self.join_mount_ns =
+            Some(File::open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            })?);
+        Ok(self)
+    }
+
+    /// Changes to `dir` last, once every mount is in place (so it may be inside a volume).
+    pub fn working_dir(mut self, dir: &Path) -> io::Result<Self> {
+        self.working_dir = Some(c_path(dir)?);
+        Ok(self)
+    }
+
     fn bind_resolv_conf_over(mut self, file: &Path, resolv_conf: &Path) -> io::Result<Self> {
         let source = regular_file(file, "the pod's resolv.conf")?;
         let target = regular_file(resolv_conf, "the file to bind the pod's resolv.conf over")?;
@@ -152,11 +278,14 @@ impl ChildSetup {
                 let name = hostname.as_bytes();
                 check(libc::sethostname(name.as_ptr().cast(), name.len()))?;
             }
-            if let Some(bind) = &self.resolv_conf {
-                let none = std::ptr::null();
+            if let Some(ns) = &self.join_mount_ns {
+                check(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS))?;
+            }
+            let none = std::ptr::null();
+            if self.mounts.is_some() || self.resolv_conf.is_some() {
                 check(libc::unshare(libc::CLONE_NEWNS))?;
                 // The copied mounts keep the propagation of the node's ("shared" under
-                // systemd): make them private first, or the bind below would appear on the
+                // systemd): make them private first, or the mounts below would appear on the
                 // node too (sharedsubtree.rst in the kernel's documentation).
                 check(libc::mount(
                     none,
@@ -165,6 +294,11 @@ impl ChildSetup {
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
                 ))?;
+            }
+            if let Some(mounts) = &self.mounts {
+                apply_mounts(mounts)?;
+            }
+            if let Some(bind) = &self.resolv_conf {
                 check(libc::mount(
                     bind.source.as_ptr(),
                     bind.target.as_ptr(),
@@ -183,6 +317,9 @@ impl ChildSetup {
                     std::ptr::null(),
                 ))?;
             }
+            if let Some(dir) = &self.working_dir {
+                check(libc::chdir(dir.as_ptr()))?;
+            }
         }
         Ok(())
     }
@@ -195,6 +332,105 @@ impl ChildSetup {
             command.pre_exec(move || self.apply());
         }
     }
+}
+
+/// Carries out a mount plan in the calling process's own (private) mount namespace. Plain
+/// system calls on prepared data only: this runs between fork and exec.
+///
+/// # Safety
+/// Every pointer in `mounts` must point at a live NUL-terminated string.
+unsafe fn apply_mounts(mounts: &PreparedMounts) -> io::Result<()> {
+    let check = |result: libc::c_int| {
+        if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    };
+    let none = std::ptr::null();
+    // SAFETY: the caller guarantees the strings; locals outlive the calls.
+    unsafe {
+        let make_dir = |path: &CString| {
+            if libc::mkdir(path.as_ptr(), 0o755) < 0
+                && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        let make_file = |path: &CString| {
+            let fd =
+                libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        };
+        let bind = |from: &CString, at: &CString, recursive: bool| {
+            let flags = libc::MS_BIND | if recursive { libc::MS_REC } else { 0 };
+            check(libc::mount(from.as_ptr(), at.as_ptr(), none, flags, std::ptr::null()))
+        };
+        for scaffold in &mounts.scaffolds {
+            check(libc::mount(
+                c"scaffold".as_ptr(),
+                mounts.staging.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                scaffold.options.as_ptr().cast(),
+            ))?;
+            for entry in &scaffold.entries {
+                match entry {
+                    PreparedEntry::Dir { at, from } => {
+                        make_dir(at)?;
+                        bind(from, at, true)?;
+                    }
+                    PreparedEntry::File { at, from } => {
+                        make_file(at)?;
+                        bind(from, at, false)?;
+                    }
+                    PreparedEntry::Symlink { at, to } => {
+                        check(libc::symlink(to.as_ptr(), at.as_ptr()))?
+                    }
+                }
+            }
+            if scaffold.pivot {
+                // The scaffold becomes the root of this namespace, so that a process joining
+                // it later (an exec probe) finds the same tree (pivot_root(2), "pivot_root(".",
+                // ".")"); the node's root, stacked under it, is detached.
+                check(libc::chdir(mounts.staging.as_ptr()))?;
+                check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr())
+                    as libc::c_int)?;
+                check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+                check(libc::chdir(c"/".as_ptr()))?;
+            } else {
+                check(libc::mount(
+                    mounts.staging.as_ptr(),
+                    scaffold.dir.as_ptr(),
+                    none,
+                    libc::MS_MOVE,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+        for mount in &mounts.mounts {
+            for dir in &mount.make_dirs {
+                make_dir(dir)?;
+            }
+            match mount.make_target {
+                Some(true) => make_dir(&mount.target)?,
+                Some(false) => make_file(&mount.target)?,
+                None => {}
+            }
+            bind(&mount.source, &mount.target, true)?;
+            if mount.read_only {
+                check(libc::mount(
+                    none,
+                    mount.target.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts the container. The child joins its cgroup, its own session, the pod's network
@@ -211,8 +447,14 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
         .new_session()
         .enter_netns(&launch.netns_path)?
         .hostname(&launch.hostname)?;
+    let setup = setup.mounts(&launch.mounts, &launch.scaffold_dir)?;
     let setup = match &launch.resolv_conf {
         Some(file) => setup.bind_resolv_conf(file)?,
+        None => setup,
+    };
+    // After the mounts: the working directory may be a volume.
+    let setup = match &launch.working_dir {
+        Some(dir) => setup.working_dir(dir)?,
         None => setup,
     };
 
@@ -224,9 +466,6 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    if let Some(dir) = &launch.working_dir {
-        command.current_dir(dir);
-    }
     setup.install(command.as_std_mut());
     command.spawn().map_err(|e| {
         io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))

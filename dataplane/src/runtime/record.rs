@@ -62,6 +62,9 @@ pub struct ExitRecord {
     /// Why the agent ended the process, when it did (a failed liveness or startup probe).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The termination reason when the exit code does not tell it (`OOMKilled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The directory of pod records inside the agent's state directory.

@@ -34,6 +34,9 @@ pub struct StatusInput<'a> {
     /// What the probes found about the running incarnation of each container (see `probe`).
     /// A container with no entry has no results yet.
     pub probes: &'a BTreeMap<String, ProbeResults>,
+    /// For a pod with CPU or memory limits: whether this node enforces them, and how or why
+    /// not (the `strait.io/ResourceLimitsEnforced` condition).
+    pub limits: Option<(bool, &'a str)>,
 }
 
 /// The probe results of a container's current incarnation.
@@ -78,10 +81,11 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
             ContainerStateTerminated {
             exit_code: exit.exit_code.unwrap_or(-1),
             signal: exit.signal,
-            reason: Some(match exit.exit_code {
-                Some(0) => "Completed".to_owned(),
-                Some(_) => "Error".to_owned(),
-                None => "Unknown".to_owned(),
+            reason: Some(match (&exit.reason, exit.exit_code) {
+                (Some(reason), _) => reason.clone(),
+                (None, Some(0)) => "Completed".to_owned(),
+                (None, Some(_)) => "Error".to_owned(),
+                (None, None) => "Unknown".to_owned(),
             }),
             message: exit.message.clone().or_else(|| exit.exit_code.is_none().then(|| {
                 "the process ended while the node agent was restarting; its exit code is unknown".to_owned()
@@ -204,7 +208,7 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
         let names: Vec<_> = statuses.iter().filter(|s| !s.ready).map(|s| s.name.as_str()).collect();
         format!("containers with unready status: [{}]", names.join(" "))
     });
-    let conditions = vec![
+    let mut conditions = vec![
         condition(
             "PodReadyToStartContainers",
             sandbox_ready,
@@ -216,6 +220,15 @@ pub fn pod_status(input: &StatusInput<'_>, now: Timestamp) -> PodStatus {
         condition("ContainersReady", all_ready, not_ready_reason, not_ready_message),
         condition("PodScheduled", true, None, None),
     ];
+    if let Some((enforced, message)) = input.limits {
+        let reason = if enforced { "Enforced" } else { "ControllersUnavailable" };
+        conditions.push(condition(
+            super::limits::LIMITS_CONDITION,
+            enforced,
+            Some(reason),
+            Some(message.to_owned()),
+        ));
+    }
 
     let pod_ip = input.record.and_then(|r| r.pod_ip);
     PodStatus {
@@ -300,6 +313,7 @@ mod tests {
             waiting,
             sandbox_error: None,
             probes,
+            limits: None,
         };
         pod_status(&input, Timestamp::UNIX_EPOCH)
     }

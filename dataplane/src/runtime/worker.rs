@@ -7,6 +7,9 @@ use std::{
     time::Duration,
 };
 
+use k8s_openapi::api::core::v1::ConfigMap;
+use strait_controlplane::events::{Occurrence, container_reference};
+
 use k8s_openapi::{
     api::core::v1::{Container, Pod, PodStatus},
     jiff::Timestamp,
@@ -18,23 +21,26 @@ use tokio::{
 
 use super::{
     PodTarget, RuntimeContext,
+    backoff::RestartBackoff,
     cni::{Attachment, POD_IFNAME},
     dns_config::{PodResolvConf, pod_resolv_conf},
-    events, image,
+    env::{self, Environment, PodFacts},
+    events, image, limits, mounts,
     probe::{self, ProbeChange, ProbeEvent, ProbeTarget, ProbeTask},
     process::{self, Launch},
     record::{ContainerRecord, ExitRecord, PodRecord},
     status::{ProbeResults, StatusInput, Waiting, pod_status, restarts},
+    volumes::{self, VolumePath},
 };
 use crate::netns::NetNs;
 
 /// How often a worker re-checks its pod even when nothing happened.
 const RESYNC: Duration = Duration::from_secs(10);
-/// First delay before restarting a container that exited; doubles up to [`MAX_BACKOFF`] and
-/// resets once a container has run for [`BACKOFF_RESET`].
-const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// First delay before retrying a pod sandbox that could not be made, or the removal of a
+/// stopped pod's object; doubles up to [`MAX_RETRY`]. (Containers follow the crash-loop
+/// back-off of `backoff.rs`.)
+const INITIAL_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
 /// How long to wait for processes to disappear after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -47,7 +53,7 @@ struct Exit {
     signal: Option<i32>,
 }
 
-struct Backoff {
+struct Retry {
     delay: Duration,
     next_start: Instant,
 }
@@ -57,10 +63,20 @@ struct Worker {
     uid: String,
     record: Option<PodRecord>,
     waiting: BTreeMap<String, Waiting>,
-    backoff: HashMap<String, Backoff>,
+    /// The crash-loop back-off of each container.
+    backoff: HashMap<String, RestartBackoff>,
+    /// When each container that is to start again exited (or failed to start).
+    exited_at: HashMap<String, Instant>,
     started: HashMap<String, Instant>,
     sandbox_error: Option<String>,
-    sandbox_retry: Option<Backoff>,
+    sandbox_retry: Option<Retry>,
+    /// The pod's restartPolicy as last seen.
+    restart_policy: Option<String>,
+    /// The `oom_kill` count of each container's cgroup when it started.
+    oom_kills_at_start: HashMap<String, u64>,
+    /// Why the pod's limits are not enforced (`None` when they are, or it has none), and
+    /// whether the pod has limits at all.
+    limits: Option<(bool, String)>,
     last_reported: Option<PodStatus>,
     report_pending: bool,
     exits: mpsc::UnboundedSender<Exit>,
@@ -87,9 +103,13 @@ pub(super) async fn run(
         record: None,
         waiting: BTreeMap::new(),
         backoff: HashMap::new(),
+        exited_at: HashMap::new(),
         started: HashMap::new(),
         sandbox_error: None,
         sandbox_retry: None,
+        restart_policy: None,
+        oom_kills_at_start: HashMap::new(),
+        limits: None,
         last_reported: None,
         report_pending: false,
         exits,
@@ -192,6 +212,7 @@ impl Worker {
                     started_at: container.started_at.clone(),
                     finished_at: now(),
                     message: None,
+                    reason: None,
                 });
             }
         }
@@ -210,8 +231,10 @@ impl Worker {
 
     fn next_wakeup(&self) -> Instant {
         let mut wake = Instant::now() + RESYNC;
-        for backoff in self.backoff.values() {
-            wake = wake.min(backoff.next_start);
+        let policy = &self.context.restart_backoff;
+        for (name, exited) in &self.exited_at {
+            let backoff = self.backoff.get(name).copied().unwrap_or_default();
+            wake = wake.min(backoff.restart_at(policy, *exited));
         }
         if let Some(retry) = &self.sandbox_retry {
             wake = wake.min(retry.next_start);
@@ -236,23 +259,84 @@ impl Worker {
                     let delay = self
                         .sandbox_retry
                         .as_ref()
-                        .map_or(INITIAL_BACKOFF, |b| (b.delay * 2).min(MAX_BACKOFF));
-                    self.sandbox_retry =
-                        Some(Backoff { delay, next_start: Instant::now() + delay });
+                        .map_or(INITIAL_RETRY, |b| (b.delay * 2).min(MAX_RETRY));
+                    self.sandbox_retry = Some(Retry { delay, next_start: Instant::now() + delay });
                     return;
                 }
             }
         }
         let spec = pod.spec.clone().unwrap_or_default();
+        self.restart_policy = spec.restart_policy.clone();
+        self.check_limits(pod);
+        let Some(pod_dir) = self.record.as_ref().map(|r| self.context.records.pod_dir(&r.uid))
+        else {
+            return;
+        };
+        let context = self.context.clone();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let lookup = move |name: &str| context.config_maps.get(&namespace, name);
+        // Every sync: idempotent, and it brings configMap volumes up to date.
+        let volume_paths = match volumes::prepare(pod, &pod_dir, &lookup) {
+            Ok(paths) => paths,
+            Err(error) => {
+                // Shown as the containers' waiting message (and so as a FailedMount event).
+                let message = error.to_string();
+                for container in &spec.containers {
+                    if self.is_running(&container.name) {
+                        continue;
+                    }
+                    self.set_waiting(&container.name, "ContainerCreating", message.clone());
+                }
+                return;
+            }
+        };
         for container in &spec.containers {
-            self.sync_container(pod, container, spec.restart_policy.as_deref()).await;
-            self.ensure_probes(pod, container);
+            self.sync_container(pod, container, &volume_paths, &lookup).await;
+            self.ensure_probes(pod, container, &lookup);
         }
+    }
+
+    fn is_running(&self, name: &str) -> bool {
+        self.record.as_ref().and_then(|r| r.containers.get(name)).is_some_and(|c| c.pid.is_some())
+    }
+
+    /// Notes whether the pod's CPU and memory limits can be enforced on this node (shown as a
+    /// condition of the pod, and so as a LimitsNotEnforced event).
+    fn check_limits(&mut self, pod: &Pod) {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let needed = limits::needed(&spec);
+        if needed == limits::Controllers::default() {
+            self.limits = None;
+            return;
+        }
+        self.limits = Some(match limits::not_enforced(needed, self.context.controllers) {
+            Some(why) => (false, why),
+            None => {
+                (true, "CPU and memory limits are enforced through the pod's cgroup".to_owned())
+            }
+        });
+    }
+
+    /// The environment of a container, or why it cannot be made.
+    fn environment(
+        &self,
+        pod: &Pod,
+        container: &Container,
+        lookup: &(dyn Fn(&str) -> Option<Arc<ConfigMap>> + Sync),
+    ) -> Result<Environment, String> {
+        let pod_ip = self.record.as_ref().and_then(|r| r.pod_ip);
+        let facts = PodFacts { pod_ip, host_ip: self.context.node_ip };
+        env::container_env(pod, container, &facts, &self.context.node_allocatable, lookup)
     }
 
     /// Starts probing the running incarnation of `container` unless that is under way already
     /// (also for a process adopted after an agent restart, which is probed afresh).
-    fn ensure_probes(&mut self, pod: &Pod, container: &Container) {
+    fn ensure_probes(
+        &mut self,
+        pod: &Pod,
+        container: &Container,
+        lookup: &(dyn Fn(&str) -> Option<Arc<ConfigMap>> + Sync),
+    ) {
         let name = &container.name;
         let Some(record) = self.record.as_ref() else { return };
         let (Some(pod_ip), Some(pid)) =
@@ -267,7 +351,7 @@ impl Worker {
         }
         // The container started with this environment; only a changed pod could make it fail
         // now, and an exec probe then runs with the defaults.
-        let env = container_env(pod, container, record).unwrap_or_default();
+        let env = self.environment(pod, container, lookup).unwrap_or_default().vars;
         let target = ProbeTarget {
             container: name.clone(),
             pid,
@@ -277,6 +361,7 @@ impl Worker {
             cgroup_procs: self.context.pod_cgroup(&self.uid).child(name).procs_file(),
             env,
             hostname: record.name.clone(),
+            mount_namespace: PathBuf::from(format!("/proc/{pid}/ns/mnt")),
         };
         let started_at = self.started.get(name).copied().unwrap_or_else(Instant::now);
         let task = probe::spawn(container, target, started_at, self.probe_events.clone());
@@ -348,10 +433,16 @@ impl Worker {
         self.record = Some(record.clone());
         self.save();
         let attachment = self.attachment(&record, namespace.path());
+        let controllers = self.context.controllers;
+        let pod_limits = limits::pod_limits(&pod.spec.clone().unwrap_or_default());
         let made = async {
             cgroup
                 .create()
                 .map_err(|e| format!("creating cgroup {}: {e}", cgroup.path().display()))?;
+            // Before any process is in it: the containers' cgroups get the controllers too.
+            limits::enable_in(cgroup.path(), &limits::names(controllers))
+                .and_then(|()| limits::apply(&cgroup, &pod_limits, controllers))
+                .map_err(|e| format!("setting the pod's limits: {e}"))?;
             std::fs::create_dir_all(self.pod_log_dir(&record))
                 .map_err(|e| format!("creating the log directory: {e}"))?;
             cni.add(&attachment).await.map_err(|e| format!("{e:#}"))
@@ -412,6 +503,8 @@ impl Worker {
             }
             _ => {}
         }
+        volumes::unmount_all_below(&self.context.records.pod_dir(&record.uid))
+            .map_err(|e| format!("unmounting the pod's volumes: {e}"))?;
         self.context
             .records
             .remove_pod_dir(&record.uid)
@@ -426,7 +519,8 @@ impl Worker {
         &mut self,
         pod: &Pod,
         container: &Container,
-        restart_policy: Option<&str>,
+        volume_paths: &BTreeMap<String, VolumePath>,
+        lookup: &(dyn Fn(&str) -> Option<Arc<ConfigMap>> + Sync),
     ) {
         let name = container.name.clone();
         let Some(record) = self.record.as_ref() else { return };
@@ -434,38 +528,72 @@ impl Worker {
         if existing.pid.is_some() {
             return;
         }
+        let restart_policy = self.restart_policy.clone();
         if let Some(exit) = &existing.last_exit
-            && !restarts(restart_policy, exit)
+            && !restarts(restart_policy.as_deref(), exit)
         {
             self.waiting.remove(&name);
+            self.exited_at.remove(&name);
             return;
         }
-        if let Some(backoff) = self.backoff.get(&name)
-            && Instant::now() < backoff.next_start
-        {
-            let message = format!(
-                "back-off {:?} restarting failed container={name} pod={}",
-                backoff.delay, record.name
-            );
-            self.set_waiting(&name, "CrashLoopBackOff", message);
-            return;
+        let policy = self.context.restart_backoff;
+        if let Some(exited) = self.exited_at.get(&name).copied() {
+            let backoff = self.backoff.get(&name).copied().unwrap_or_default();
+            if Instant::now() < backoff.restart_at(&policy, exited) {
+                let delay = backoff.delay(&policy, exited);
+                let pod_id = format!("{}_{}({})", record.name, record.namespace, record.uid);
+                let message =
+                    format!("back-off {delay:?} restarting failed container={name} pod={pod_id}");
+                self.set_waiting(&name, "CrashLoopBackOff", message);
+                return;
+            }
         }
-        let env = match container_env(pod, container, record) {
-            Ok(env) => env,
+        let environment = match self.environment(pod, container, lookup) {
+            Ok(environment) => environment,
             Err(message) => {
-                self.set_waiting(&name, "CreateContainerConfigError", message);
+                self.config_error(&name, message);
                 return;
             }
         };
-        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
-        let (program, args) = match image::executable(container, &self.context.strait_exe, path_var)
-        {
-            Ok(executable) => executable,
-            Err(refused) => {
-                self.set_waiting(&name, refused.reason, refused.message);
+        if !environment.warnings.is_empty() {
+            let occurrences = environment
+                .warnings
+                .iter()
+                .map(|warning| {
+                    Occurrence::warning(
+                        container_reference(pod, &name),
+                        "InvalidEnvironmentVariableNames",
+                        warning.clone(),
+                    )
+                })
+                .collect();
+            events::post(&self.context, occurrences);
+        }
+        let mount_plan = volumes::container_mounts(container, volume_paths, &environment)
+            .and_then(|requests| mounts::plan(&mounts::NodeFiles, &requests));
+        let mount_plan = match mount_plan {
+            Ok(plan) => plan,
+            Err(message) => {
+                self.config_error(&name, message);
                 return;
             }
         };
+        // `$(VAR)` in command and args, with the container's environment (as the kubelet).
+        let mut expanded = container.clone();
+        for list in [&mut expanded.command, &mut expanded.args].into_iter().flatten() {
+            for item in list.iter_mut() {
+                *item = env::expand(item, &environment);
+            }
+        }
+        let (program, args) =
+            match image::executable(&expanded, &self.context.strait_exe, environment.get("PATH")) {
+                Ok(executable) => executable,
+                Err(refused) => {
+                    self.set_waiting(&name, refused.reason, refused.message);
+                    return;
+                }
+            };
+        let Some(record) = self.record.as_ref() else { return };
         let resolv_conf = match self.resolv_conf(pod, record) {
             Ok(resolv_conf) => resolv_conf,
             Err((reason, message)) => {
@@ -473,31 +601,52 @@ impl Worker {
                 return;
             }
         };
+        let scaffold_dir = self.context.records.pod_dir(&self.uid).join("containers").join(&name);
         let cgroup = self.context.pod_cgroup(&self.uid).child(&name);
-        if let Err(error) = cgroup.create() {
-            self.set_waiting(
-                &name,
-                "RunContainerError",
-                format!("creating cgroup {}: {error}", cgroup.path().display()),
-            );
+        let prepared = std::fs::create_dir_all(&scaffold_dir)
+            .map_err(|e| format!("creating {}: {e}", scaffold_dir.display()))
+            .and_then(|()| {
+                cgroup
+                    .create()
+                    .map_err(|e| format!("creating cgroup {}: {e}", cgroup.path().display()))
+            })
+            .and_then(|()| {
+                let limits = limits::container_limits(container);
+                limits::apply(&cgroup, &limits, self.context.controllers)
+                    .map_err(|e| format!("setting the container's limits: {e}"))
+            });
+        if let Err(message) = prepared {
+            self.set_waiting(&name, "RunContainerError", message);
             return;
         }
         let launch = Launch {
             program,
             args,
-            env,
-            working_dir: container.working_dir.as_ref().map(PathBuf::from),
+            env: environment.vars,
+            working_dir: container
+                .working_dir
+                .as_ref()
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
             netns_path: crate::netns::named_path(&record.netns),
             cgroup_procs: cgroup.procs_file(),
             hostname: record.name.clone(),
             log_path: self.pod_log_dir(record).join(format!("{name}.log")),
             resolv_conf,
+            mounts: mount_plan,
+            scaffold_dir,
         };
+        let oom_kills = limits::oom_kills(&cgroup);
         let mut child = match process::spawn(&launch) {
             Ok(child) => child,
             Err(error) => {
-                self.set_waiting(&name, "RunContainerError", format!("{error}"));
-                self.bump_backoff(&name, Duration::ZERO);
+                let message = format!("{error}");
+                self.set_waiting(&name, "RunContainerError", message);
+                // A start that fails is retried after the back-off, as an exit would be.
+                let now = Instant::now();
+                let exited = self.exited_at.get(&name).copied().unwrap_or(now);
+                self.backoff.entry(name.clone()).or_default().restarted(&policy, exited, now);
+                self.exited_at.insert(name.clone(), now);
                 return;
             }
         };
@@ -521,6 +670,11 @@ impl Worker {
             };
             let _ = exits.send(Exit { container: watched, pid, exit_code, signal });
         });
+        let started = Instant::now();
+        if let Some(exited) = self.exited_at.remove(&name) {
+            self.backoff.entry(name.clone()).or_default().restarted(&policy, exited, started);
+        }
+        self.oom_kills_at_start.insert(name.clone(), oom_kills);
         let restarted = existing.last_exit.is_some();
         let Some(record) = self.record.as_mut() else { return };
         record.containers.insert(
@@ -533,11 +687,17 @@ impl Worker {
                 last_exit: existing.last_exit,
             },
         );
-        self.started.insert(name.clone(), Instant::now());
+        self.started.insert(name.clone(), started);
         self.waiting.remove(&name);
         self.report_pending = true;
         self.save();
         tracing::info!(uid = %self.uid, container = %name, pid, "container started");
+    }
+
+    /// A container that cannot be configured (a missing ConfigMap or key, a bad mount): it
+    /// waits with reason `CreateContainerConfigError`, as in Kubernetes.
+    fn config_error(&mut self, name: &str, message: String) {
+        self.set_waiting(name, "CreateContainerConfigError", message);
     }
 
     /// The pod's own resolv.conf, (re)written to its directory unless it already says this (see
@@ -573,14 +733,6 @@ impl Worker {
         }
     }
 
-    fn bump_backoff(&mut self, name: &str, ran_for: Duration) {
-        let delay = match self.backoff.get(name) {
-            Some(previous) if ran_for < BACKOFF_RESET => (previous.delay * 2).min(MAX_BACKOFF),
-            _ => INITIAL_BACKOFF,
-        };
-        self.backoff.insert(name.to_owned(), Backoff { delay, next_start: Instant::now() + delay });
-    }
-
     fn on_exit(&mut self, exit: Exit) {
         let Some(record) = self.record.as_mut() else { return };
         let Some(container) = record.containers.get_mut(&exit.container) else { return };
@@ -588,18 +740,27 @@ impl Worker {
             return;
         }
         tracing::info!(uid = %self.uid, container = %exit.container, code = ?exit.exit_code, "container exited");
+        // The kernel's OOM killer took a process of this container since it started.
+        let cgroup = self.context.pod_cgroup(&self.uid).child(&exit.container);
+        let baseline = self.oom_kills_at_start.remove(&exit.container).unwrap_or(u64::MAX);
+        let oom_killed = limits::oom_kills(&cgroup) > baseline;
         container.pid = None;
-        container.last_exit = Some(ExitRecord {
+        let exit_record = ExitRecord {
             exit_code: exit.exit_code,
             signal: exit.signal,
             started_at: container.started_at.clone(),
             finished_at: now(),
             message: self.kill_reasons.remove(&(exit.container.clone(), exit.pid)),
-        });
+            reason: oom_killed.then(|| "OOMKilled".to_owned()),
+        };
+        let restarts_again = restarts(self.restart_policy.as_deref(), &exit_record);
+        container.last_exit = Some(exit_record);
         self.probe_tasks.remove(&exit.container);
         self.probe_results.remove(&exit.container);
-        let ran_for = self.started.remove(&exit.container).map_or(Duration::ZERO, |t| t.elapsed());
-        self.bump_backoff(&exit.container, ran_for);
+        self.started.remove(&exit.container);
+        if restarts_again {
+            self.exited_at.insert(exit.container.clone(), Instant::now());
+        }
         self.report_pending = true;
         self.save();
     }
@@ -617,20 +778,12 @@ impl Worker {
             waiting: &self.waiting,
             sandbox_error: self.sandbox_error.as_deref(),
             probes: &self.probe_results,
+            limits: self.limits.as_ref().map(|(enforced, message)| (*enforced, message.as_str())),
         };
         let status = pod_status(&input, Timestamp::now());
         // Conditions keep their transition times from the last report, so an unchanged pod
         // computes the same status and nothing is sent.
-        // The stored Ready condition is compared too: the node lifecycle controller sets it
-        // False while the node is unreachable, and a node that comes back must correct it.
-        let ready_of = |status: Option<&PodStatus>| {
-            status
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-                .map(|c| c.status.clone())
-        };
-        let stored_agrees = ready_of(pod.status.as_ref()) == ready_of(Some(&status));
-        if !self.report_pending && self.last_reported.as_ref() == Some(&status) && stored_agrees {
+        if !self.report_pending && self.last_reported.as_ref() == Some(&status) {
             return;
         }
         let namespace = pod.metadata.namespace.as_deref();
@@ -660,6 +813,8 @@ impl Worker {
         // and no liveness failure restarts a container being stopped. Its endpoints turn
         // not-ready from the deletionTimestamp (the EndpointSlice controller's `terminating`).
         self.probe_tasks.clear();
+        // Nothing of the pod starts again while it stops.
+        self.exited_at.clear();
         let cgroup = self.context.pod_cgroup(&self.uid);
         if let Err(error) = cgroup.signal_all(nix::sys::signal::Signal::SIGTERM) {
             tracing::warn!(uid = %self.uid, %error, "cannot send SIGTERM to the pod");
@@ -695,7 +850,7 @@ impl Worker {
     async fn remove_pod_object(&self, pod: &Pod, target: &mut watch::Receiver<PodTarget>) {
         let namespace = pod.metadata.namespace.as_deref();
         let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let mut delay = INITIAL_BACKOFF;
+        let mut delay = INITIAL_RETRY;
         loop {
             match self
                 .context
@@ -717,56 +872,7 @@ impl Worker {
             if matches!(*target.borrow(), PodTarget::Remove) {
                 return;
             }
-            delay = (delay * 2).min(MAX_BACKOFF);
+            delay = (delay * 2).min(MAX_RETRY);
         }
     }
-}
-
-/// The environment of a container: defaults, then its `env` with `value` and the `fieldRef`s
-/// that the node knows.
-fn container_env(
-    pod: &Pod,
-    container: &Container,
-    record: &PodRecord,
-) -> Result<Vec<(String, String)>, String> {
-    let mut env = vec![
-        (
-            "PATH".to_owned(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        ),
-        ("HOSTNAME".to_owned(), record.name.clone()),
-    ];
-    for var in container.env.iter().flatten() {
-        let value = if let Some(value) = &var.value {
-            value.clone()
-        } else if let Some(field) = var.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
-            match field.field_path.as_str() {
-                "metadata.name" => record.name.clone(),
-                "metadata.namespace" => record.namespace.clone(),
-                "metadata.uid" => record.uid.clone(),
-                "spec.nodeName" => {
-                    pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
-                }
-                "spec.serviceAccountName" => pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_default(),
-                "status.podIP" => record.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-                "status.hostIP" => {
-                    pod.status.as_ref().and_then(|s| s.host_ip.clone()).unwrap_or_default()
-                }
-                other => {
-                    return Err(format!("env {}: fieldRef {other} is not supported", var.name));
-                }
-            }
-        } else if var.value_from.is_some() {
-            return Err(format!("env {}: only value and fieldRef are supported so far", var.name));
-        } else {
-            String::new()
-        };
-        env.retain(|(k, _)| *k != var.name);
-        env.push((var.name.clone(), value));
-    }
-    Ok(env)
 }

@@ -6,8 +6,10 @@
 //! Node agents receive the ConfigMaps that their pods use through NodeSync (see
 //! `nodesync.rs`), for `env`, `envFrom` and `configMap` volumes.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use serde_json::Value;
 
 use crate::api::{
@@ -60,6 +62,42 @@ pub fn config_map_key_error(key: &str) -> Option<String> {
         _ if key.starts_with("..") => Some("must not start with '..'".to_owned()),
         _ => None,
     }
+}
+
+/// The names of the ConfigMaps (in the pod's namespace) that a pod reads: through `env`
+/// (`configMapKeyRef`), `envFrom` (`configMapRef`) and `configMap` volumes, directly or as a
+/// source of a `projected` volume. Its node agent needs exactly these.
+pub fn used_by(pod: &Pod) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let Some(spec) = pod.spec.as_ref() else { return names };
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    for container in containers {
+        for var in container.env.iter().flatten() {
+            if let Some(name) =
+                var.value_from.as_ref().and_then(|f| f.config_map_key_ref.as_ref()).map(|r| &r.name)
+            {
+                names.insert(name.clone());
+            }
+        }
+        for source in container.env_from.iter().flatten() {
+            if let Some(reference) = &source.config_map_ref {
+                names.insert(reference.name.clone());
+            }
+        }
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if let Some(config_map) = &volume.config_map {
+            names.insert(config_map.name.clone());
+        }
+        let projected = volume.projected.as_ref().and_then(|p| p.sources.as_ref());
+        for source in projected.into_iter().flatten() {
+            if let Some(config_map) = &source.config_map {
+                names.insert(config_map.name.clone());
+            }
+        }
+    }
+    names.remove("");
+    names
 }
 
 /// Whether the ConfigMap says it can no longer change.
@@ -191,6 +229,28 @@ mod tests {
 
     fn fields(errors: Vec<crate::api::error::FieldError>) -> Vec<String> {
         errors.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn a_pod_uses_the_config_maps_of_its_env_env_from_and_volumes() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "spec": {
+                "initContainers": [{"name": "i", "envFrom": [{"configMapRef": {"name": "init"}}]}],
+                "containers": [{"name": "c", "env": [
+                    {"name": "A", "value": "x"},
+                    {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "env", "key": "k"}}},
+                    {"name": "C", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                ]}],
+                "volumes": [
+                    {"name": "v", "configMap": {"name": "files"}},
+                    {"name": "p", "projected": {"sources": [{"configMap": {"name": "projected"}}]}},
+                    {"name": "e", "emptyDir": {}},
+                ],
+            }
+        }))
+        .unwrap();
+        let used: Vec<String> = super::used_by(&pod).into_iter().collect();
+        assert_eq!(used, ["env", "files", "init", "projected"]);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod config_map;
 pub mod deployment;
 pub mod endpoint_slice;
 pub mod event;
+pub mod horizontal_pod_autoscaler;
 pub mod lease;
 pub mod namespace;
 pub mod node;

@@ -5,9 +5,12 @@ use std::{collections::HashSet, net::IpAddr};
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    api::core::v1::{
-        Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
-        ResourceRequirements, Toleration,
+    api::{
+        core::v1::{
+            Binding, Container, Pod, PodCondition, PodSecurityContext, PodSpec, PodStatus,
+            ResourceRequirements, Toleration,
+        },
+        policy::v1::Eviction,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -17,7 +20,10 @@ use crate::{
     api::{
         error::{ApiError, FieldError},
         kind::{DeletePlan, DeleteRequest, KindInfo, Strategy, TxnExtras},
-        kinds::node::{TAINT_NOT_READY, TAINT_UNREACHABLE, node_key},
+        kinds::{
+            config_map::config_map_key_error,
+            node::{TAINT_NOT_READY, TAINT_UNREACHABLE, node_key},
+        },
         table::{self, Column},
         typed::{TypedKind, UpdateMode, current_time},
         validation::{self, NameRule},
@@ -36,7 +42,7 @@ pub const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 30;
 
 const INFO: KindInfo = KindInfo {
     categories: &["all"],
-    post_subresources: &[("binding", "Binding")],
+    post_subresources: &[("binding", "Binding"), ("eviction", "Eviction")],
     ..KindInfo::of::<Pod>("pod", true, &["po"], NameRule::Subdomain)
 };
 
@@ -111,7 +117,14 @@ fn default_container(container: &mut Container) {
         let image = container.image.as_deref().unwrap_or_default();
         container.image_pull_policy = Some(default_pull_policy(image).to_owned());
     }
-    container.resources.get_or_insert_with(ResourceRequirements::default);
+    let resources = container.resources.get_or_insert_with(ResourceRequirements::default);
+    // A limit without a request makes the request equal to it (Kubernetes' pod defaults).
+    if let Some(limits) = resources.limits.clone().filter(|l| !l.is_empty()) {
+        let requests = resources.requests.get_or_insert_with(Default::default);
+        for (name, limit) in limits {
+            requests.entry(name).or_insert(limit);
+        }
+    }
     for port in container.ports.iter_mut().flatten() {
         port.protocol.get_or_insert_with(|| "TCP".to_owned());
     }
@@ -149,6 +162,277 @@ pub fn qos_class(spec: &PodSpec) -> &'static str {
         (false, _) => "BestEffort",
         (true, true) => "Guaranteed",
         (true, false) => "Burstable",
+    }
+}
+
+/// Why `path` is not a relative path without `..` (`subPath`, `items[].path`), if it is not.
+fn relative_path_error(path: &str) -> Option<&'static str> {
+    if path.starts_with('/') {
+        Some("must be a relative path")
+    } else if path.split('/').any(|part| part == "..") {
+        Some("must not contain '..'")
+    } else {
+        None
+    }
+}
+
+/// The `fieldRef` paths an environment variable may use (Kubernetes'
+/// `validEnvDownwardAPIFieldPathExpressions`), besides `metadata.labels['…']` and
+/// `metadata.annotations['…']`.
+const ENV_FIELD_PATHS: [&str; 9] = [
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "spec.nodeName",
+    "spec.serviceAccountName",
+    "status.hostIP",
+    "status.hostIPs",
+    "status.podIP",
+    "status.podIPs",
+];
+/// The resources a `resourceFieldRef` may name.
+const RESOURCE_FIELDS: [&str; 6] = [
+    "limits.cpu",
+    "limits.ephemeral-storage",
+    "limits.memory",
+    "requests.cpu",
+    "requests.ephemeral-storage",
+    "requests.memory",
+];
+
+fn is_env_field_path(path: &str) -> bool {
+    if ENV_FIELD_PATHS.contains(&path) {
+        return true;
+    }
+    ["metadata.labels", "metadata.annotations"].iter().any(|map| {
+        path.strip_prefix(map)
+            .and_then(|rest| rest.strip_prefix("['"))
+            .and_then(|rest| rest.strip_suffix("']"))
+            .is_some_and(|key| validation::qualified_name(key).is_none())
+    })
+}
+
+/// Why `name` is not an environment variable name (`IsEnvVarName`), if it is not.
+fn env_var_name_error(name: &str) -> Option<&'static str> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let ok = !name.is_empty()
+        && name.chars().all(allowed)
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    (!ok).then_some(
+        "a valid environment variable name must consist of alphabetic characters, digits, '_', \
+         '-', or '.', and must not start with a digit",
+    )
+}
+
+fn validate_env(path: &str, container: &Container, errors: &mut Vec<FieldError>) {
+    for (index, var) in container.env.iter().flatten().enumerate() {
+        let var_path = format!("{path}.env[{index}]");
+        if var.name.is_empty() {
+            errors.push(FieldError::required(format!("{var_path}.name"), ""));
+        } else if let Some(why) = env_var_name_error(&var.name) {
+            errors.push(FieldError::invalid(format!("{var_path}.name"), var.name.as_str(), why));
+        }
+        let Some(from) = &var.value_from else { continue };
+        let from_path = format!("{var_path}.valueFrom");
+        let sources = [
+            from.field_ref.is_some(),
+            from.resource_field_ref.is_some(),
+            from.config_map_key_ref.is_some(),
+            from.secret_key_ref.is_some(),
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        if sources == 0 {
+            errors.push(FieldError::invalid(
+                from_path.as_str(),
+                "",
+                "must specify one of: `fieldRef`, `resourceFieldRef`, `configMapKeyRef` or \
+                 `secretKeyRef`",
+            ));
+        } else if sources > 1 {
+            errors.push(FieldError::invalid(
+                from_path.as_str(),
+                "",
+                "may not have more than one field specified at a time",
+            ));
+        }
+        if var.value.as_deref().is_some_and(|v| !v.is_empty()) {
+            errors.push(FieldError::invalid(
+                from_path.as_str(),
+                "",
+                "may not be specified when `value` is not empty",
+            ));
+        }
+        if let Some(field) = &from.field_ref
+            && !is_env_field_path(&field.field_path)
+        {
+            errors.push(FieldError::not_supported(
+                format!("{from_path}.fieldRef.fieldPath"),
+                field.field_path.as_str(),
+                &ENV_FIELD_PATHS,
+            ));
+        }
+        if let Some(resource) = &from.resource_field_ref
+            && !RESOURCE_FIELDS.contains(&resource.resource.as_str())
+        {
+            errors.push(FieldError::not_supported(
+                format!("{from_path}.resourceFieldRef.resource"),
+                resource.resource.as_str(),
+                &RESOURCE_FIELDS,
+            ));
+        }
+        if let Some(reference) = &from.config_map_key_ref {
+            let ref_path = format!("{from_path}.configMapKeyRef");
+            if reference.name.is_empty() {
+                errors.push(FieldError::required(format!("{ref_path}.name"), ""));
+            }
+            if reference.key.is_empty() {
+                errors.push(FieldError::required(format!("{ref_path}.key"), ""));
+            } else if let Some(why) = config_map_key_error(&reference.key) {
+                errors.push(FieldError::invalid(
+                    format!("{ref_path}.key"),
+                    reference.key.as_str(),
+                    why,
+                ));
+            }
+        }
+    }
+    for (index, source) in container.env_from.iter().flatten().enumerate() {
+        let source_path = format!("{path}.envFrom[{index}]");
+        if let Some(prefix) = source.prefix.as_deref().filter(|p| !p.is_empty())
+            && let Some(why) = env_var_name_error(prefix)
+        {
+            errors.push(FieldError::invalid(format!("{source_path}.prefix"), prefix, why));
+        }
+        match (&source.config_map_ref, &source.secret_ref) {
+            (None, None) => errors.push(FieldError::invalid(
+                source_path,
+                "",
+                "must specify one of: `configMapRef` or `secretRef`",
+            )),
+            (Some(_), Some(_)) => errors.push(FieldError::invalid(
+                source_path,
+                "",
+                "may not have more than one field specified at a time",
+            )),
+            (Some(reference), None) if reference.name.is_empty() => {
+                errors.push(FieldError::required(format!("{source_path}.configMapRef.name"), ""))
+            }
+            _ => {}
+        }
+    }
+}
+
+const HOST_PATH_TYPES: [&str; 8] = [
+    "",
+    "DirectoryOrCreate",
+    "Directory",
+    "FileOrCreate",
+    "File",
+    "Socket",
+    "CharDevice",
+    "BlockDevice",
+];
+const STORAGE_MEDIA: [&str; 2] = ["", "Memory"];
+
+/// Why a file mode of a volume is out of range, if it is (`0` to `0777`).
+fn mode_error(mode: i32) -> Option<&'static str> {
+    (!(0..=0o777).contains(&mode))
+        .then_some("must be a number between 0 and 0777 (octal), both inclusive")
+}
+
+/// The checks of one volume besides its name: exactly one source, and that source's fields.
+fn validate_volume(
+    path: &str,
+    volume: &k8s_openapi::api::core::v1::Volume,
+    errors: &mut Vec<FieldError>,
+) {
+    let sources = serde_json::to_value(volume)
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.keys().filter(|k| *k != "name").count()))
+        .unwrap_or(0);
+    if sources == 0 {
+        errors.push(FieldError::required(path, "must specify a volume type"));
+    } else if sources > 1 {
+        errors.push(FieldError::forbidden(path, "may not specify more than 1 volume type"));
+    }
+    if let Some(host_path) = &volume.host_path {
+        if host_path.path.is_empty() {
+            errors.push(FieldError::required(format!("{path}.hostPath.path"), ""));
+        } else if host_path.path.split('/').any(|part| part == "..") {
+            errors.push(FieldError::invalid(
+                format!("{path}.hostPath.path"),
+                host_path.path.as_str(),
+                "must not contain '..'",
+            ));
+        }
+        if let Some(kind) = host_path.type_.as_deref()
+            && !HOST_PATH_TYPES.contains(&kind)
+        {
+            errors.push(FieldError::not_supported(
+                format!("{path}.hostPath.type"),
+                kind,
+                &HOST_PATH_TYPES,
+            ));
+        }
+    }
+    if let Some(empty_dir) = &volume.empty_dir {
+        if let Some(medium) = empty_dir.medium.as_deref()
+            && !STORAGE_MEDIA.contains(&medium)
+        {
+            errors.push(FieldError::not_supported(
+                format!("{path}.emptyDir.medium"),
+                medium,
+                &STORAGE_MEDIA,
+            ));
+        }
+        if let Some(limit) = &empty_dir.size_limit
+            && quantity_value(limit).is_none()
+        {
+            errors.push(FieldError::invalid(
+                format!("{path}.emptyDir.sizeLimit"),
+                limit.0.as_str(),
+                "must be a non-negative quantity",
+            ));
+        }
+    }
+    if let Some(config_map) = &volume.config_map {
+        let source_path = format!("{path}.configMap");
+        if config_map.name.is_empty() {
+            errors.push(FieldError::required(format!("{source_path}.name"), ""));
+        }
+        if let Some(mode) = config_map.default_mode
+            && let Some(why) = mode_error(mode)
+        {
+            errors.push(FieldError::invalid(format!("{source_path}.defaultMode"), mode, why));
+        }
+        for (index, item) in config_map.items.iter().flatten().enumerate() {
+            let item_path = format!("{source_path}.items[{index}]");
+            if item.key.is_empty() {
+                errors.push(FieldError::required(format!("{item_path}.key"), ""));
+            } else if let Some(why) = config_map_key_error(&item.key) {
+                errors.push(FieldError::invalid(
+                    format!("{item_path}.key"),
+                    item.key.as_str(),
+                    why,
+                ));
+            }
+            if item.path.is_empty() {
+                errors.push(FieldError::required(format!("{item_path}.path"), ""));
+            } else if let Some(why) = relative_path_error(&item.path) {
+                errors.push(FieldError::invalid(
+                    format!("{item_path}.path"),
+                    item.path.as_str(),
+                    why,
+                ));
+            }
+            if let Some(mode) = item.mode
+                && let Some(why) = mode_error(mode)
+            {
+                errors.push(FieldError::invalid(format!("{item_path}.mode"), mode, why));
+            }
+        }
     }
 }
 
@@ -214,19 +498,38 @@ fn validate_container(
             }
         }
     }
+    let mut mount_paths = HashSet::new();
     for (index, mount) in container.volume_mounts.iter().flatten().enumerate() {
-        if !volumes.contains(mount.name.as_str()) {
-            errors.push(FieldError {
-                field: format!("{path}.volumeMounts[{index}].name"),
-                kind: crate::api::error::FieldErrorKind::NotSupported(mount.name.clone().into()),
-                detail: "no volume of the pod has this name".to_owned(),
-            });
+        let mount_path = format!("{path}.volumeMounts[{index}]");
+        if mount.name.is_empty() {
+            errors.push(FieldError::required(format!("{mount_path}.name"), ""));
+        } else if !volumes.contains(mount.name.as_str()) {
+            errors.push(FieldError::not_found(format!("{mount_path}.name"), mount.name.as_str()));
         }
         if mount.mount_path.is_empty() {
-            errors
-                .push(FieldError::required(format!("{path}.volumeMounts[{index}].mountPath"), ""));
+            errors.push(FieldError::required(format!("{mount_path}.mountPath"), ""));
+        } else if !mount_paths.insert(mount.mount_path.as_str()) {
+            errors.push(FieldError::invalid(
+                format!("{mount_path}.mountPath"),
+                mount.mount_path.as_str(),
+                "must be unique",
+            ));
+        }
+        let sub_path = mount.sub_path.as_deref().unwrap_or_default();
+        if !sub_path.is_empty() {
+            if let Some(why) = relative_path_error(sub_path) {
+                errors.push(FieldError::invalid(format!("{mount_path}.subPath"), sub_path, why));
+            }
+            if mount.sub_path_expr.as_deref().is_some_and(|e| !e.is_empty()) {
+                errors.push(FieldError::invalid(
+                    format!("{mount_path}.subPathExpr"),
+                    mount.sub_path_expr.clone().unwrap_or_default(),
+                    "subPathExpr and subPath are mutually exclusive",
+                ));
+            }
         }
     }
+    validate_env(path, container, errors);
     if let Some(resources) = &container.resources {
         let requests = resources.requests.clone().unwrap_or_default();
         for (name, limit) in resources.limits.iter().flatten() {
@@ -260,6 +563,7 @@ pub(crate) fn validate_spec(spec: &PodSpec) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let mut volume_names = HashSet::new();
     for (index, volume) in spec.volumes.iter().flatten().enumerate() {
+        validate_volume(&format!("spec.volumes[{index}]"), volume, &mut errors);
         if let Some(why) = validation::dns1123_label(&volume.name) {
             errors.push(FieldError::invalid(
                 format!("spec.volumes[{index}].name"),
@@ -738,8 +1042,10 @@ impl Strategy for PodStrategy {
         subresource: &str,
         body: &[u8],
     ) -> Result<Value, ApiError> {
-        if subresource != "binding" {
-            return Err(ApiError::UnknownPath);
+        match subresource {
+            "binding" => {}
+            "eviction" => return evict_pod(kind, namespace, name, body).await,
+            _ => return Err(ApiError::UnknownPath),
         }
         let binding: Binding = serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("decoding the Binding: {e}")))?;
@@ -776,6 +1082,58 @@ impl Strategy for PodStrategy {
             "code": 201,
         }))
     }
+}
+
+/// `POST …/pods/{name}/eviction` (`policy/v1` Eviction, what `kubectl drain` sends): the pod
+/// is deleted gracefully with the eviction's delete options. PodDisruptionBudgets are not
+/// served, so no budget can refuse an eviction (Kubernetes would answer 429 then).
+async fn evict_pod(
+    kind: &TypedKind<PodStrategy>,
+    namespace: Option<&str>,
+    name: &str,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let eviction: Eviction = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("decoding the Eviction: {e}")))?;
+    if eviction.metadata.name.as_deref().is_some_and(|n| !n.is_empty() && n != name) {
+        return Err(ApiError::BadRequest(format!(
+            "name in URL does not match name in Eviction object: {name} != {}",
+            eviction.metadata.name.as_deref().unwrap_or_default()
+        )));
+    }
+    let options = eviction.delete_options.unwrap_or_default();
+    if let Some(grace) = options.grace_period_seconds.filter(|g| *g < 0) {
+        return Err(ApiError::Invalid {
+            kind: "Eviction".to_owned(),
+            name: name.to_owned(),
+            causes: vec![FieldError::invalid(
+                "deleteOptions.gracePeriodSeconds",
+                grace,
+                "must be greater than or equal to 0",
+            )],
+        });
+    }
+    let preconditions = options.preconditions.unwrap_or_default();
+    let propagation_policy = options
+        .propagation_policy
+        .as_deref()
+        .map(crate::api::deletion::PropagationPolicy::parse)
+        .transpose()?;
+    let request = DeleteRequest {
+        grace_period_seconds: options.grace_period_seconds,
+        precondition_uid: preconditions.uid,
+        precondition_resource_version: preconditions.resource_version,
+        propagation_policy,
+    };
+    let dry_run = options.dry_run.iter().flatten().any(|d| d == "All");
+    kind.delete(namespace, name, &request, dry_run).await?;
+    Ok(json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "code": 201,
+    }))
 }
 
 /// Binds a pod to a node: sets `spec.nodeName` and a `PodScheduled=True` condition. A pod
@@ -889,6 +1247,76 @@ mod tests {
         );
         let empty = PodSpec::default();
         assert_eq!(validate_spec(&empty)[0].field, "spec.containers");
+    }
+
+    fn fields_of(spec: serde_json::Value) -> Vec<String> {
+        let spec: PodSpec = serde_json::from_value(spec).unwrap();
+        validate_spec(&spec).into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn volumes_and_their_mounts_are_checked_field_by_field() {
+        let fields = fields_of(serde_json::json!({
+            "volumes": [
+                {"name": "data", "emptyDir": {"medium": "Disk"}},
+                {"name": "both", "emptyDir": {}, "hostPath": {"path": "/x"}},
+                {"name": "none"},
+                {"name": "host", "hostPath": {"path": "/srv", "type": "Folder"}},
+                {"name": "cfg", "configMap": {"name": "c", "defaultMode": 0o1000,
+                    "items": [{"key": "a/b", "path": "../x"}]}},
+            ],
+            "containers": [{"name": "c", "image": "x", "volumeMounts": [
+                {"name": "data", "mountPath": "/data", "subPath": "/abs"},
+                {"name": "missing", "mountPath": "/data"},
+            ]}],
+        }));
+        assert_eq!(
+            fields,
+            [
+                "spec.volumes[0].emptyDir.medium",
+                "spec.volumes[1]",
+                "spec.volumes[2]",
+                "spec.volumes[3].hostPath.type",
+                "spec.volumes[4].configMap.defaultMode",
+                "spec.volumes[4].configMap.items[0].key",
+                "spec.volumes[4].configMap.items[0].path",
+                "spec.containers[0].volumeMounts[0].subPath",
+                "spec.containers[0].volumeMounts[1].name",
+                "spec.containers[0].volumeMounts[1].mountPath",
+            ]
+        );
+    }
+
+    #[test]
+    fn env_sources_are_checked_field_by_field() {
+        let fields = fields_of(serde_json::json!({
+            "containers": [{"name": "c", "image": "x",
+                "env": [
+                    {"name": "OK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                    {"name": "1BAD", "value": "x"},
+                    {"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "spec.hostname"}}},
+                    {"name": "R", "valueFrom": {"resourceFieldRef": {"resource": "limits.gpu"}}},
+                    {"name": "K", "valueFrom": {"configMapKeyRef": {"name": "", "key": "a b"}}},
+                    {"name": "V", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "E", "valueFrom": {}},
+                ],
+                "envFrom": [{"prefix": "9"}],
+            }],
+        }));
+        assert_eq!(
+            fields,
+            [
+                "spec.containers[0].env[1].name",
+                "spec.containers[0].env[2].valueFrom.fieldRef.fieldPath",
+                "spec.containers[0].env[3].valueFrom.resourceFieldRef.resource",
+                "spec.containers[0].env[4].valueFrom.configMapKeyRef.name",
+                "spec.containers[0].env[4].valueFrom.configMapKeyRef.key",
+                "spec.containers[0].env[5].valueFrom",
+                "spec.containers[0].env[6].valueFrom",
+                "spec.containers[0].envFrom[0].prefix",
+                "spec.containers[0].envFrom[0]",
+            ]
+        );
     }
 
     #[test]

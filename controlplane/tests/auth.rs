@@ -156,9 +156,20 @@ async fn a_node_does_what_its_agent_does_with_its_own_identity() {
 
     // Registration and heartbeats, as `agent::node` does them.
     assert!(agent.get::<Node>(None, "node-1").await.unwrap().is_none());
-    let mut registered = agent.create(None, &node("node-1", "172.20.0.11", false)).await.unwrap();
-    registered.status = Some(node("node-1", "172.20.0.11", true).status.unwrap());
-    agent.replace_status(None, "node-1", &registered).await.unwrap();
+    agent.create(None, &node("node-1", "172.20.0.11", false)).await.unwrap();
+    // The node controllers write the new node too (taints, its pod CIDR): a status written
+    // over a version they replaced meanwhile is refused with 409 and written again on the
+    // fresh one, as the agent does.
+    let mut attempts = 0;
+    loop {
+        let mut registered: Node = agent.get(None, "node-1").await.unwrap().expect("registered");
+        registered.status = Some(node("node-1", "172.20.0.11", true).status.unwrap());
+        match agent.replace_status(None, "node-1", &registered).await {
+            Ok(_) => break,
+            Err(error) if error.code() == Some(409) && attempts < 10 => attempts += 1,
+            Err(error) => panic!("the node's own status write: {error}"),
+        }
+    }
     let labels = json!({"metadata": {"labels": {"kubernetes.io/os": "linux"}}});
     agent.merge_patch::<Node>(None, "node-1", &labels, false).await.unwrap();
     let (nodes, _) = agent.list::<Node>(None, "").await.unwrap();

@@ -178,6 +178,8 @@ pub fn decide(user: &UserInfo, request: &RequestAttributes) -> Decision {
 /// - its own Lease (`coordination.k8s.io` leases in `kube-node-lease` named after it): get,
 ///   create, update, patch, delete;
 /// - events: create, update, patch;
+/// - its own usage report (`metrics.k8s.io` nodes named after it, which carry its pods' usage
+///   too): update;
 /// - the NodeSync stream (which itself refuses another node's name).
 pub fn node_decision(node: &str, request: &RequestAttributes) -> Decision {
     const READ: [&str; 3] = ["get", "list", "watch"];
@@ -230,6 +232,13 @@ pub fn node_decision(node: &str, request: &RequestAttributes) -> Decision {
         && request.verb_in(&["create", "update", "patch"])
     {
         return Decision::Allow;
+    }
+    if request.is("metrics.k8s.io", "nodes", None) && request.verb == "update" {
+        return if own_name {
+            Decision::Allow
+        } else {
+            Decision::Deny(format!("node {node:?} may only report its own usage"))
+        };
     }
     Decision::Deny(String::new())
 }
@@ -550,6 +559,7 @@ mod tests {
                 r#"{"metadata":{"name":"node-1"}}"#,
             ),
             ("POST", "/strait.nodesync.v1.NodeSync/Watch", ""),
+            ("PUT", "/apis/metrics.k8s.io/v1beta1/nodes/node-1", ""),
         ];
         for (method, uri, body) in cases {
             assert_eq!(allowed(&node, method, uri, body).await, Ok(()), "{method} {uri}");
@@ -582,6 +592,8 @@ mod tests {
             ("GET", "/api/v1/namespaces/default/configmaps/settings", ""),
             ("GET", "/api/v1/secrets", ""),
             ("GET", "/apis/apps/v1/deployments", ""),
+            ("PUT", "/apis/metrics.k8s.io/v1beta1/nodes/node-2", ""),
+            ("GET", "/apis/metrics.k8s.io/v1beta1/pods", ""),
             ("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-2", ""),
             ("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", ""),
             ("GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases/node-1", ""),

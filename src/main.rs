@@ -29,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: API server, store, IPAM, scheduler, NodeSync.
-    Controller(ControllerArgs),
+    /// Run the control plane: API server, store, IPAM, scheduler, NodeSync (or, with a
+    /// subcommand, issue credentials from the cluster CA).
+    Controller(ControllerCommand),
     /// Run a node agent: registers the node, runs its pods, programs routes and eBPF.
     Agent(AgentArgs),
     /// A whole cluster on this machine, in network namespaces.
@@ -140,10 +141,75 @@ enum NetclientCommand {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ControllerCommand {
+    #[command(subcommand)]
+    credentials: Option<CredentialsCommand>,
+    #[command(flatten)]
+    run: ControllerArgs,
+}
+
+/// Credentials issued offline from the cluster CA in the controller's PKI directory.
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Issue the identity of a node agent (`system:node:NODE` in `system:nodes`): writes
+    /// `ca.crt`, `tls.crt` and `tls.key` into DIR, for `strait agent --credentials-dir DIR`.
+    IssueNodeCredentials {
+        #[command(flatten)]
+        pki: PkiArgs,
+        /// The node's name (its agent's `--node-name`).
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Write a kubeconfig with the cluster's admin credential, for the API at `--server`.
+    AdminKubeconfig {
+        #[command(flatten)]
+        pki: PkiArgs,
+        /// The API's URL as clients reach it, e.g. `https://192.0.2.1:6443` (an address the
+        /// serving certificate covers: see `--tls-san`).
+        #[arg(long)]
+        server: String,
+        /// The name of the cluster, context and user in the file.
+        #[arg(long, default_value = "default")]
+        cluster: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct PkiArgs {
+    /// The controller's data directory.
+    #[arg(long, default_value = "/var/lib/strait/controller")]
+    data_dir: PathBuf,
+    /// The cluster PKI directory (default: `<data-dir>/pki`).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+}
+
+impl PkiArgs {
+    fn pki_dir(&self) -> PathBuf {
+        self.pki_dir
+            .clone()
+            .unwrap_or_else(|| strait_controlplane::ControllerConfig::new(&self.data_dir).pki_dir)
+    }
+}
+
+#[derive(Args)]
 struct ControllerArgs {
     /// Directory of the embedded store.
     #[arg(long, default_value = "/var/lib/strait/controller")]
     data_dir: PathBuf,
+    /// The cluster PKI: CA and admin credential, created on first start (default:
+    /// `<data-dir>/pki`). Replicas of one control plane share it.
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// A DNS name or IP address the serving certificate covers besides the listeners' own
+    /// addresses, localhost and the host name (repeatable): how clients reach the API.
+    #[arg(long)]
+    tls_san: Vec<String>,
     /// Address to serve the API and NodeSync on (repeatable).
     #[arg(long)]
     listen: Vec<SocketAddr>,
@@ -205,9 +271,14 @@ struct AgentArgs {
     /// This node's address, where other nodes send traffic for its pods.
     #[arg(long)]
     node_ip: Ipv4Addr,
-    /// The controller's base URL, or several replicas' URLs separated by commas.
+    /// The controller's base URL, `https://HOST:PORT`, or several replicas' URLs separated by
+    /// commas.
     #[arg(long)]
     controller: String,
+    /// This node's credentials: `ca.crt`, `tls.crt`, `tls.key`, as written by `strait
+    /// controller issue-node-credentials` (default: `<state-dir>/credentials`).
+    #[arg(long)]
+    credentials_dir: Option<PathBuf>,
     /// Name of the cluster (part of pin paths and namespace names).
     #[arg(long, default_value = "default")]
     cluster: String,
@@ -516,7 +587,12 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Controller(args) => run_controller(args).await?,
+        Command::Controller(ControllerCommand { credentials: None, run }) => {
+            run_controller(run).await?
+        }
+        Command::Controller(ControllerCommand { credentials: Some(command), .. }) => {
+            issue_credentials(command)?
+        }
         Command::Agent(args) => run_agent(args).await?,
         Command::Lab { command } => return run_lab(command).await,
         Command::Bench { command } => match command {
@@ -650,6 +726,10 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         bail!("nothing to serve on: give --listen ADDRESS or --listen-fd FD");
     }
     let mut config = strait_controlplane::server::ControllerConfig::new(args.data_dir);
+    if let Some(pki_dir) = args.pki_dir {
+        config.pki_dir = pki_dir;
+    }
+    config.tls_sans = args.tls_san;
     config.cluster_cidr = ipnet::IpNet::V4(args.cluster_cidr);
     config.node_cidr_prefix = args.node_cidr_prefix;
     config.service_cidr = args.service_cidr;
@@ -682,6 +762,29 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn issue_credentials(command: CredentialsCommand) -> anyhow::Result<()> {
+    use strait_controlplane::auth::{ClusterPki, kubeconfig::write_kubeconfig};
+    match command {
+        CredentialsCommand::IssueNodeCredentials { pki, node, out } => {
+            if let Some(why) = strait_controlplane::api::validation::dns1123_subdomain(&node) {
+                bail!("--node {node:?} is not a valid node name: {why}");
+            }
+            let credentials = ClusterPki::open(&pki.pki_dir())?.issue_node(&node)?;
+            credentials.write_dir(&out)?;
+            println!("credentials of node {node} written to {}", out.display());
+        }
+        CredentialsCommand::AdminKubeconfig { pki, server, cluster, out } => {
+            if !server.starts_with("https://") {
+                bail!("--server {server:?}: the API is served over HTTPS only (https://HOST:PORT)");
+            }
+            let admin = ClusterPki::open(&pki.pki_dir())?.admin_credentials()?;
+            write_kubeconfig(&out, &cluster, &server, &admin)?;
+            println!("admin kubeconfig written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
 /// A listening TCP socket passed in by the process that started this one.
 fn inherited_listener(fd: i32) -> anyhow::Result<TcpListener> {
     // SAFETY: fstat only fills the zeroed struct; an fd that is not open gives EBADF.
@@ -703,7 +806,17 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         Some(name) => name,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
+    let credentials_dir =
+        args.credentials_dir.unwrap_or_else(|| args.state_dir.join("credentials"));
+    let credentials = strait_controlplane::auth::ClientCredentials::read_dir(&credentials_dir)
+        .with_context(|| {
+            format!(
+                "reading the node's credentials from {} (issue them with `strait controller issue-node-credentials`)",
+                credentials_dir.display()
+            )
+        })?;
     let config = strait_dataplane::agent::AgentConfig {
+        credentials,
         netns_prefix: args.netns_prefix.unwrap_or_else(|| format!("strait-{}_", args.cluster)),
         cgroup_root: args
             .cgroup_root
@@ -847,7 +960,7 @@ async fn run_lab(command: LabCommand) -> anyhow::Result<ExitCode> {
 async fn lab_status(name: &str) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let state = lab::LabState::load(name)?;
-    let api = strait_controlplane::client::ApiClient::new(&state.api_server)?;
+    let api = state.api_client()?;
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let mut out = String::new();
     writeln!(

@@ -26,10 +26,13 @@ async fn replicas(etcd: &LocalEtcd, dir: &TempDataDir, count: usize) -> Vec<Cont
     let mut replicas = Vec::new();
     for index in 0..count {
         let data = dir.path().join(format!("replica-{index}"));
+        // One CA for the cluster: any replica accepts any client.
+        let pki = dir.path().join("pki");
+        let pki = pki.to_str().expect("a UTF-8 path");
         let started = ControllerProcess::start(
             &data,
             &etcd.url(ROOT),
-            &["--cluster", "ha", "--leader-lease-seconds", "3"],
+            &["--cluster", "ha", "--leader-lease-seconds", "3", "--pki-dir", pki],
         )
         .await;
         replicas.push(started);
@@ -69,21 +72,29 @@ async fn killing_the_leader_under_load_hands_over_within_seconds_and_loses_nothi
     let mut order: Vec<&str> = vec![replicas[leader_index].url()];
     order.extend(replicas.iter().filter(|r| r.pid() != leader).map(ControllerProcess::url));
     let urls = order.join(",");
-    let api = client_of(&urls);
+    let admin = replicas[0].admin_credentials();
+    let api = client_of(&urls, &admin);
     api.create::<Node>(None, &node("n1", "172.31.0.1", true)).await.expect("creating a node");
 
     // A NodeSync follower for n1, as an agent runs it.
     let synced: Arc<Mutex<(usize, HashSet<String>)>> = Arc::default();
     let follower = {
         let (urls, synced) = (urls.clone(), Arc::clone(&synced));
+        let credentials = replicas[0].node_credentials("n1");
         tokio::spawn(async move {
-            strait_dataplane::agent::sync::follow(&urls, "n1", move |state, change| {
-                let mut synced = synced.lock().unwrap();
-                if change.snapshot {
-                    synced.0 += 1;
-                }
-                synced.1 = state.pods.values().filter_map(|p| p.metadata.name.clone()).collect();
-            })
+            strait_dataplane::agent::sync::follow(
+                &urls,
+                &credentials,
+                "n1",
+                move |state, change| {
+                    let mut synced = synced.lock().unwrap();
+                    if change.snapshot {
+                        synced.0 += 1;
+                    }
+                    synced.1 =
+                        state.pods.values().filter_map(|p| p.metadata.name.clone()).collect();
+                },
+            )
             .await;
         })
     };
@@ -94,7 +105,7 @@ async fn killing_the_leader_under_load_hands_over_within_seconds_and_loses_nothi
     let mut writers = Vec::new();
     for writer in 0..3 {
         let (api, acknowledged, stop) =
-            (client_of(&urls), Arc::clone(&acknowledged), Arc::clone(&stop));
+            (client_of(&urls, &admin), Arc::clone(&acknowledged), Arc::clone(&stop));
         writers.push(tokio::spawn(async move {
             let mut failed = 0;
             for i in 0.. {

@@ -1,5 +1,6 @@
 //! A small typed client of strait's Kubernetes-style REST API, for node agents, the lab and
-//! tests. Paths are built from the `k8s_openapi::Resource` constants, so every served kind works.
+//! tests, over HTTPS with the cluster CA and a client certificate. Paths are built from the
+//! `k8s_openapi::Resource` constants, so every served kind works.
 
 use std::{
     sync::{
@@ -14,6 +15,7 @@ use futures::stream::BoxStream;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -23,6 +25,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Status, WatchEvent},
 };
 use serde::{Serialize, de::DeserializeOwned};
+
+use crate::auth::{ClientCredentials, PkiError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -40,6 +44,8 @@ pub enum ClientError {
     },
     #[error("bad server address {server:?}: {message}")]
     Address { server: String, message: String },
+    #[error("configuring TLS for the API client")]
+    Tls(#[source] PkiError),
 }
 
 impl ClientError {
@@ -65,7 +71,7 @@ impl ClientError {
 #[derive(Clone, Debug)]
 pub struct ApiClient {
     server: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     replicas: Arc<Replicas>,
 }
@@ -80,16 +86,17 @@ struct Replicas {
 }
 
 impl ApiClient {
-    /// `server` is the base URL, e.g. `http://172.20.0.1:6443`, or several separated by
+    /// `server` is the base URL, e.g. `https://172.20.0.1:6443`, or several separated by
     /// commas: replicas of one control plane, used one at a time, the next when the current
-    /// one cannot be reached.
-    pub fn new(server: &str) -> Result<Self, ClientError> {
+    /// one cannot be reached. Every server must present a certificate of the CA in
+    /// `credentials`; the client authenticates with its certificate (anonymous without one).
+    pub fn new(server: &str, credentials: &ClientCredentials) -> Result<Self, ClientError> {
         let mut servers = Vec::new();
         for server in server.split(',').map(|s| s.trim().trim_end_matches('/')) {
-            if !server.starts_with("http://") {
+            if !server.starts_with("https://") {
                 return Err(ClientError::Address {
                     server: server.to_owned(),
-                    message: "expected an http:// URL".to_owned(),
+                    message: "expected an https:// URL".to_owned(),
                 });
             }
             servers.push(server.to_owned());
@@ -97,6 +104,15 @@ impl ApiClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        // HTTP/1.1 as before TLS: each watch on its own connection, requests pooled.
+        // ALPN is set by the connector from the protocols enabled below.
+        let tls = credentials.rustls_config(&[]).map_err(ClientError::Tls)?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).build(connector);
         let server = servers[0].clone();
         let replicas = Arc::new(Replicas { servers, current: AtomicUsize::new(0) });

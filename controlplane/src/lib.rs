@@ -2,6 +2,7 @@
 //! scheduler and controllers, and the NodeSync stream that feeds node agents.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod controllers;
 pub mod events;

@@ -474,10 +474,16 @@ impl NodeSync for NodeSyncService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // Set by the API's authentication layer, which every request passes.
+        let caller = request.extensions().get::<crate::auth::UserInfo>().cloned();
         let node = request.into_inner().node_name;
         if node.is_empty() {
             return Err(Status::invalid_argument("node_name is required"));
         }
+        let Some(caller) = caller else {
+            return Err(Status::unauthenticated("no client certificate"));
+        };
+        crate::auth::authz::may_follow_node(&caller, &node).map_err(Status::permission_denied)?;
         let (updates, stream) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(stream_node_state(
             self.store.clone(),

@@ -1,10 +1,11 @@
-//! The controller process: the store, the API server and NodeSync on the same listeners
-//! (HTTP/1.1 for kubectl, HTTP/2 prior knowledge for agents' gRPC), the scheduler and the
-//! controllers, all stopped together on shutdown.
+//! The controller process: the store, the API server and NodeSync on the same HTTPS listeners
+//! (HTTP/1.1 or HTTP/2 for kubectl, HTTP/2 for agents' gRPC, chosen by ALPN), the scheduler and
+//! the controllers, all stopped together on shutdown.
 //!
 //! On etcd, several replicas may run against one cluster: each serves the API and NodeSync
 //! from etcd, and only the elected leader runs the scheduler and the controllers
-//! ([`crate::leader`]).
+//! ([`crate::leader`]). Replicas share the cluster's PKI directory, so that any of them
+//! accepts any client ([`crate::auth::pki`]).
 
 use std::{
     future::Future,
@@ -23,6 +24,7 @@ use crate::{
         error::ApiError,
         http::{ApiState, router},
     },
+    auth::{self, ClientCredentials, ClusterPki, PkiError},
     controllers::{
         self,
         endpoint_slice::EndpointSliceController,
@@ -30,7 +32,6 @@ use crate::{
         namespace::NamespaceController,
         node_ipam::PodCidrReconciler,
         node_lifecycle::{NodeLifecycleConfig, NodeLifecycleController},
-        shutdown_signalled,
     },
     ipam::{IpamError, PodCidrAllocator, ServiceIpAllocator, ServiceIpError},
     leader::{self, LeaderElection},
@@ -80,14 +81,23 @@ pub struct ControllerConfig {
     pub leader_lease: Duration,
     /// On etcd: how this replica names itself in the leader record.
     pub replica_name: String,
+    /// The cluster's PKI (its CA and admin credential), created on first start: by default
+    /// `<data_dir>/pki`. Replicas of one control plane share it (see [`crate::auth::pki`]).
+    pub pki_dir: PathBuf,
+    /// Names (DNS names or IP addresses) the serving certificate covers beyond the listeners'
+    /// own addresses, `localhost` and the host name: the addresses clients reach it at.
+    pub tls_sans: Vec<String>,
 }
 
 impl ControllerConfig {
     /// The defaults: pod CIDRs are /24s of 10.244.0.0/16, cluster IPs from 10.96.0.0/16 with
     /// DNS at 10.96.0.10, 10,000 revisions of history.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         Self {
-            data_dir: data_dir.into(),
+            pki_dir: data_dir.join(auth::pki::PKI_DIR),
+            tls_sans: Vec::new(),
+            data_dir,
             cluster_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(
                 std::net::Ipv4Addr::new(10, 244, 0, 0),
                 16,
@@ -121,6 +131,10 @@ pub enum ControllerError {
     },
     #[error("opening the store")]
     Store(#[source] StoreError),
+    #[error("preparing the cluster's credentials")]
+    Pki(#[source] PkiError),
+    #[error("{name:?} cannot be a name of the serving certificate: {message}")]
+    ServingName { name: String, message: String },
     #[error("configuring pod CIDR allocation")]
     PodCidrs(#[source] IpamError),
     #[error("configuring cluster IP allocation")]
@@ -129,12 +143,6 @@ pub enum ControllerError {
     Bootstrap(#[source] ApiError),
     #[error("preparing the listener {address}")]
     Listener {
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("serving on {address}")]
-    Serve {
         address: String,
         #[source]
         source: std::io::Error,
@@ -168,6 +176,13 @@ async fn serve(
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ControllerError::DataDir { path: config.data_dir.clone(), source })?;
+    let pki = ClusterPki::init(&config.pki_dir).map_err(ControllerError::Pki)?;
+    let names = serving_names(&listeners, &config.tls_sans)?;
+    let serving = pki
+        .serving_certificate(&config.data_dir.join(auth::pki::PKI_DIR), &names)
+        .map_err(ControllerError::Pki)?;
+    let tls = auth::tls::server_config(pki.ca_pem(), &serving).map_err(ControllerError::Pki)?;
+    drop(pki);
     let (store, closed, election) = open_store(&config).await?;
     let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
         .map_err(ControllerError::PodCidrs)?;
@@ -213,7 +228,8 @@ async fn serve(
         shutdown: stopped.clone(),
         bookmark_interval: config.watch_bookmark_interval,
     })
-    .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc);
+    .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc)
+    .layer(axum::middleware::from_fn_with_state(Arc::clone(&registry), auth::authz::guard));
     drop(registry);
     drop(store);
 
@@ -224,13 +240,12 @@ async fn serve(
         listener.set_nonblocking(true).map_err(prepare)?;
         let listener = tokio::net::TcpListener::from_std(listener).map_err(prepare)?;
         let app = app.clone();
-        let mut stopped = stopped.clone();
+        let stopped = stopped.clone();
+        let tls = Arc::clone(&tls);
         servers.spawn(async move {
-            tracing::info!(%address, "serving the API and NodeSync");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown_signalled(&mut stopped).await })
-                .await
-                .map_err(|source| ControllerError::Serve { address, source })
+            tracing::info!(%address, "serving the API and NodeSync over HTTPS");
+            auth::https::serve(listener, tls, app, stopped).await;
+            Ok(())
         });
     }
     drop(app);
@@ -338,6 +353,42 @@ fn spawn_controllers(
     tasks
 }
 
+/// What the serving certificate must cover: every address a listener is bound to (all
+/// addresses of an unspecified one cannot be known, hence `tls_sans`), loopback by name and
+/// number, the host name, and `extra`.
+fn serving_names(
+    listeners: &[TcpListener],
+    extra: &[String],
+) -> Result<Vec<String>, ControllerError> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    for listener in listeners {
+        if let Ok(address) = listener.local_addr()
+            && !address.ip().is_unspecified()
+        {
+            names.push(address.ip().to_string());
+        }
+    }
+    // A host name that is no valid DNS name (an underscore, say) is left out, not an error.
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && rustls::pki_types::ServerName::try_from(host).is_ok() {
+            names.push(host.to_owned());
+        }
+    }
+    for name in extra {
+        if let Err(error) = rustls::pki_types::ServerName::try_from(name.as_str()) {
+            return Err(ControllerError::ServingName {
+                name: name.clone(),
+                message: error.to_string(),
+            });
+        }
+        names.push(name.clone());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|name| seen.insert(name.clone()));
+    Ok(names)
+}
+
 fn flatten(
     ended: Result<Result<(), ControllerError>, tokio::task::JoinError>,
 ) -> Result<(), ControllerError> {
@@ -348,6 +399,7 @@ fn flatten(
 /// tools that embed one.
 pub struct LocalController {
     address: SocketAddr,
+    admin: ClientCredentials,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ControllerError>>,
 }
@@ -365,11 +417,14 @@ impl LocalController {
         let shutdown = async move {
             let _ = stopped.await;
         };
+        let pki_dir = config.pki_dir.clone();
         let mut task = tokio::spawn(serve(config, vec![listener], shutdown, Some(ready)));
         tokio::select! {
             started = serving => {
                 if started.is_ok() {
-                    return Ok(Self { address, stop: Some(stop), task });
+                    let admin = auth::pki::read_admin_credentials(&pki_dir)
+                        .map_err(ControllerError::Pki)?;
+                    return Ok(Self { address, admin, stop: Some(stop), task });
                 }
                 // The sender was dropped: the controller failed before serving.
                 (&mut task).await.map_err(ControllerError::Task)??;
@@ -386,9 +441,19 @@ impl LocalController {
         self.address
     }
 
-    /// The base URL, e.g. `http://127.0.0.1:41234`.
+    /// The base URL, e.g. `https://127.0.0.1:41234`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        format!("https://{}", self.address)
+    }
+
+    /// The cluster's admin credential.
+    pub fn admin_credentials(&self) -> &ClientCredentials {
+        &self.admin
+    }
+
+    /// An API client with the admin credential.
+    pub fn client(&self) -> Result<crate::client::ApiClient, crate::client::ClientError> {
+        crate::client::ApiClient::new(&self.url(), &self.admin)
     }
 
     /// Stops the controller and waits until its store is closed.

@@ -1,6 +1,6 @@
 //! Helpers for tests of this crate and of the crates that drive a controller (node agent, lab):
-//! a temporary data directory removed on drop, a controller served on loopback, objects as
-//! agents and users write them, and a polling wait.
+//! a temporary data directory removed on drop, a controller served on loopback with ready
+//! clients and kubeconfigs, objects as agents and users write them, and a polling wait.
 
 use std::{
     future::Future,
@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use crate::auth::ClientCredentials;
 use k8s_openapi::{
     api::core::v1::{
         Container, Namespace, Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo, Pod,
@@ -110,25 +111,79 @@ impl TestController {
         }
     }
 
-    /// A REST client of the running controller.
+    /// A REST client of the running controller, authenticated as the cluster admin.
     ///
     /// # Panics
     /// When the controller is stopped.
     pub fn client(&self) -> crate::client::ApiClient {
-        match crate::client::ApiClient::new(&self.url()) {
+        self.client_with(&self.admin_credentials())
+    }
+
+    /// A REST client of the running controller with `credentials` (see
+    /// [`TestController::issue_credentials`], [`ClientCredentials::anonymous`]).
+    ///
+    /// # Panics
+    /// When the controller is stopped or the credentials are unusable.
+    pub fn client_with(&self, credentials: &ClientCredentials) -> crate::client::ApiClient {
+        match crate::client::ApiClient::new(&self.url(), credentials) {
             Ok(client) => client,
             Err(error) => panic!("creating a client: {error}"),
         }
     }
 
-    /// Writes a kubeconfig that points kubectl at this controller, with `namespace` as the
-    /// default namespace. Tests build every kubeconfig through here, so that how clients
-    /// reach and authenticate to the API changes in one place.
+    /// The cluster's admin credential (from its PKI directory, so also while stopped).
+    ///
+    /// # Panics
+    /// When the PKI cannot be read.
+    pub fn admin_credentials(&self) -> ClientCredentials {
+        match crate::auth::pki::read_admin_credentials(&self.config.pki_dir) {
+            Ok(credentials) => credentials,
+            Err(error) => panic!("reading the admin credential: {error}"),
+        }
+    }
+
+    /// A new client certificate of the cluster CA for `user` in `group`.
+    ///
+    /// # Panics
+    /// When the PKI cannot be read or the certificate not issued.
+    pub fn issue_credentials(&self, user: &str, group: Option<&str>) -> ClientCredentials {
+        let issued = crate::auth::ClusterPki::open(&self.config.pki_dir)
+            .and_then(|pki| pki.issue_client(user, group));
+        match issued {
+            Ok(credentials) => credentials,
+            Err(error) => panic!("issuing credentials for {user}: {error}"),
+        }
+    }
+
+    /// The identity of the agent of `node` (`system:node:<node>` in `system:nodes`).
+    pub fn node_credentials(&self, node: &str) -> ClientCredentials {
+        self.issue_credentials(
+            &format!("{}{node}", crate::auth::NODE_USER_PREFIX),
+            Some(crate::auth::NODES_GROUP),
+        )
+    }
+
+    /// Writes a kubeconfig that points kubectl at this controller with the admin credential
+    /// (the cluster CA and the admin client certificate embedded), `default` as its
+    /// namespace. Tests build every kubeconfig through here or
+    /// [`TestController::write_kubeconfig_with`], so that how clients reach and authenticate
+    /// to the API changes in one place.
     ///
     /// # Panics
     /// When the file cannot be written or the controller is stopped.
     pub fn write_kubeconfig(&self, path: &Path) {
-        if let Err(error) = std::fs::write(path, kubeconfig(&self.url(), "default")) {
+        self.write_kubeconfig_with(path, &self.admin_credentials());
+    }
+
+    /// [`TestController::write_kubeconfig`] with other `credentials` (a node's, another
+    /// user's, or anonymous ones).
+    ///
+    /// # Panics
+    /// When the file cannot be written or the controller is stopped.
+    pub fn write_kubeconfig_with(&self, path: &Path, credentials: &ClientCredentials) {
+        let written =
+            crate::auth::kubeconfig::write_kubeconfig(path, "strait", &self.url(), credentials);
+        if let Err(error) = written {
             panic!("writing the kubeconfig {}: {error}", path.display());
         }
     }
@@ -159,24 +214,27 @@ impl TestController {
     }
 }
 
-/// A kubeconfig for the API server at `server`, with `namespace` as the default namespace.
+/// A kubeconfig without credentials for a test's own plain-HTTP relay at `server` (which
+/// itself reaches the controller with a credential, as `tests/support/recorder.rs` does), with
+/// `namespace` as the default namespace. The controller serves HTTPS only: kubeconfigs for it
+/// come from [`TestController::write_kubeconfig`].
 pub fn kubeconfig(server: &str, namespace: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
-- name: strait
+- name: relay
   cluster:
     server: {server}
 contexts:
-- name: strait
+- name: relay
   context:
-    cluster: strait
-    user: tester
+    cluster: relay
+    user: relay
     namespace: {namespace}
-current-context: strait
+current-context: relay
 users:
-- name: tester
+- name: relay
   user: {{}}
 "
     )

@@ -878,7 +878,7 @@ async fn transport_level_errors_are_status_objects_too() {
     );
     // Its own connection: the server closes one whose body it refused to read.
     let (code, status) = status_of(
-        &ApiClient::new(&server.url()).unwrap(),
+        &server.client(),
         Method::POST,
         "/api/v1/namespaces/default/pods",
         "application/json",

@@ -1,5 +1,5 @@
-//! NodeSync as a node agent sees it: a real tonic client over loopback, on the same port as
-//! the REST API (HTTP/2 and HTTP/1.1 served together).
+//! NodeSync as a node agent sees it: a real tonic client over loopback, on the same HTTPS port
+//! as the REST API (HTTP/2 and HTTP/1.1 served together, chosen by ALPN).
 
 use std::time::Duration;
 
@@ -17,9 +17,15 @@ use strait_controlplane::{
 };
 use tonic::{Code, Streaming, transport::Channel};
 
-async fn connect(url: &str) -> NodeSyncClient<Channel> {
-    let channel =
-        Channel::from_shared(url.to_owned()).unwrap().connect().await.expect("h2c connects");
+/// A NodeSync client with the credentials of the agent of `node`.
+async fn connect(server: &TestController, node: &str) -> NodeSyncClient<Channel> {
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .tls_config(server.node_credentials(node).grpc_tls())
+        .expect("TLS configuration")
+        .connect()
+        .await
+        .expect("h2 over TLS connects");
     NodeSyncClient::new(channel)
 }
 
@@ -51,8 +57,8 @@ async fn agent_gets_a_snapshot_then_deltas_on_the_api_port() {
     client.create::<Pod>(Some("default"), &pod_on("theirs", "n2")).await.unwrap();
     let (_, revision) = client.list::<Pod>(None, "").await.unwrap();
 
-    // Same URL as the REST client: gRPC over HTTP/2 prior knowledge.
-    let mut agent = connect(&server.url()).await;
+    // Same URL as the REST client: gRPC over HTTP/2, negotiated by ALPN.
+    let mut agent = connect(&server, "n1").await;
     let mut stream =
         agent.watch(WatchRequest { node_name: "n1".to_owned() }).await.unwrap().into_inner();
     let snapshot = next(&mut stream).await;
@@ -122,7 +128,7 @@ async fn agent_gets_a_snapshot_then_deltas_on_the_api_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_without_a_node_name_is_refused() {
     let server = TestController::start("nodesync-invalid").await;
-    let mut agent = connect(&server.url()).await;
+    let mut agent = connect(&server, "n1").await;
     let status = agent.watch(WatchRequest { node_name: String::new() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 }
@@ -191,7 +197,7 @@ async fn agents_get_every_service_with_its_endpoints() {
     })
     .await;
 
-    let mut agent = connect(&server.url()).await;
+    let mut agent = connect(&server, "n2").await;
     let mut stream =
         agent.watch(WatchRequest { node_name: "n2".to_owned() }).await.unwrap().into_inner();
     let snapshot = next(&mut stream).await;

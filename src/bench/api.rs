@@ -196,7 +196,7 @@ async fn run_backend(
     };
     eprintln!("{name}: starting a controller on {on}");
     let controller = LocalController::start(config).await.context("starting the controller")?;
-    let api = ApiClient::new(&controller.url())?;
+    let api = controller.client()?;
 
     eprintln!("{name}: {} clients × {} creates", options.clients, options.writes_per_client);
     let creates = mutate(&api, options, Mutation::Create).await?;

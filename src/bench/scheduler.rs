@@ -158,7 +158,7 @@ async fn one_run(pods: usize, nodes: usize, run: usize) -> anyhow::Result<Schedu
     let result = async {
         let controller =
             LocalController::start(ControllerConfig::new(&dir)).await.context("starting")?;
-        let api = ApiClient::new(&format!("http://{}", controller.address()))?;
+        let api = controller.client()?;
 
         // The floor: N writes of pods that need no scheduling.
         let names: Vec<String> = (0..pods).map(|i| format!("floor-{i}")).collect();

@@ -213,7 +213,7 @@ pub async fn startup(
     };
     let state = crate::lab::up(&options).await.context("bringing the lab up")?;
     let measured = async {
-        let api = strait_controlplane::client::ApiClient::new(&state.api_server)?;
+        let api = state.api_client()?;
         let pods_ready = pods_ready(&api, pods).await?;
         let prefix = format!("{}floor-", crate::lab::netns_prefix(&name));
         let floor = tokio::task::spawn_blocking(move || floor(pods, &prefix)).await??;

@@ -6,7 +6,6 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Pod;
-use strait_controlplane::client::ApiClient;
 use strait_dataplane::{
     cgroup::Cgroup,
     netns,
@@ -19,7 +18,7 @@ use super::{LabState, lab_cgroup, lab_dir, netns_prefix, node_netns};
 pub async fn exec_in_pod(lab: &str, pod: &str, command: &[String]) -> anyhow::Result<i32> {
     let state = LabState::load(lab)?;
     let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
-    let api = ApiClient::new(&state.api_server)?;
+    let api = state.api_client()?;
     let Some(object) = api.get::<Pod>(Some(namespace), name).await? else {
         bail!("pod {namespace}/{name} not found in lab {lab}");
     };

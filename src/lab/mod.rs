@@ -89,6 +89,16 @@ pub fn lab_dir(lab: &str) -> PathBuf {
     Path::new(LABS_DIR).join(lab)
 }
 
+/// The lab's cluster PKI (CA and admin credential), which every controller replica is given.
+pub fn pki_dir(lab: &str) -> PathBuf {
+    lab_dir(lab).join("pki")
+}
+
+/// Where a node's own credentials (`system:node:<node>`) are kept, for its agent.
+pub fn node_credentials_dir(lab: &str, node: &str) -> PathBuf {
+    lab_dir(lab).join("nodes").join(node).join("credentials")
+}
+
 /// The lab's cgroup, relative to the cgroup2 mount.
 pub fn lab_cgroup(lab: &str) -> PathBuf {
     Path::new(strait_dataplane::cgroup::STRAIT_CGROUP).join(lab)
@@ -161,6 +171,17 @@ impl LabState {
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// An API client of every controller replica of the lab (the first one first), with the
+    /// admin credential.
+    pub fn api_client(&self) -> anyhow::Result<strait_controlplane::client::ApiClient> {
+        let pki = pki_dir(&self.name);
+        let admin = strait_controlplane::auth::pki::read_admin_credentials(&pki)
+            .with_context(|| format!("reading the admin credential of lab {}", self.name))?;
+        let mut servers = vec![self.api_server.clone()];
+        servers.extend(self.replicas.iter().map(|r| r.api_server.clone()));
+        Ok(strait_controlplane::client::ApiClient::new(&servers.join(","), &admin)?)
     }
 
     pub(crate) fn save(&self) -> anyhow::Result<()> {
@@ -284,12 +305,6 @@ pub fn list() -> anyhow::Result<Vec<String>> {
     }
     labs.sort();
     Ok(labs)
-}
-
-fn kubeconfig_text(lab: &str, server: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: strait-{lab}\n  cluster:\n    server: {server}\ncontexts:\n- name: strait-{lab}\n  context:\n    cluster: strait-{lab}\n    user: strait-{lab}-admin\ncurrent-context: strait-{lab}\nusers:\n- name: strait-{lab}-admin\n  user: {{}}\n"
-    )
 }
 
 #[cfg(test)]

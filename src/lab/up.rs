@@ -13,13 +13,16 @@ use std::{
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
-use strait_controlplane::{client::ApiClient, store::StoreLocation};
+use strait_controlplane::{
+    auth::{ClientCredentials, ClusterPki, kubeconfig::write_kubeconfig},
+    store::StoreLocation,
+};
 use strait_dataplane::{cgroup::Cgroup, ebpf, netlink, netns::NetNs, runtime::process::ChildSetup};
 
 use super::{
     CONTROLLER_ADDRESS, CONTROLLER_PORT, FABRIC_PREFIX_LEN, LabNode, LabReplica, LabState,
-    MAX_NODES, down, fabric_netns, forget_cluster_state, kubeconfig_text, lab_cgroup, lab_dir,
-    netns_prefix, node_address, node_name, node_netns, validate_lab_name,
+    MAX_NODES, down, fabric_netns, forget_cluster_state, lab_cgroup, lab_dir, netns_prefix,
+    node_address, node_credentials_dir, node_name, node_netns, pki_dir, validate_lab_name,
 };
 
 /// The bridge in the fabric namespace that all nodes are plugged into.
@@ -170,6 +173,10 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
         node_namespaces.push((index, name, namespace));
     }
 
+    // The cluster's initialisation: its CA and admin credential, before any process needs them
+    // (the controller reuses them; the lab issues each agent its identity from the CA).
+    let pki = ClusterPki::init(&pki_dir(lab)).context("creating the cluster CA")?;
+
     // The controller's two ways in: loopback in the root namespace (kubectl), and the fabric
     // address inside the lab (agents). Both sockets are made here and handed over, so the port
     // printed in the kubeconfig is the one actually served.
@@ -177,7 +184,7 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
     for index in 1..=control.controllers {
         let loopback = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("binding a loopback port for the API")?;
-        let api_server = format!("http://127.0.0.1:{}", loopback.local_addr()?.port());
+        let api_server = format!("https://127.0.0.1:{}", loopback.local_addr()?.port());
         let pid = start_controller(
             lab,
             &options.strait_exe,
@@ -204,7 +211,8 @@ async fn build(options: &UpOptions, control: &ControlPlaneOptions) -> anyhow::Re
     }
 
     let kubeconfig = dir.join("kubeconfig");
-    fs::write(&kubeconfig, kubeconfig_text(lab, &api_server))?;
+    write_kubeconfig(&kubeconfig, &format!("strait-{lab}"), &api_server, &pki.admin_credentials()?)
+        .context("writing the kubeconfig")?;
     let state = LabState {
         name: lab.clone(),
         nodes,
@@ -237,7 +245,7 @@ fn controller_fabric_address(index: usize) -> SocketAddr {
 /// What agents are given: every replica's URL inside the fabric.
 fn controller_urls(controllers: usize) -> String {
     (1..=controllers)
-        .map(|index| format!("http://{}", controller_fabric_address(index)))
+        .map(|index| format!("https://{}", controller_fabric_address(index)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -271,6 +279,8 @@ fn start_controller(
         "4",
     ]);
     controller.arg("--store").arg(store.to_string());
+    // Every replica serves with the lab's one CA, so that any of them accepts any client.
+    controller.arg("--pki-dir").arg(pki_dir(lab));
     controller.args(extra_args);
     spawn_daemon(
         controller,
@@ -296,10 +306,13 @@ fn start_agent(
     let cgroup = Cgroup::new(&cgroup_root.join("agent"))?;
     cgroup.create()?;
     let controller_url = controller_urls(controllers);
+    let credentials = node_credentials(lab, node)?;
     let mut agent = Command::new(binaries.strait_exe());
     agent
         .args(["agent", "--node-name", node, "--node-ip", &address.to_string()])
         .args(["--controller", &controller_url, "--cluster", lab])
+        .arg("--credentials-dir")
+        .arg(&credentials)
         .arg("--state-dir")
         .arg(&node_dir)
         .args(["--netns-prefix", &netns_prefix(lab)])
@@ -318,6 +331,19 @@ fn start_agent(
         &node_dir.join("agent.log"),
     )
     .with_context(|| format!("starting the agent of {node}"))
+}
+
+/// The node's own identity (`system:node:<node>`), issued by the cluster CA the first time the
+/// node comes up and kept for its restarts.
+fn node_credentials(lab: &str, node: &str) -> anyhow::Result<PathBuf> {
+    let dir = node_credentials_dir(lab, node);
+    if ClientCredentials::read_dir(&dir).is_err() {
+        ClusterPki::open(&pki_dir(lab))
+            .and_then(|pki| pki.issue_node(node))
+            .and_then(|credentials| credentials.write_dir(&dir))
+            .with_context(|| format!("issuing the credentials of {node}"))?;
+    }
+    Ok(dir)
 }
 
 fn node_netns_path(lab: &str, node: &str) -> PathBuf {
@@ -571,7 +597,7 @@ fn spawn_daemon(
 
 /// Waits until every node of the lab is registered and Ready, and returns the nodes.
 pub async fn wait_until_ready(state: &LabState, timeout: Duration) -> anyhow::Result<Vec<Node>> {
-    let api = ApiClient::new(&state.api_server)?;
+    let api = state.api_client()?;
     let deadline = Instant::now() + timeout;
     let mut last = String::from("the API server did not answer");
     while Instant::now() < deadline {

@@ -7,17 +7,23 @@ use std::{
     time::Duration,
 };
 
-use strait_controlplane::client::ApiClient;
+use strait_controlplane::{
+    auth::{ClientCredentials, ClusterPki, pki::read_admin_credentials},
+    client::ApiClient,
+};
 
 pub struct ControllerProcess {
     child: Option<Child>,
     url: String,
     log: PathBuf,
+    /// The cluster PKI it serves with: `--pki-dir` if `extra` gave one, else its default.
+    pki_dir: PathBuf,
 }
 
 impl ControllerProcess {
     /// Starts `strait controller` on a free loopback port with `--store store` (`embedded`
-    /// keeps the file in `data_dir`) and waits until its API answers.
+    /// keeps the file in `data_dir`) and waits until its API answers. Replicas of one cluster
+    /// are given one `--pki-dir` in `extra`.
     pub async fn start(data_dir: &Path, store: &str, extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -50,16 +56,27 @@ impl ControllerProcess {
             }
         }
         let child = command.spawn().expect("starting strait controller");
-        let controller = Self { child: Some(child), url: format!("http://127.0.0.1:{port}"), log };
+        let pki_dir = extra
+            .iter()
+            .position(|arg| *arg == "--pki-dir")
+            .and_then(|at| extra.get(at + 1))
+            .map_or_else(|| data_dir.join("pki"), PathBuf::from);
+        let url = format!("https://127.0.0.1:{port}");
+        let controller = Self { child: Some(child), url, log, pki_dir };
         controller.wait_ready().await;
         controller
     }
 
     async fn wait_ready(&self) {
-        let client = self.client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if client.list::<k8s_openapi::api::core::v1::Namespace>(None, "").await.is_ok() {
+            // The controller creates the PKI when it starts: the credential comes first.
+            if let Ok(admin) = read_admin_credentials(&self.pki_dir)
+                && client_of(&self.url, &admin)
+                    .list::<k8s_openapi::api::core::v1::Namespace>(None, "")
+                    .await
+                    .is_ok()
+            {
                 return;
             }
             assert!(
@@ -79,9 +96,22 @@ impl ControllerProcess {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// The API client of this controller (every test builds its clients here).
+    /// The API client of this controller with the admin credential (every test builds its
+    /// clients here or with [`client_of`]).
     pub fn client(&self) -> ApiClient {
-        client_of(&self.url)
+        client_of(&self.url, &self.admin_credentials())
+    }
+
+    /// The cluster's admin credential.
+    pub fn admin_credentials(&self) -> ClientCredentials {
+        read_admin_credentials(&self.pki_dir).expect("reading the admin credential")
+    }
+
+    /// The identity of the agent of `node`, issued by the cluster CA.
+    pub fn node_credentials(&self, node: &str) -> ClientCredentials {
+        ClusterPki::open(&self.pki_dir)
+            .and_then(|pki| pki.issue_node(node))
+            .expect("issuing a node's credentials")
     }
 
     /// SIGKILL, then wait until the process is gone.
@@ -100,8 +130,8 @@ impl ControllerProcess {
 }
 
 /// An API client of one controller URL, or of several replicas separated by commas.
-pub fn client_of(urls: &str) -> ApiClient {
-    ApiClient::new(urls).expect("an API client")
+pub fn client_of(urls: &str, credentials: &ClientCredentials) -> ApiClient {
+    ApiClient::new(urls, credentials).expect("an API client")
 }
 
 impl Drop for ControllerProcess {

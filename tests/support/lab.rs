@@ -81,9 +81,7 @@ impl TestLab {
         let state = lab::up_with(&options, control)
             .await
             .unwrap_or_else(|e| panic!("lab up {name}: {e:#}"));
-        let mut servers = vec![state.api_server.clone()];
-        servers.extend(state.replicas.iter().map(|r| r.api_server.clone()));
-        let api = ApiClient::new(&servers.join(",")).expect("API client");
+        let api = state.api_client().expect("API client");
         Self { state, api }
     }
 

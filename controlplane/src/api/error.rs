@@ -148,7 +148,10 @@ pub enum ApiError {
     /// a missing path): 422 as Kubernetes answers it.
     #[error("the patch does not apply: {0}")]
     PatchNotApplicable(String),
-    #[error("{resource} {name:?} is forbidden: {message}")]
+    /// The request carried no credential (or one the server does not accept).
+    #[error("Unauthorized")]
+    Unauthorized,
+    #[error("{}", forbidden_message(.resource, .name, .message))]
     Forbidden { resource: String, name: String, message: String, cause: Option<(String, String)> },
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
@@ -180,6 +183,16 @@ fn apply_conflict_message(conflicts: &[(String, String)]) -> String {
     format!("Apply failed with {} {noun}: {}", conflicts.len(), listed.join("\n"))
 }
 
+/// As apimachinery's `NewForbidden` words it: `pods "web" is forbidden: …`, without the name
+/// for a collection, without the resource for a non-resource path.
+fn forbidden_message(resource: &str, name: &str, message: &str) -> String {
+    match (resource.is_empty(), name.is_empty()) {
+        (true, _) => format!("forbidden: {message}"),
+        (false, true) => format!("{resource} is forbidden: {message}"),
+        (false, false) => format!("{resource} {name:?} is forbidden: {message}"),
+    }
+}
+
 fn join_field_errors(causes: &[FieldError]) -> String {
     let parts: Vec<String> = causes.iter().map(ToString::to_string).collect();
     if parts.len() == 1 { parts.join("") } else { format!("[{}]", parts.join(", ")) }
@@ -207,6 +220,7 @@ impl ApiError {
             }
             Self::Invalid { .. } | Self::PatchNotApplicable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -224,6 +238,7 @@ impl ApiError {
             Self::Conflict { .. } | Self::ApplyConflict { .. } => "Conflict",
             Self::Invalid { .. } | Self::PatchNotApplicable(_) => "Invalid",
             Self::BadRequest(_) => "BadRequest",
+            Self::Unauthorized => "Unauthorized",
             Self::Forbidden { .. } => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",

@@ -36,7 +36,7 @@ use crate::store::Revision;
 
 /// Kubernetes' default request size limit (`--max-request-bytes` is 3 MiB in etcd-backed
 /// clusters; objects beyond that cannot be stored anyway).
-const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// Watches without `timeoutSeconds` end after 30 to 60 minutes, as Kubernetes' default
 /// `--min-request-timeout` does, so that clients spread their re-watches.
 const DEFAULT_WATCH_SECONDS: u64 = 1800;
@@ -247,20 +247,20 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
 
 /// A request path resolved the way Kubernetes' request-info resolver does.
 #[derive(Debug, PartialEq, Eq)]
-struct ResourcePath {
-    group: String,
-    version: String,
-    namespace: Option<String>,
-    resource: String,
-    name: Option<String>,
-    subresource: Option<String>,
+pub(crate) struct ResourcePath {
+    pub(crate) group: String,
+    pub(crate) version: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) resource: String,
+    pub(crate) name: Option<String>,
+    pub(crate) subresource: Option<String>,
 }
 
 /// Subresources of namespaces themselves, which `/namespaces/{ns}/…` must not mistake for a
 /// namespaced resource.
 const NAMESPACE_SUBRESOURCES: [&str; 2] = ["status", "finalize"];
 
-enum PathKind {
+pub(crate) enum PathKind {
     /// `/api/v1` or `/apis/{group}/{version}`: the resource list.
     GroupVersion {
         group: String,
@@ -269,7 +269,7 @@ enum PathKind {
     Resource(ResourcePath),
 }
 
-fn parse_path(path: &str) -> Option<PathKind> {
+pub(crate) fn parse_path(path: &str) -> Option<PathKind> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let (group, version, rest) = match segments.as_slice() {
         ["api", version, rest @ ..] => (String::new(), (*version).to_owned(), rest),

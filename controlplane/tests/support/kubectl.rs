@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use strait_controlplane::testing::TestController;
+use strait_controlplane::{auth::ClientCredentials, testing::TestController};
 use tokio::process::Command;
 
 pub const KUBECTL_DIR: &str = "/usr/lib/google-cloud-sdk/bin";
@@ -24,17 +24,28 @@ pub struct Output {
 }
 
 impl Kubectl {
-    /// kubectl `version` (`1.27`…`1.33`) against `server`, its files under the controller's
-    /// data directory.
+    /// kubectl `version` (`1.27`…`1.33`) against `server` as its admin, its files under the
+    /// controller's data directory.
     pub fn new(version: &str, server: &TestController) -> Self {
+        Self::as_user(version, server, "admin", &server.admin_credentials())
+    }
+
+    /// kubectl `version` against `server` with `credentials`; `user` names its files (each
+    /// user has its own kubeconfig and discovery cache).
+    pub fn as_user(
+        version: &str,
+        server: &TestController,
+        user: &str,
+        credentials: &ClientCredentials,
+    ) -> Self {
         let binary = Path::new(KUBECTL_DIR).join(format!("kubectl.{version}"));
         assert!(
             binary.exists(),
             "{} is missing: this test needs the real kubectl",
             binary.display()
         );
-        let kubeconfig = server.data_dir().join(format!("kubeconfig-{version}"));
-        server.write_kubeconfig(&kubeconfig);
+        let kubeconfig = server.data_dir().join(format!("kubeconfig-{version}-{user}"));
+        server.write_kubeconfig_with(&kubeconfig, credentials);
         Self { binary, kubeconfig }
     }
 

@@ -23,7 +23,7 @@ use std::{
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Pod;
-use strait_controlplane::client::ApiClient;
+use strait_controlplane::{auth::ClientCredentials, client::ApiClient};
 use tokio::sync::watch;
 
 use crate::{
@@ -55,9 +55,12 @@ pub struct AgentConfig {
     /// The node's own address, announced as its InternalIP and used by other nodes as the
     /// next hop for its podCIDR.
     pub node_ip: Ipv4Addr,
-    /// Base URL of the controller, e.g. `http://172.20.0.1:6443` (REST and NodeSync), or the
+    /// Base URL of the controller, e.g. `https://172.20.0.1:6443` (REST and NodeSync), or the
     /// URLs of several replicas separated by commas (the agent uses whichever answers).
     pub controller: String,
+    /// The cluster CA and this node's own identity (`system:node:<name>`), issued by the
+    /// controller's CA (`strait controller issue-node-credentials`).
+    pub credentials: ClientCredentials,
     /// Cluster name: part of pin paths and of every name the agent makes.
     pub cluster: String,
     /// Pod records, CNI allocations and container logs live here.
@@ -202,7 +205,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             .context("starting the service programming thread")?;
     }
 
-    let api = ApiClient::new(&config.controller).context("configuring the API client")?;
+    let api = ApiClient::new(&config.controller, &config.credentials)
+        .context("configuring the API client")?;
     let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
     let registration = register_until_done(&api, &identity).await;
     let lease = tokio::spawn(lease_loop(
@@ -267,12 +271,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     ));
 
     let controller = config.controller.clone();
+    let credentials = config.credentials.clone();
     let node_name = config.node_name.clone();
     let follow = {
         let runtime = runtime.clone();
         let config = config.clone();
         let mut own_cidr: Option<Ipv4Net> = None;
-        sync::follow(&controller, &node_name, move |state, change| {
+        sync::follow(&controller, &credentials, &node_name, move |state, change| {
             if change.peers_changed {
                 let nodes = node_routes(state);
                 let cidr = nodes.get(&config.node_name).map(|n| n.pod_cidr);
@@ -460,6 +465,12 @@ async fn route_loop(
     service_cidr: Ipv4Net,
     mut nodes: watch::Receiver<BTreeMap<String, NodeRoute>>,
 ) {
+    // Nothing is reconciled before the first snapshot says what the peers are: the empty
+    // initial value would remove every route a previous run installed, and traffic to the
+    // other nodes' pods would be unreachable until the snapshot arrives.
+    if nodes.changed().await.is_err() {
+        return;
+    }
     loop {
         let desired = routes::desired_routes(&own_name, &nodes.borrow_and_update(), service_cidr);
         match routes::reconcile_routes(&handle, &desired).await {

@@ -9,8 +9,11 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use strait_controlplane::nodesync_proto::{
-    NodeStateUpdate, Peer, ServiceState, WatchRequest, node_sync_client::NodeSyncClient,
+use strait_controlplane::{
+    auth::ClientCredentials,
+    nodesync_proto::{
+        NodeStateUpdate, Peer, ServiceState, WatchRequest, node_sync_client::NodeSyncClient,
+    },
 };
 use tonic::transport::Endpoint;
 
@@ -138,6 +141,7 @@ impl DesiredState {
 /// back-off (100 ms to 5 s) while none answers.
 pub async fn follow(
     controllers: &str,
+    credentials: &ClientCredentials,
     node_name: &str,
     mut on_change: impl FnMut(&DesiredState, &Change),
 ) {
@@ -149,7 +153,15 @@ pub async fn follow(
         let controller = controllers[next % controllers.len()];
         next += 1;
         let mut connected = false;
-        match stream_once(controller, node_name, &mut state, &mut connected, &mut on_change).await {
+        let once = stream_once(
+            controller,
+            credentials,
+            node_name,
+            &mut state,
+            &mut connected,
+            &mut on_change,
+        );
+        match once.await {
             Ok(()) => {
                 tracing::warn!(%controller, "the controller closed the NodeSync stream; reconnecting")
             }
@@ -167,6 +179,7 @@ pub async fn follow(
 
 async fn stream_once(
     controller: &str,
+    credentials: &ClientCredentials,
     node_name: &str,
     state: &mut DesiredState,
     connected: &mut bool,
@@ -176,6 +189,8 @@ async fn stream_once(
         .map_err(|e| {
             tonic::Status::invalid_argument(format!("controller address {controller}: {e}"))
         })?
+        .tls_config(credentials.grpc_tls())
+        .map_err(|e| tonic::Status::invalid_argument(format!("TLS for {controller}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Notice a controller that vanished without closing the connection.

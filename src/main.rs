@@ -79,6 +79,9 @@ enum NetclientCommand {
         /// Connect from this local port every time (0: any).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
+        /// Pause between two connections (a steady request rate, as a load generator).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// One large `POST /echo` and one large datagram, each checked byte for byte.
     Echo {
@@ -639,16 +642,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Netclient { command } => {
             let report = match command {
-                NetclientCommand::Tcp { target, count, keep, path, timeout_ms, source_port } => {
-                    serde_json::to_string(&netclient::tcp(&netclient::TcpOptions {
-                        target,
-                        count,
-                        keep,
-                        path,
-                        timeout: Duration::from_millis(timeout_ms),
-                        source_port,
-                    }))?
-                }
+                NetclientCommand::Tcp {
+                    target,
+                    count,
+                    keep,
+                    path,
+                    timeout_ms,
+                    source_port,
+                    interval_ms,
+                } => serde_json::to_string(&netclient::tcp(&netclient::TcpOptions {
+                    target,
+                    count,
+                    keep,
+                    path,
+                    timeout: Duration::from_millis(timeout_ms),
+                    source_port,
+                    interval: Duration::from_millis(interval_ms),
+                }))?,
                 NetclientCommand::Echo { http, udp, http_bytes, udp_bytes, timeout_ms } => {
                     serde_json::to_string(&netclient::echo(&netclient::EchoOptions {
                         http,

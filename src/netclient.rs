@@ -29,6 +29,8 @@ pub struct TcpOptions {
     /// Connect from this local port every time (0: any). The server closes first, so the port
     /// is free again at once.
     pub source_port: u16,
+    /// Pause between two connections.
+    pub interval: Duration,
 }
 
 /// Options of `netclient udp`.
@@ -98,7 +100,11 @@ pub fn tcp(options: &TcpOptions) -> TcpReport {
     let mut report = TcpReport { errors: empty_errors(), ..Default::default() };
     let mut open = VecDeque::new();
     let target = SocketAddr::V4(options.target);
-    for _ in 0..options.count {
+    for n in 0..options.count {
+        // Also after a failed connection, so that a refusing target is not flooded.
+        if n > 0 && !options.interval.is_zero() {
+            std::thread::sleep(options.interval);
+        }
         let connecting = Instant::now();
         let stream = match connect_from(options.source_port, target, options.timeout) {
             Ok(stream) => stream,

@@ -4,11 +4,15 @@
 //! - HTTP (default port 8080): `/hostname` → the pod's name, `/clientip` → the peer address as
 //!   seen (`ip:port`), `/echo?msg=…` → `msg`, `POST /echo` → the request body (up to 1 MiB),
 //!   `/port` → the HTTP port it listens on (which of a multi-port service's target ports was
-//!   reached), `/healthz` → `ok`.
+//!   reached), `/healthz` → `ok`, `/consume-cpu?millis=N` → the pod's name after using N ms
+//!   of CPU (at most 1 s), a unit of CPU load for autoscaling tests.
 //! - UDP (default port 8081): `hostname` → the pod's name, `clientip` → the peer address as seen
 //!   (`ip:port`), anything else is echoed back unchanged.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use axum::{
@@ -27,6 +31,9 @@ pub struct NetexecPorts {
 /// Largest body `POST /echo` sends back.
 const ECHO_BODY_LIMIT: usize = 1 << 20;
 
+/// The longest one `/consume-cpu` request spins.
+const CONSUME_CPU_LIMIT: Duration = Duration::from_secs(1);
+
 /// The pod's name: the hostname of its UTS namespace, which the runtime sets to the pod name.
 fn hostname() -> String {
     nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
@@ -36,6 +43,23 @@ fn hostname() -> String {
 struct EchoQuery {
     #[serde(default)]
     msg: String,
+}
+
+#[derive(Deserialize)]
+struct ConsumeCpuQuery {
+    millis: u64,
+}
+
+/// Keeps one thread busy until it has used `time` of CPU: the same load per request however
+/// busy the machine is (a spin on the wall clock would use less when it is preempted). A
+/// thread starved of CPU gives up after ten times `time`.
+fn consume_cpu(time: Duration) {
+    let give_up = Instant::now() + time * 10;
+    let until = crate::bench::worker::thread_cpu_seconds() + time.as_secs_f64();
+    let mut spins = 0u64;
+    while crate::bench::worker::thread_cpu_seconds() < until && Instant::now() < give_up {
+        spins = std::hint::black_box(spins.wrapping_add(1));
+    }
 }
 
 /// Serves HTTP and UDP until the process is stopped. With a `shutdown_delay`, SIGTERM does not
@@ -66,7 +90,18 @@ pub async fn run(
         )
         .route("/port", get(move || async move { ports.http.to_string() }))
         .route("/release", get(move || std::future::ready(release.clone())))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/consume-cpu",
+            get(|Query(query): Query<ConsumeCpuQuery>| async move {
+                let time = Duration::from_millis(query.millis).min(CONSUME_CPU_LIMIT);
+                // On a blocking thread, so that other requests are served meanwhile.
+                match tokio::task::spawn_blocking(move || consume_cpu(time)).await {
+                    Ok(()) => Ok(hostname()),
+                    Err(_) => Err(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+                }
+            }),
+        );
     // With a delay, SIGTERM is followed by that much more serving; then the server stops
     // accepting and finishes the requests it has before exiting, so that no request that
     // reached it is cut off.

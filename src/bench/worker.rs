@@ -146,7 +146,7 @@ fn one_connection(target: SocketAddrV4, timeout: Duration) -> std::io::Result<()
 }
 
 /// CPU time of the calling thread alone.
-fn thread_cpu_seconds() -> f64 {
+pub(crate) fn thread_cpu_seconds() -> f64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec it is given and nothing else.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };

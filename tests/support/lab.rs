@@ -95,7 +95,17 @@ impl TestLab {
     }
 
     pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
-        let mut child = Command::new(kubectl_binary())
+        self.kubectl_binary_with_input(&kubectl_binary(), args, input)
+    }
+
+    /// Runs the kubectl at `binary` (another version than [`kubectl_binary`]) against this lab.
+    pub fn kubectl_binary_with_input(
+        &self,
+        binary: &str,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Output {
+        let mut child = Command::new(binary)
             .arg("--kubeconfig")
             .arg(&self.state.kubeconfig)
             .args(args)

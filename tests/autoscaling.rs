@@ -91,8 +91,8 @@ fn stdout_of(output: &std::process::Output) -> Result<String, String> {
     }
 }
 
-/// `kubectl top pods -l app=web`: CPU in millicores by pod.
-fn top_pods(lab: &TestLab, kubectl: &str) -> Result<BTreeMap<String, u64>, String> {
+/// `kubectl top pods -l app=web`: CPU in millicores and memory in MiB, by pod.
+fn top_pods(lab: &TestLab, kubectl: &str) -> Result<BTreeMap<String, (u64, u64)>, String> {
     let output = lab.kubectl_binary_with_input(
         kubectl,
         &["top", "pods", "-l", "app=web", "--no-headers"],
@@ -102,9 +102,11 @@ fn top_pods(lab: &TestLab, kubectl: &str) -> Result<BTreeMap<String, u64>, Strin
     text.lines()
         .map(|line| {
             let columns: Vec<&str> = line.split_whitespace().collect();
-            let cpu = columns.get(1).and_then(|c| c.strip_suffix('m')?.parse().ok());
-            match (columns.first(), cpu) {
-                (Some(name), Some(cpu)) => Ok(((*name).to_owned(), cpu)),
+            let figure = |index: usize, unit: &str| {
+                columns.get(index).and_then(|c| c.strip_suffix(unit)?.parse::<u64>().ok())
+            };
+            match (columns.first(), figure(1, "m"), figure(2, "Mi")) {
+                (Some(name), Some(cpu), Some(memory)) => Ok(((*name).to_owned(), (cpu, memory))),
                 _ => Err(format!("unexpected kubectl top line {line:?}")),
             }
         })
@@ -202,7 +204,8 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
             },
         )
         .await;
-        println!("kubectl {version} top pods, idle: {pods:?}");
+        println!("kubectl {version} top pods, idle (CPU m, memory Mi): {pods:?}");
+        assert!(pods.values().all(|(_, memory)| *memory > 0), "netexec's memory is measured");
         let nodes = stdout_of(&lab.kubectl_binary_with_input(
             &kubectl,
             &["top", "nodes", "--no-headers"],
@@ -213,8 +216,12 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
         for line in nodes.lines() {
             let columns: Vec<&str> = line.split_whitespace().collect();
             assert!(
-                columns.len() >= 5 && columns[1].ends_with('m') && columns[2].ends_with('%'),
-                "kubectl {version} top nodes line {line:?}"
+                columns.len() >= 5
+                    && columns[1].ends_with('m')
+                    && columns[2].ends_with('%')
+                    && columns[3].ends_with("Mi")
+                    && columns[3] != "0Mi",
+                "kubectl {version} top nodes line (CPU, %, memory, %) {line:?}"
             );
         }
     }
@@ -238,7 +245,7 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
     let loaded = Instant::now();
     let busy = every_second_until("the first pod busy", Duration::from_secs(20), || {
         let pods = top_pods(&lab, &support::lab::kubectl_binary())?;
-        pods.values().any(|cpu| *cpu >= 50).then_some(pods).ok_or("not busy yet".into())
+        pods.values().any(|(cpu, _)| *cpu >= 50).then_some(pods).ok_or("not busy yet".into())
     })
     .await;
     println!(
@@ -251,7 +258,7 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
     // the target and at its maximum.
     let shared = every_second_until("three pods busy", Duration::from_secs(30), || {
         let pods = top_pods(&lab, &support::lab::kubectl_binary())?;
-        (pods.len() == 3 && pods.values().all(|cpu| *cpu >= 10))
+        (pods.len() == 3 && pods.values().all(|(cpu, _)| *cpu >= 10))
             .then_some(pods)
             .ok_or("not all three busy".into())
     })

@@ -121,6 +121,20 @@ impl Cgroup {
         }
     }
 
+    /// Memory resident for the subtree's processes, in bytes: the sum of their `VmRSS`, what
+    /// can be told where the memory controller is not enabled (no `memory.current`). Memory
+    /// that processes share counts once per process; processes that exit meanwhile are left
+    /// out.
+    pub fn resident_memory(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for pid in self.processes()? {
+            if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+                total += vm_rss_bytes(&status).unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
     /// Sends `signal` to every process in the subtree.
     pub fn signal_all(&self, signal: nix::sys::signal::Signal) -> io::Result<()> {
         for pid in self.processes()? {
@@ -206,11 +220,28 @@ impl Cgroup {
     }
 }
 
+/// The `VmRSS` of a `/proc/<pid>/status`, in bytes (`None` for a kernel thread or a zombie,
+/// which have none).
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let value = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let kib: u64 = value.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
-    use super::Cgroup;
+    use super::{Cgroup, vm_rss_bytes};
+
+    #[test]
+    fn resident_memory_is_read_from_vm_rss_in_kibibytes() {
+        let status = "Name:\tnetexec\nVmPeak:\t  20000 kB\nVmRSS:\t    5120 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_bytes(status), Some(5120 * 1024));
+        assert_eq!(vm_rss_bytes("Name:\tkthreadd\nThreads:\t1\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(vm_rss_bytes(&own).is_some_and(|b| b > 0), "this process has resident memory");
+    }
 
     #[test]
     fn cgroups_outside_straits_subtree_are_refused() {

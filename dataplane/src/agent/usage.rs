@@ -1,8 +1,9 @@
 //! Resource usage of the node and its pods, reported to the API server's metrics API
 //! (`metrics.k8s.io`, what `kubectl top` and the horizontal pod autoscaler read).
 //!
-//! Every interval the agent reads `cpu.stat` (`usage_usec`) and `memory.current` of its own
-//! cgroup subtree (the node: agent and pods) and of each container's cgroup
+//! Every interval the agent reads `cpu.stat` (`usage_usec`) and `memory.current` (where the
+//! memory controller is not enabled, the resident memory of the processes) of its own cgroup
+//! subtree (the node: agent and pods) and of each container's cgroup
 //! (`<agent root>/pods/<uid>/<container>`); CPU is the usage delta over the time between two
 //! readings, in cores. A container is reported from its second reading on, and again from
 //! scratch when its counter went back (it was restarted in a new cgroup). One PUT per interval
@@ -79,7 +80,12 @@ fn sample(
         seen.insert(cgroup.path().to_path_buf());
         let cores = rates.rate(cgroup.path().to_path_buf(), usage_usec, now)?;
         let mut usage = BTreeMap::from([("cpu".to_owned(), cpu_quantity(cores))]);
-        let memory = cgroup.memory_current().ok().flatten().unwrap_or(0);
+        // Without the memory controller (hybrid cgroup layouts), the processes' resident
+        // memory: an approximation, but never a 0 that would look like an idle pod.
+        let memory = match cgroup.memory_current() {
+            Ok(Some(bytes)) => bytes,
+            _ => cgroup.resident_memory().unwrap_or(0),
+        };
         usage.insert("memory".to_owned(), memory_quantity(memory));
         Some(usage)
     };

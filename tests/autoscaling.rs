@@ -46,12 +46,12 @@ spec:
 
 /// The load: one request every 40 ms or so through the Service, each spinning its pod for
 /// 10 ms, about 200m of CPU in all, four times what one pod requests.
-fn load_generator(vip: &str) -> String {
+fn load_generator(name: &str, vip: &str) -> String {
     let strait = env!("CARGO_BIN_EXE_strait");
     format!(
         "apiVersion: v1
 kind: Pod
-metadata: {{name: load}}
+metadata: {{name: {name}}}
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 0
@@ -238,7 +238,7 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
     let service: k8s_openapi::api::core::v1::Service =
         lab.api.get(Some("default"), "web").await.unwrap().unwrap();
     let vip = service.spec.and_then(|s| s.cluster_ip).expect("the service's cluster IP");
-    let output = lab.kubectl_with_input(&["apply", "-f", "-"], Some(&load_generator(&vip)));
+    let output = lab.kubectl_with_input(&["apply", "-f", "-"], Some(&load_generator("load", &vip)));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let load = lab.wait_running("load").await;
     assert_route_stays_in_lab(&lab.pod_netns(&load), vip.parse().expect("an IPv4 VIP"));
@@ -312,4 +312,39 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
             "kubectl describe hpa lacks {expected:?}:\n{described}"
         );
     }
+
+    // kubectl before 1.33 creates autoscaling/v1 autoscalers: one made by kubectl 1.27 scales
+    // the same Deployment up under the same load.
+    let kubectl_1_27 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
+    if !std::path::Path::new(kubectl_1_27).exists() {
+        eprintln!("kubectl 1.27 is not installed here: its autoscaling/v1 autoscaler not checked");
+        return;
+    }
+    lab.kubectl_ok(&["delete", "hpa", "web"]);
+    let args = ["autoscale", "deployment", "web", "--cpu-percent=50", "--min=1", "--max=3", "-v=6"];
+    let output = lab.kubectl_binary_with_input(kubectl_1_27, &args, None);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubectl 1.27 autoscale: {log}");
+    assert!(
+        log.lines().any(|l| l.contains("POST") && l.contains("/apis/autoscaling/v1/")),
+        "kubectl 1.27 creates an autoscaling/v1 autoscaler: {log}"
+    );
+    let output =
+        lab.kubectl_with_input(&["apply", "-f", "-"], Some(&load_generator("load-v1", &vip)));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    lab.wait_running("load-v1").await;
+    let loaded = Instant::now();
+    wait_for_replicas(&lab, 3, Duration::from_secs(60)).await;
+    println!(
+        "the autoscaling/v1 autoscaler scaled 1 → 3 (3 ready) {:.1}s after the load started",
+        loaded.elapsed().as_secs_f64()
+    );
+    let row = stdout_of(&lab.kubectl_binary_with_input(
+        kubectl_1_27,
+        &["get", "hpa", "web", "--no-headers"],
+        None,
+    ))
+    .expect("kubectl 1.27 get hpa");
+    println!("kubectl 1.27 get hpa: {}", row.trim());
+    assert!(row.contains("Deployment/web"), "{row}");
 }

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
     autoscaling::v2::HorizontalPodAutoscaler,
-    core::v1::{Node, Pod},
+    core::v1::{Event, Node, Pod},
 };
 use serde_json::{Value, json};
 use strait_controlplane::{
@@ -251,6 +251,64 @@ async fn an_autoscaler_is_defaulted_validated_and_says_why_it_cannot_read_its_ta
         (condition(&hpa, "AbleToScale")? == ("False".into(), "FailedGetScale".into())).then_some(())
     })
     .await;
+
+    // A target whose pods report no metrics: the scale is read, the replica count cannot be
+    // computed, and both say so in events as Kubernetes' do.
+    let set: ReplicaSet = serde_json::from_value(json!({
+        "metadata": {"name": "quiet"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "quiet"}},
+            "template": {
+                "metadata": {"labels": {"app": "quiet"}},
+                "spec": {"containers": [{"name": "quiet", "image": "strait/netexec",
+                                         "resources": {"requests": {"cpu": "100m"}}}]},
+            },
+        },
+    }))
+    .unwrap();
+    client.create(Some("default"), &set).await.unwrap();
+    let quiet: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": "quiet"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "quiet"},
+                 "maxReplicas": 3},
+    }))
+    .unwrap();
+    client.create(Some("default"), &quiet).await.unwrap();
+    eventually("ScalingActive=False FailedGetResourceMetric", 30, || async {
+        let hpa: HorizontalPodAutoscaler = client.get(Some("default"), "quiet").await.ok()??;
+        (condition(&hpa, "ScalingActive")? == ("False".into(), "FailedGetResourceMetric".into())
+            && condition(&hpa, "AbleToScale")? == ("True".into(), "SucceededGetScale".into()))
+            .then_some(())
+    })
+    .await;
+    let events = eventually("the autoscaler's warnings", 10, || async {
+        let (events, _) = client
+            .list::<Event>(
+                Some("default"),
+                "fieldSelector=involvedObject.name%3Dquiet,type%3DWarning",
+            )
+            .await
+            .ok()?;
+        let reasons: Vec<(String, String)> = events
+            .iter()
+            .map(|e| (e.reason.clone().unwrap_or_default(), e.message.clone().unwrap_or_default()))
+            .collect();
+        (reasons.len() >= 2).then_some(reasons)
+    })
+    .await;
+    let message = |reason: &str| {
+        events.iter().find(|(r, _)| r == reason).map(|(_, m)| m.clone()).unwrap_or_default()
+    };
+    assert!(
+        message("FailedGetResourceMetric").starts_with("failed to get cpu utilization: "),
+        "{events:?}"
+    );
+    assert!(
+        message("FailedComputeMetricsReplicas")
+            .starts_with("invalid metrics (1 invalid out of 1), first error is: failed to get cpu"),
+        "{events:?}"
+    );
 
     let invalid: HorizontalPodAutoscaler = serde_json::from_value(json!({
         "metadata": {"name": "bad"},

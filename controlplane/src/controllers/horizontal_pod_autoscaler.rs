@@ -605,6 +605,15 @@ impl HorizontalPodAutoscalerController {
         };
         let current = scale.spec_replicas;
         status.current_replicas = Some(current);
+        // Kubernetes' condition once the scale is read; what follows may say more.
+        set_condition(
+            &mut status,
+            previous,
+            "AbleToScale",
+            true,
+            "SucceededGetScale",
+            "the HPA controller was able to get the target's current scale".to_owned(),
+        );
         let mut desired = current;
         let mut rescale_reason = String::new();
         if current == 0 && min != 0 {
@@ -646,11 +655,23 @@ impl HorizontalPodAutoscalerController {
                             best = Some((proposal.replicas, metric_name));
                         }
                     }
-                    Err(why) => failures.push(why),
+                    Err(why) => {
+                        let reason = match metric.type_.as_str() {
+                            "Resource" => "FailedGetResourceMetric",
+                            "ContainerResource" => "FailedGetContainerResourceMetric",
+                            "Pods" => "FailedGetPodsMetric",
+                            "Object" => "FailedGetObjectMetric",
+                            _ => "FailedGetExternalMetric",
+                        };
+                        self.events.warning(hpa, reason, why.clone());
+                        failures.push(why);
+                    }
                 }
             }
+            let metric_count = failures.len() + statuses.len();
             status.current_metrics = (!statuses.is_empty()).then_some(statuses);
             let Some((proposal, metric_name)) = best else {
+                let first = failures.first().cloned().unwrap_or_else(|| "no metrics".to_owned());
                 let why = failures.join("; ");
                 set_condition(
                     &mut status,
@@ -664,7 +685,10 @@ impl HorizontalPodAutoscalerController {
                 self.events.warning(
                     hpa,
                     "FailedComputeMetricsReplicas",
-                    format!("invalid metrics, first error is: {why}"),
+                    format!(
+                        "invalid metrics ({} invalid out of {metric_count}), first error is: {first}",
+                        failures.len()
+                    ),
                 );
                 return write_status(&self.registry, &namespace, &name, hpa, status).await;
             };

@@ -225,6 +225,13 @@ async fn an_autoscaler_scales_a_deployment_to_its_maximum_under_load_and_back_af
             );
         }
     }
+    let missing = lab.kubectl(&["top", "pod", "nosuch"]);
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success()
+            && said.contains(r#"podmetrics.metrics.k8s.io "default/nosuch" not found"#),
+        "kubectl top pod of a pod without metrics: {said}"
+    );
     let (idle, _) = every_second_until("a measured utilization", Duration::from_secs(20), || {
         let row = hpa_row(&lab)?;
         utilization(&row.0).map(|u| (u, row.1)).ok_or(format!("{row:?}"))

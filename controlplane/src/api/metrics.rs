@@ -373,9 +373,16 @@ impl KindHandler for MetricsHandler {
         };
         let selected = self.select(namespace, &filter);
         if selected.is_empty() {
-            return Err(ApiError::NotFound {
-                resource: self.info.plural.to_owned(),
-                name: name.to_owned(),
+            // As metrics-server words it: `podmetrics.metrics.k8s.io "default/web" not found`.
+            return Err(match namespace {
+                Some(namespace) => ApiError::NotFound {
+                    resource: format!("podmetrics.{GROUP}"),
+                    name: format!("{namespace}/{name}"),
+                },
+                None => ApiError::NotFound {
+                    resource: format!("nodemetrics.{GROUP}"),
+                    name: name.to_owned(),
+                },
             });
         }
         Ok(match format {

@@ -348,6 +348,12 @@ fn pod_request(pod: &Pod, resource: &str, scale: f64) -> Option<f64> {
 }
 
 fn sample_of(pod: &Pod, metrics: Option<&PodMetrics>, resource: &str, scale: f64) -> PodSample {
+    // Metrics of an earlier pod of the same name (its node has not reported since) are not
+    // this pod's.
+    let metrics = metrics.filter(|m| match (&m.metadata.uid, &pod.metadata.uid) {
+        (Some(measured), Some(uid)) => measured == uid,
+        _ => true,
+    });
     let status = pod.status.as_ref();
     let ready = status
         .and_then(|s| s.conditions.as_ref())
@@ -527,12 +533,8 @@ impl HorizontalPodAutoscalerController {
         let samples: Vec<PodSample> = pods
             .iter()
             .map(|p| {
-                sample_of(
-                    p,
-                    metrics.get(p.metadata.name.as_deref().unwrap_or_default()).copied(),
-                    &resource.name,
-                    scale,
-                )
+                let name = p.metadata.name.as_deref().unwrap_or_default();
+                sample_of(p, metrics.get(name).copied(), &resource.name, scale)
             })
             .collect();
         let proposal = resource_replicas(
@@ -877,7 +879,43 @@ mod tests {
 
     use k8s_openapi::jiff::Timestamp;
 
-    use super::{PodSample, Recommendations, limit_replicas, resource_replicas};
+    use k8s_openapi::{
+        api::core::v1::{Container, Pod, PodSpec},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::{PodSample, Recommendations, limit_replicas, resource_replicas, sample_of};
+    use crate::api::metrics::{ContainerMetrics, PodMetrics, cpu_quantity};
+
+    #[test]
+    fn metrics_of_an_earlier_pod_of_the_same_name_are_not_the_pods() {
+        let meta = |uid: &str| ObjectMeta {
+            name: Some("web-0".to_owned()),
+            uid: Some(uid.to_owned()),
+            ..ObjectMeta::default()
+        };
+        let pod = Pod {
+            metadata: meta("new"),
+            spec: Some(PodSpec {
+                containers: vec![Container { name: "web".to_owned(), ..Container::default() }],
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        let measured = |uid: &str| PodMetrics {
+            metadata: meta(uid),
+            window: "1s".to_owned(),
+            containers: vec![ContainerMetrics {
+                name: "web".to_owned(),
+                usage: [("cpu".to_owned(), cpu_quantity(0.25))].into(),
+            }],
+            ..PodMetrics::default()
+        };
+        let own = sample_of(&pod, Some(&measured("new")), "cpu", 1000.0);
+        assert_eq!(own.usage.map(|(millicores, _, _)| millicores.round()), Some(250.0));
+        let earlier = sample_of(&pod, Some(&measured("old")), "cpu", 1000.0);
+        assert_eq!(earlier.usage, None, "the earlier pod's usage");
+    }
 
     fn at(text: &str) -> Timestamp {
         text.parse().unwrap()

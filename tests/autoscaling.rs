@@ -44,8 +44,8 @@ spec:
   ports: [{port: 80, targetPort: http}]
 ";
 
-/// The load: one request every 40 ms or so through the Service, each spinning its pod for
-/// 10 ms, about 200m of CPU in all, four times what one pod requests.
+/// The load: a request every 50 ms or so through the Service, each using 10 ms of its pod's
+/// CPU: about 200m in all, four times what one pod requests.
 fn load_generator(name: &str, vip: &str) -> String {
     let strait = env!("CARGO_BIN_EXE_strait");
     format!(

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use strait::{bench, lab, netclient, netexec};
 use strait_controlplane::store::StoreLocation;
-use strait_dataplane::ebpf::lb::LbMapSizes;
+use strait_dataplane::{ebpf::lb::LbMapSizes, runtime::logs::LogRotation};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,9 @@ enum Command {
         #[command(subcommand)]
         command: BenchWorkerCommand,
     },
+    /// Writes one container's log (started by the agent for each container).
+    #[command(hide = true)]
+    LogShim(LogShimArgs),
     /// The test client paired with netexec: prints what answered as JSON.
     #[command(hide = true)]
     Netclient {
@@ -338,6 +341,26 @@ struct AgentArgs {
     restart_backoff: f64,
     #[arg(long, default_value_t = 300.0)]
     restart_backoff_max: f64,
+    /// Size in bytes at which a container's log file is rotated (kubelet's
+    /// `containerLogMaxSize`, 10 MiB).
+    #[arg(long, default_value_t = LogRotation::default().max_size)]
+    container_log_max_size: u64,
+    /// Log files kept per container incarnation, the live one included (kubelet's
+    /// `containerLogMaxFiles`, 5).
+    #[arg(long, default_value_t = LogRotation::default().max_files, value_parser = clap::value_parser!(u32).range(1..=63))]
+    container_log_max_files: u32,
+}
+
+/// The log shim of one container incarnation: the container's stdout on stdin, its stderr
+/// on fd 3, written to `--path` (see the agent's `runtime/logs.rs`).
+#[derive(Args)]
+struct LogShimArgs {
+    #[arg(long)]
+    path: PathBuf,
+    #[arg(long)]
+    max_size: u64,
+    #[arg(long)]
+    max_files: u32,
 }
 
 #[derive(Args)]
@@ -572,6 +595,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // The shim is a plain blocking program: no async runtime of its own per container.
+    if let Command::LogShim(args) = &cli.command {
+        return run_log_shim(args);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -597,6 +624,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             issue_credentials(command)?
         }
         Command::Agent(args) => run_agent(args).await?,
+        Command::LogShim(args) => return Ok(run_log_shim(&args)),
         Command::Lab { command } => return run_lab(command).await,
         Command::Bench { command } => match command {
             BenchCommand::Lab { nodes, runs } => {
@@ -870,8 +898,41 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             initial: seconds_arg("--restart-backoff", args.restart_backoff)?,
             max: seconds_arg("--restart-backoff-max", args.restart_backoff_max)?,
         },
+        log_rotation: LogRotation {
+            max_size: args.container_log_max_size,
+            max_files: args.container_log_max_files,
+        },
     };
     strait_dataplane::agent::run(config, termination()).await
+}
+
+fn run_log_shim(args: &LogShimArgs) -> ExitCode {
+    // The pod's SIGTERM is for the container: the shim ends when its pipes close, after the
+    // container's last words are written.
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        // SAFETY: SIG_IGN installs no handler code.
+        if let Err(error) =
+            unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) }
+        {
+            eprintln!("strait log-shim: ignoring {signal}: {error}");
+        }
+    }
+    // SAFETY: the agent put the stdout pipe on stdin and the stderr pipe on this descriptor,
+    // for this process alone; nothing else here uses either.
+    let (stdout, stderr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(0),
+            std::fs::File::from_raw_fd(strait_dataplane::runtime::process::LOG_SHIM_STDERR_FD),
+        )
+    };
+    let rotation = LogRotation { max_size: args.max_size, max_files: args.max_files };
+    match strait_dataplane::runtime::logs::run_shim(&args.path, rotation, stdout, stderr) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("strait log-shim {}: {error}", args.path.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// A duration given in (fractional) seconds.

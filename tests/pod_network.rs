@@ -110,13 +110,11 @@ async fn pods_reach_each_other_and_nodes_reach_pods_without_nat() {
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     let duo = lab.wait_running("duo").await;
     let uid = duo.metadata.uid.clone().expect("uid");
-    let log =
-        lab::lab_dir(lab.name()).join(format!("nodes/node-2/logs/default_duo_{uid}/client.log"));
     let answer = eventually(
         "the client container's request over localhost",
         Duration::from_secs(20),
         || {
-            let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+            let text = lab.container_output("node-2", &duo, "client");
             if text.contains("200 OK") { Ok(text) } else { Err(text) }
         },
     )

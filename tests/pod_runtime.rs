@@ -46,12 +46,7 @@ fn uid(pod: &Pod) -> String {
 
 /// What a container printed so far.
 fn log_of(lab: &TestLab, pod: &Pod, container: &str) -> String {
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let path = node_dir(lab)
-        .join("logs")
-        .join(format!("default_{name}_{}", uid(pod)))
-        .join(format!("{container}.log"));
-    std::fs::read_to_string(path).unwrap_or_default()
+    lab.container_output(NODE, pod, container)
 }
 
 fn status_of<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {

@@ -209,6 +209,26 @@ impl TestLab {
             .expect("opening the pod namespace")
     }
 
+    /// Everything a container of `pod` on `node` printed so far, over all its restarts, as
+    /// the agent's log files hold it (without their timestamps).
+    pub fn container_output(&self, node: &str, pod: &Pod, container: &str) -> String {
+        use strait_dataplane::runtime::logs;
+        let meta = &pod.metadata;
+        let dir = lab::lab_dir(self.name()).join("nodes").join(node).join("logs").join(format!(
+            "{}_{}_{}",
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+            meta.uid.as_deref().unwrap_or_default()
+        ));
+        let dir = logs::container_dir(&dir, container);
+        let mut output = Vec::new();
+        for incarnation in logs::incarnations(&dir) {
+            // A file removed meanwhile (the pod went away) reads as nothing more.
+            let _ = logs::stream_incarnation(&dir, incarnation, &Default::default(), &mut output);
+        }
+        String::from_utf8_lossy(&output).into_owned()
+    }
+
     /// The last lines of every log of the lab, for failure messages.
     pub fn logs(&self) -> String {
         lab::log_tails(self.name(), 15)

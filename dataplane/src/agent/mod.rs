@@ -103,6 +103,8 @@ pub struct AgentConfig {
     pub lb_sizes: LbMapSizes,
     /// The crash-loop back-off of containers (Kubernetes': 10 s doubling to 5 min).
     pub restart_backoff: crate::runtime::backoff::BackoffPolicy,
+    /// How container log files rotate.
+    pub log_rotation: crate::runtime::logs::LogRotation,
 }
 
 /// Runs the agent until `shutdown` completes. Pods are left running on shutdown.
@@ -230,6 +232,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         records: RecordStore::open(&config.state_dir.join("pods"))
             .context("opening the pod records")?,
         log_dir: config.state_dir.join("logs"),
+        log_rotation: config.log_rotation,
         strait_exe: config.strait_exe.clone(),
         cni: cni_receiver,
         cluster_dns: Some(config.cluster_dns),

@@ -12,6 +12,7 @@ pub mod env;
 pub mod events;
 pub mod image;
 pub mod limits;
+pub mod logs;
 pub mod mounts;
 pub mod probe;
 pub mod process;
@@ -47,8 +48,10 @@ pub struct RuntimeContext {
     /// hooks, so their service traffic is translated per packet on their veth instead.
     pub pods_cgroup_without_socket_lb: Cgroup,
     pub records: record::RecordStore,
-    /// Container logs, one directory per pod.
+    /// Container logs, one directory per pod (see `logs.rs`).
     pub log_dir: PathBuf,
+    /// How container log files rotate.
+    pub log_rotation: logs::LogRotation,
     /// The `strait` executable, which also carries the built-in `strait/netexec` workload.
     pub strait_exe: PathBuf,
     /// The CNI plugin with this node's configuration; `None` until the node has a podCIDR.

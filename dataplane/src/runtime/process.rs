@@ -3,7 +3,7 @@
 
 use std::{
     ffi::CString,
-    fs::{File, OpenOptions},
+    fs::File,
     io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -15,7 +15,10 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
-use super::mounts::{FileKind, MountPlan};
+use super::{
+    logs::LogRotation,
+    mounts::{FileKind, MountPlan},
+};
 
 /// Everything needed to start one container process.
 #[derive(Debug)]
@@ -30,8 +33,9 @@ pub struct Launch {
     pub cgroup_procs: PathBuf,
     /// The pod's hostname (its name), set in the container's own UTS namespace.
     pub hostname: String,
-    /// stdout and stderr are appended here.
+    /// The live log file of this incarnation (see `logs.rs`), written by its log shim.
     pub log_path: PathBuf,
+    pub log_rotation: LogRotation,
     /// The pod's own resolver configuration, bind-mounted over `/etc/resolv.conf` in a mount
     /// namespace of the container's own; `None` leaves the node's file.
     pub resolv_conf: Option<PathBuf>,
@@ -438,10 +442,14 @@ unsafe fn apply_mounts(mounts: &PreparedMounts) -> io::Result<()> {
 /// resolv.conf, a mount namespace showing it, before `exec`, so no instruction of the workload
 /// runs outside them. The child is not tied to the agent: it keeps running if the
 /// agent exits, and a restarted agent adopts it.
-pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
-    let log = OpenOptions::new().create(true).append(true).open(&launch.log_path).map_err(|e| {
-        io::Error::new(e.kind(), format!("opening log {}: {e}", launch.log_path.display()))
-    })?;
+///
+/// Its stdout and stderr are pipes to a log shim (`strait log-shim`, see `logs.rs`) started
+/// first in the container's cgroup and a session of its own, so that the log goes on being
+/// written across agent restarts and is taken down with the container.
+pub fn spawn(launch: &Launch, strait_exe: &Path) -> io::Result<tokio::process::Child> {
+    let (stdout_read, stdout_write) = io::pipe()?;
+    let (stderr_read, stderr_write) = io::pipe()?;
+    spawn_log_shim(launch, strait_exe, stdout_read.into(), stderr_read.into())?;
     let setup = ChildSetup::new()
         .join_cgroup(&launch.cgroup_procs)?
         .new_session()
@@ -464,12 +472,63 @@ pub fn spawn(launch: &Launch) -> io::Result<tokio::process::Child> {
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .stdout(stdout_write)
+        .stderr(stderr_write);
     setup.install(command.as_std_mut());
     command.spawn().map_err(|e| {
         io::Error::new(e.kind(), format!("starting {}: {e}", launch.program.display()))
     })
+}
+
+/// The file descriptor on which the log shim reads the container's stderr (stdin is stdout).
+pub const LOG_SHIM_STDERR_FD: i32 = 3;
+
+/// Starts the shim that writes `launch`'s log from the two pipes' read ends, and reaps it
+/// when it ends (after the container and whatever it started closed both pipes).
+fn spawn_log_shim(
+    launch: &Launch,
+    strait_exe: &Path,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let setup = ChildSetup::new().join_cgroup(&launch.cgroup_procs)?.new_session();
+    let mut command = std::process::Command::new(strait_exe);
+    command
+        .arg("log-shim")
+        .arg("--path")
+        .arg(&launch.log_path)
+        .arg("--max-size")
+        .arg(launch.log_rotation.max_size.to_string())
+        .arg("--max-files")
+        .arg(launch.log_rotation.max_files.to_string())
+        .env_clear()
+        .stdin(Stdio::from(stdout))
+        .stdout(Stdio::null());
+    let stderr_fd = stderr.as_raw_fd();
+    // SAFETY: between fork and exec, only async-signal-safe calls: the setup's, then dup2 of
+    // a descriptor that stays open until spawn returns (dup2 clears CLOEXEC on the copy).
+    unsafe {
+        command.pre_exec(move || {
+            setup.apply()?;
+            if libc::dup2(stderr_fd, LOG_SHIM_STDERR_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut shim = tokio::process::Command::from(command).spawn().map_err(|e| {
+        io::Error::new(e.kind(), format!("starting the log shim {}: {e}", strait_exe.display()))
+    })?;
+    drop(stderr);
+    tokio::spawn(async move {
+        if let Ok(status) = shim.wait().await
+            && !status.success()
+        {
+            tracing::warn!(%status, "a log shim ended with an error");
+        }
+    });
+    Ok(())
 }
 
 /// `path` with every symlink resolved, if it is a regular file.

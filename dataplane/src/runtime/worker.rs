@@ -25,7 +25,7 @@ use super::{
     cni::{Attachment, POD_IFNAME},
     dns_config::{PodResolvConf, pod_resolv_conf},
     env::{self, Environment, PodFacts},
-    events, image, limits, mounts,
+    events, image, limits, logs, mounts,
     probe::{self, ProbeChange, ProbeEvent, ProbeTarget, ProbeTask},
     process::{self, Launch},
     record::{ContainerRecord, ExitRecord, PodRecord},
@@ -615,6 +615,15 @@ impl Worker {
                 limits::apply(&cgroup, &limits, self.context.controllers)
                     .map_err(|e| format!("setting the container's limits: {e}"))
             });
+        // Each incarnation logs to a file of its own, numbered by its restart count, so the
+        // one before stays readable (`kubectl logs --previous`).
+        let restarted = existing.last_exit.is_some();
+        let restart_count = existing.restart_count + i32::from(restarted);
+        let log_dir = logs::container_dir(&self.pod_log_dir(record), &name);
+        let prepared = prepared.and_then(|()| {
+            std::fs::create_dir_all(&log_dir)
+                .map_err(|e| format!("creating the log directory {}: {e}", log_dir.display()))
+        });
         if let Err(message) = prepared {
             self.set_waiting(&name, "RunContainerError", message);
             return;
@@ -631,13 +640,14 @@ impl Worker {
             netns_path: crate::netns::named_path(&record.netns),
             cgroup_procs: cgroup.procs_file(),
             hostname: record.name.clone(),
-            log_path: self.pod_log_dir(record).join(format!("{name}.log")),
+            log_path: logs::incarnation_path(&log_dir, restart_count.max(0).unsigned_abs()),
+            log_rotation: self.context.log_rotation,
             resolv_conf,
             mounts: mount_plan,
             scaffold_dir,
         };
         let oom_kills = limits::oom_kills(&cgroup);
-        let mut child = match process::spawn(&launch) {
+        let mut child = match process::spawn(&launch, &self.context.strait_exe) {
             Ok(child) => child,
             Err(error) => {
                 let message = format!("{error}");
@@ -675,7 +685,6 @@ impl Worker {
             self.backoff.entry(name.clone()).or_default().restarted(&policy, exited, started);
         }
         self.oom_kills_at_start.insert(name.clone(), oom_kills);
-        let restarted = existing.last_exit.is_some();
         let Some(record) = self.record.as_mut() else { return };
         record.containers.insert(
             name.clone(),
@@ -683,7 +692,7 @@ impl Worker {
                 pid: Some(pid),
                 start_ticks: process::process_start_ticks(pid).unwrap_or_default(),
                 started_at: now(),
-                restart_count: existing.restart_count + i32::from(restarted),
+                restart_count,
                 last_exit: existing.last_exit,
             },
         );

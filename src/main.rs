@@ -331,6 +331,10 @@ struct AgentArgs {
     /// Where to serve Prometheus metrics (default: the node IP, port 10249); `off` to disable.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Where the API server reads container logs, over TLS (default: the node IP, port
+    /// 10250, kubelet's); `off` to disable.
+    #[arg(long)]
+    log_listen: Option<String>,
     /// Capacities of the load balancer's maps, applied when the maps are first created
     /// (pinned maps keep their size across agent restarts).
     #[command(flatten)]
@@ -885,6 +889,16 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 Some(address.parse().with_context(|| format!("--metrics-listen {address:?}"))?)
             }
             None => Some(SocketAddr::from((args.node_ip, 10249))),
+        },
+        log_listen: match args.log_listen.as_deref() {
+            Some("off") => None,
+            Some(address) => {
+                Some(address.parse().with_context(|| format!("--log-listen {address:?}"))?)
+            }
+            None => Some(SocketAddr::from((
+                args.node_ip,
+                strait_dataplane::agent::log_server::DEFAULT_PORT,
+            ))),
         },
         lb_sizes: LbMapSizes {
             frontends: args.lb_sizes.lb_frontends,

@@ -31,6 +31,10 @@ pub const ADMIN_USER: &str = "kubernetes-admin";
 pub const NODES_GROUP: &str = "system:nodes";
 /// Node agents are users `system:node:<node name>`.
 pub const NODE_USER_PREFIX: &str = "system:node:";
+/// The identity the API server presents to node agents' log servers, the one user they
+/// serve (as kube-apiserver's `--kubelet-client-certificate`). Issued in memory by each
+/// controller at start; no group, so it is worth nothing against the API itself.
+pub const NODE_LOG_READER_USER: &str = "system:strait:node-log-reader";
 
 /// An authenticated user: the name and groups its client certificate carries.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 //! restarted agent adopts the pods recorded on disk, re-adopts its pinned maps, and converges
 //! to the first snapshot the controller sends.
 
+pub mod log_server;
 pub mod node;
 pub mod routes;
 pub mod services;
@@ -99,6 +100,8 @@ pub struct AgentConfig {
     pub dns_listen: SocketAddrV4,
     /// Where Prometheus metrics are served (`/metrics`); `None`: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the API server reads container logs (see `log_server.rs`); `None` serves none.
+    pub log_listen: Option<SocketAddr>,
     /// Capacities of the load balancer's maps.
     pub lb_sizes: LbMapSizes,
     /// The crash-loop back-off of containers (Kubernetes': 10 s doubling to 5 min).
@@ -209,7 +212,23 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
     let api = ApiClient::new(&config.controller, &config.credentials)
         .context("configuring the API client")?;
-    let identity = NodeIdentity { name: config.node_name.clone(), address: config.node_ip };
+    let identity = NodeIdentity {
+        name: config.node_name.clone(),
+        address: config.node_ip,
+        log_port: config.log_listen.map(|address| address.port()),
+    };
+    if let Some(address) = config.log_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the log server address {address}"))?;
+        let credentials = config.credentials.clone();
+        let log_dir = config.state_dir.join("logs");
+        tokio::spawn(async move {
+            if let Err(error) = log_server::serve(listener, &credentials, log_dir).await {
+                tracing::error!(error = format!("{error:#}"), "the log server stopped");
+            }
+        });
+    }
     let registration = register_until_done(&api, &identity).await;
     let lease = tokio::spawn(lease_loop(
         node::NodeLease::new(

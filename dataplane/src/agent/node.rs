@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo},
+        core::v1::{
+            DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeStatus,
+            NodeSystemInfo,
+        },
     },
     apimachinery::pkg::{
         api::resource::Quantity,
@@ -24,6 +27,8 @@ use strait_controlplane::{
 pub struct NodeIdentity {
     pub name: String,
     pub address: Ipv4Addr,
+    /// The log server's port, announced as the node's `daemonEndpoints.kubeletEndpoint`.
+    pub log_port: Option<u16>,
 }
 
 /// The agent's version, shown as the node's runtime and kubelet version.
@@ -117,6 +122,9 @@ fn merge_status(
         NodeAddress { type_: "InternalIP".to_owned(), address: identity.address.to_string() },
         NodeAddress { type_: "Hostname".to_owned(), address: identity.name.clone() },
     ]);
+    status.daemon_endpoints = identity.log_port.map(|port| NodeDaemonEndpoints {
+        kubelet_endpoint: Some(DaemonEndpoint { port: i32::from(port) }),
+    });
     status.capacity = Some(capacity());
     status.allocatable = Some(capacity());
     status.node_info = Some(system_info());

@@ -216,6 +216,10 @@ struct ControllerArgs {
     /// addresses, localhost and the host name (repeatable): how clients reach the API.
     #[arg(long)]
     tls_san: Vec<String>,
+    /// The network namespace file (e.g. `/run/netns/NAME`) from which the API server connects
+    /// to nodes (their log servers), when they are not reachable from its own.
+    #[arg(long)]
+    node_netns: Option<PathBuf>,
     /// Address to serve the API and NodeSync on (repeatable).
     #[arg(long)]
     listen: Vec<SocketAddr>,
@@ -772,6 +776,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         config.pki_dir = pki_dir;
     }
     config.tls_sans = args.tls_san;
+    config.node_netns = args.node_netns;
     config.cluster_cidr = ipnet::IpNet::V4(args.cluster_cidr);
     config.node_cidr_prefix = args.node_cidr_prefix;
     config.service_cidr = args.service_cidr;

@@ -23,6 +23,7 @@ use crate::{
         Registry, RegistryOptions,
         error::ApiError,
         http::{ApiState, router},
+        pod_log::{self, NodeLogClient},
     },
     auth::{self, ClientCredentials, ClusterPki, PkiError},
     controllers::{
@@ -87,6 +88,9 @@ pub struct ControllerConfig {
     /// Names (DNS names or IP addresses) the serving certificate covers beyond the listeners'
     /// own addresses, `localhost` and the host name: the addresses clients reach it at.
     pub tls_sans: Vec<String>,
+    /// The network namespace (a file, `/run/netns/NAME`) from which the API server connects
+    /// to nodes' log servers; `None`: its own (a lab's controller is outside the lab).
+    pub node_netns: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -97,6 +101,7 @@ impl ControllerConfig {
         Self {
             pki_dir: data_dir.join(auth::pki::PKI_DIR),
             tls_sans: Vec::new(),
+            node_netns: None,
             data_dir,
             cluster_cidr: IpNet::V4(ipnet::Ipv4Net::new_assert(
                 std::net::Ipv4Addr::new(10, 244, 0, 0),
@@ -182,6 +187,12 @@ async fn serve(
         .serving_certificate(&config.data_dir.join(auth::pki::PKI_DIR), &names)
         .map_err(ControllerError::Pki)?;
     let tls = auth::tls::server_config(pki.ca_pem(), &serving).map_err(ControllerError::Pki)?;
+    let node_logs = NodeLogClient {
+        credentials: pki
+            .issue_client(auth::NODE_LOG_READER_USER, None)
+            .map_err(ControllerError::Pki)?,
+        netns: config.node_netns.clone(),
+    };
     drop(pki);
     let (store, closed, election) = open_store(&config).await?;
     let allocator = PodCidrAllocator::new(config.cluster_cidr, config.node_cidr_prefix)
@@ -228,6 +239,7 @@ async fn serve(
         shutdown: stopped.clone(),
         bookmark_interval: config.watch_bookmark_interval,
     })
+    .merge(pod_log::router(Arc::clone(&registry), node_logs))
     .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc)
     .layer(axum::middleware::from_fn_with_state(Arc::clone(&registry), auth::authz::guard));
     drop(registry);

@@ -808,6 +808,7 @@ async fn discovery_lists_the_served_resources() {
     assert_eq!(find("nodes")["namespaced"], json!(false));
     assert_eq!(find("namespaces")["shortNames"], json!(["ns"]));
     assert_eq!(find("pods/binding")["verbs"], json!(["create"]));
+    assert_eq!(find("pods/log")["verbs"], json!(["get"]));
     for status in ["pods/status", "nodes/status", "namespaces/status"] {
         assert_eq!(find(status)["verbs"], json!(["get", "patch", "update"]));
     }

@@ -284,6 +284,14 @@ async fn a_node_is_refused_what_is_not_its_own_with_403() {
         agent.merge_patch::<Pod>(Some("default"), "pending", &running, true).await.unwrap_err(),
     );
     forbidden(agent.delete::<Pod>(Some("default"), "theirs", Some(0)).await.unwrap_err());
+    // Logs are the admin's to read (the API server reads them from the agents).
+    let (code, status) =
+        status_of(&agent, Method::GET, "/api/v1/namespaces/default/pods/theirs/log", "").await;
+    assert_eq!(code, 403);
+    assert!(
+        status.message.as_deref().unwrap_or_default().contains("cannot get resource \"pods/log\""),
+        "{status:?}"
+    );
     forbidden(agent.create::<Pod>(Some("default"), &pod_on("made", "node-1")).await.unwrap_err());
     let relabel = json!({"metadata": {"labels": {"a": "b"}}});
     forbidden(

@@ -281,6 +281,8 @@ fn start_controller(
     controller.arg("--store").arg(store.to_string());
     // Every replica serves with the lab's one CA, so that any of them accepts any client.
     controller.arg("--pki-dir").arg(pki_dir(lab));
+    // The API server reads nodes' logs from inside the fabric, where their addresses are.
+    controller.arg("--node-netns").arg(strait_dataplane::netns::named_path(&fabric_netns(lab)));
     controller.args(extra_args);
     spawn_daemon(
         controller,

@@ -204,6 +204,16 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        // `kubectl logs` (served by `pod_log.rs`).
+        if group.is_empty() && info.plural == "pods" {
+            resources.push(json!({
+                "name": "pods/log",
+                "singularName": "",
+                "namespaced": true,
+                "kind": "Pod",
+                "verbs": ["get"],
+            }));
+        }
         if info.has_scale {
             resources.push(json!({
                 "name": format!("{}/scale", info.plural),

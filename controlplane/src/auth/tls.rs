@@ -6,10 +6,11 @@
 use std::{path::Path, sync::Arc};
 
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
 };
 
 use super::{UserInfo, pki::PkiError};
@@ -191,4 +192,92 @@ pub fn user_from_certificate(certificate: &CertificateDer<'_>) -> Option<UserInf
     let groups =
         subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_owned)).collect();
     Some(UserInfo { name, groups })
+}
+
+/// A client configuration for the log server of `node`'s agent: `credentials` (the API
+/// server's [`super::NODE_LOG_READER_USER`]) as the client certificate, and the agent trusted
+/// by the certificate it has, its node identity: a client certificate of the cluster CA naming
+/// `system:node:<node>`. Agents have no serving certificate of their own; their identity,
+/// checked as a client certificate would be plus its name, proves the same thing.
+pub fn node_client_config(
+    credentials: &ClientCredentials,
+    node: &str,
+) -> Result<ClientConfig, PkiError> {
+    let provider = provider();
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(root_store(&credentials.ca)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|source| PkiError::Verifier { source })?;
+    let verifier = NodeIdentityVerifier {
+        identity: client_verifier,
+        node_user: format!("{}{node}", super::NODE_USER_PREFIX),
+    };
+    let identity = credentials.identity.as_ref().ok_or_else(|| PkiError::Pem {
+        what: "the node log reader's credentials".to_owned(),
+        message: "no client certificate".to_owned(),
+    })?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| PkiError::Tls { what: "the client's protocol versions", source })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(
+            identity.chain("the node log reader's certificate")?,
+            identity.private_key("the node log reader's certificate")?,
+        )
+        .map_err(|source| PkiError::Tls { what: "the node log reader's certificate", source })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Verifies a node agent's certificate as the cluster CA's client certificate of one node.
+#[derive(Debug)]
+struct NodeIdentityVerifier {
+    identity: Arc<dyn ClientCertVerifier>,
+    node_user: String,
+}
+
+impl ServerCertVerifier for NodeIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.identity.verify_client_cert(end_entity, intermediates, now)?;
+        match user_from_certificate(end_entity) {
+            Some(user) if user.name == self.node_user => Ok(ServerCertVerified::assertion()),
+            other => Err(rustls::Error::General(format!(
+                "the node's certificate names {:?}, not {:?}",
+                other.map(|u| u.name),
+                self.node_user
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.identity.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.identity.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.identity.supported_verify_schemes()
+    }
 }

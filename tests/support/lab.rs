@@ -94,6 +94,13 @@ impl TestLab {
         self.kubectl_with_input(args, None)
     }
 
+    /// A kubectl command of `binary` (a given release) against this lab, arguments to add.
+    pub fn kubectl_command(&self, binary: &str) -> Command {
+        let mut command = Command::new(binary);
+        command.arg("--kubeconfig").arg(&self.state.kubeconfig);
+        command
+    }
+
     pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
         self.kubectl_binary_with_input(&kubectl_binary(), args, input)
     }
@@ -105,9 +112,8 @@ impl TestLab {
         args: &[&str],
         input: Option<&str>,
     ) -> Output {
-        let mut child = Command::new(binary)
-            .arg("--kubeconfig")
-            .arg(&self.state.kubeconfig)
+        let mut child = self
+            .kubectl_command(binary)
             .args(args)
             .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())

@@ -218,16 +218,17 @@ fn copy_lines(pipe: File, stream: Stream, writer: &Mutex<LogWriter>) {
             Ok(mut writer) => writer.write_entry(Timestamp::now(), stream, partial, content),
             Err(_) => Err(io::Error::other("the other stream's copier panicked")),
         };
-        if let Err(error) = written
-            && !failed
-        {
-            eprintln!(
-                "log shim: writing {}: {error} (output is dropped until it works)",
-                stream.name()
-            );
-            failed = true;
-        } else if failed {
-            failed = false;
+        // Reported once per run of failures, not per line.
+        match written {
+            Err(error) if !failed => {
+                eprintln!(
+                    "log shim: writing {}: {error} (output is dropped until it works)",
+                    stream.name()
+                );
+                failed = true;
+            }
+            Err(_) => {}
+            Ok(()) => failed = false,
         }
     }
 }

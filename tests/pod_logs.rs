@@ -15,6 +15,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
+use strait::lab::{self, LabProcess};
 use support::lab::{TestLab, assert_route_stays_in_lab, eventually};
 
 const RELEASES: [&str; 3] = ["1.27", "1.31", "1.33"];
@@ -274,6 +275,29 @@ spec:
         let code = String::from_utf8_lossy(&output.stdout);
         assert_eq!(code, expected, "{who} asking the node's log server directly");
     }
+
+    // The log outlives an agent restart: the shim goes on writing while the agent is away
+    // (the ticker is never blocked or cut off), and the new agent serves all of it.
+    let kubectl = releases[releases.len() - 1].1.as_str();
+    let ticks = |text: &str| -> Vec<u64> { text.lines().filter_map(tick_number).collect() };
+    let before = ticks(&logs_ok(&lab, kubectl, &["duo", "-c", "ticker"]));
+    let last_before = *before.last().expect("ticks before the restart");
+    let agent = LabProcess::Agent("node-1".into());
+    lab::kill(lab.name(), &agent).expect("killing the agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab::restart(lab.name(), &agent).expect("restarting the agent");
+    let after =
+        eventually("the ticks written while the agent was away", Duration::from_secs(30), || {
+            let (ok, stdout, stderr) = run(&lab, kubectl, &["logs", "duo", "-c", "ticker"]);
+            let after = ticks(&stdout);
+            match after.last() {
+                Some(last) if ok && *last > last_before + 10 => Ok(after),
+                _ => Err(format!("{stderr}{:?}", after.last())),
+            }
+        })
+        .await;
+    let expected: Vec<u64> = (1..=after.len() as u64).collect();
+    assert_eq!(after, expected, "every tick, in order, across the agent's restart");
 
     // Discovery names the subresource.
     let (_, discovery, _) = run(&lab, &releases[0].1, &["get", "--raw", "/api/v1"]);

@@ -2,8 +2,10 @@
 //! 1.33): a container's output, `-c`, `--tail`, `--limit-bytes`, `--since`, `--since-time`,
 //! `--timestamps`, `--previous` after a restart, `-f` receiving a line written after it
 //! opened, and Kubernetes' refusals (no container named in a pod of several, an unknown
-//! container, no previous incarnation, a container that has not started, a missing pod). One
-//! lab serves every case.
+//! container, no previous incarnation, a container that has not started, a missing pod).
+//! Then, once: `-f` ends with its container, the node's log server refuses anyone but the
+//! API server, and a log goes on being written across an agent restart. One lab serves
+//! every case.
 
 mod support;
 
@@ -275,6 +277,43 @@ spec:
         let code = String::from_utf8_lossy(&output.stdout);
         assert_eq!(code, expected, "{who} asking the node's log server directly");
     }
+
+    // -f ends when the container does.
+    let brief = r#"apiVersion: v1
+kind: Pod
+metadata: {name: brief}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: none
+    command: [bash, -c, 'echo hello; sleep 4; echo bye']
+"#;
+    let created = lab.kubectl_with_input(&["create", "-f", "-"], Some(brief));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    lab.wait_running("brief").await;
+    let newest = releases[releases.len() - 1].1.as_str();
+    let child = lab
+        .kubectl_command(newest)
+        .args(["logs", "-f", "brief"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl logs -f");
+    let mut follower = Follower(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = follower.0.try_wait().expect("kubectl") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "-f still open after the container ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut followed = String::new();
+    std::io::Read::read_to_string(&mut follower.0.stdout.take().expect("stdout"), &mut followed)
+        .expect("reading kubectl's output");
+    assert!(status.success(), "kubectl logs -f brief: {status}");
+    assert_eq!(followed, "hello\nbye\n");
 
     // The log outlives an agent restart: the shim goes on writing while the agent is away
     // (the ticker is never blocked or cut off), and the new agent serves all of it.

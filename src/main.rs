@@ -926,8 +926,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 fn run_log_shim(args: &LogShimArgs) -> ExitCode {
-    // The pod's SIGTERM is for the container: the shim ends when its pipes close, after the
-    // container's last words are written.
+    // Signals meant for the container or a terminal are not the shim's: it ends when its
+    // pipes close, after the container's last words are written.
     for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
         // SAFETY: SIG_IGN installs no handler code.
         if let Err(error) =

@@ -48,6 +48,9 @@ pub const POD_CGROUP: &str = "pods";
 pub const POD_CGROUP_WITHOUT_SOCKET_LB: &str = "pods-tc";
 /// The agent's child cgroup for node processes that reach services through the socket hooks.
 pub const HOST_CGROUP: &str = "host";
+/// The agent's child cgroup of the containers' log shims: outside the pods, so that a pod's
+/// usage and limits are its containers' alone (as CRI runtimes keep their shims apart).
+pub const LOG_SHIM_CGROUP: &str = "log-shims";
 
 /// How a node agent is run.
 #[derive(Clone, Debug)]
@@ -129,6 +132,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     pods_cgroup_without_socket_lb
         .create()
         .with_context(|| format!("creating {}", pods_cgroup_without_socket_lb.path().display()))?;
+    let log_shims_cgroup = cgroup.child(LOG_SHIM_CGROUP);
+    log_shims_cgroup
+        .create()
+        .with_context(|| format!("creating {}", log_shims_cgroup.path().display()))?;
     for hooked in [&pods_cgroup, &host_cgroup] {
         hooked.create().with_context(|| format!("creating {}", hooked.path().display()))?;
         lb.attach_cgroup(hooked.path()).with_context(|| {
@@ -248,6 +255,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         netns_prefix: config.netns_prefix.clone(),
         pods_cgroup,
         pods_cgroup_without_socket_lb,
+        log_shims_cgroup,
         records: RecordStore::open(&config.state_dir.join("pods"))
             .context("opening the pod records")?,
         log_dir: config.state_dir.join("logs"),

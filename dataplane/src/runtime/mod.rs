@@ -47,6 +47,8 @@ pub struct RuntimeContext {
     /// Parent cgroup of the pods annotated [`SOCKET_LB_ANNOTATION`]` = disabled`: no socket
     /// hooks, so their service traffic is translated per packet on their veth instead.
     pub pods_cgroup_without_socket_lb: Cgroup,
+    /// Where the containers' log shims run (see `logs.rs`).
+    pub log_shims_cgroup: Cgroup,
     pub records: record::RecordStore,
     /// Container logs, one directory per pod (see `logs.rs`).
     pub log_dir: PathBuf,

@@ -36,6 +36,8 @@ pub struct Launch {
     /// The live log file of this incarnation (see `logs.rs`), written by its log shim.
     pub log_path: PathBuf,
     pub log_rotation: LogRotation,
+    /// `cgroup.procs` of the cgroup the log shim runs in.
+    pub log_shim_cgroup_procs: PathBuf,
     /// The pod's own resolver configuration, bind-mounted over `/etc/resolv.conf` in a mount
     /// namespace of the container's own; `None` leaves the node's file.
     pub resolv_conf: Option<PathBuf>,
@@ -444,8 +446,8 @@ unsafe fn apply_mounts(mounts: &PreparedMounts) -> io::Result<()> {
 /// agent exits, and a restarted agent adopts it.
 ///
 /// Its stdout and stderr are pipes to a log shim (`strait log-shim`, see `logs.rs`) started
-/// first in the container's cgroup and a session of its own, so that the log goes on being
-/// written across agent restarts and is taken down with the container.
+/// first in a session of its own, so that the log goes on being written across agent
+/// restarts; the shim ends when the container and whatever it started have closed both.
 pub fn spawn(launch: &Launch, strait_exe: &Path) -> io::Result<tokio::process::Child> {
     let (stdout_read, stdout_write) = io::pipe()?;
     let (stderr_read, stderr_write) = io::pipe()?;
@@ -492,7 +494,7 @@ fn spawn_log_shim(
     stderr: OwnedFd,
 ) -> io::Result<()> {
     use std::os::unix::process::CommandExt;
-    let setup = ChildSetup::new().join_cgroup(&launch.cgroup_procs)?.new_session();
+    let setup = ChildSetup::new().join_cgroup(&launch.log_shim_cgroup_procs)?.new_session();
     let mut command = std::process::Command::new(strait_exe);
     command
         .arg("log-shim")

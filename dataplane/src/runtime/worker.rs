@@ -642,6 +642,7 @@ impl Worker {
             hostname: record.name.clone(),
             log_path: logs::incarnation_path(&log_dir, restart_count.max(0).unsigned_abs()),
             log_rotation: self.context.log_rotation,
+            log_shim_cgroup_procs: self.context.log_shims_cgroup.procs_file(),
             resolv_conf,
             mounts: mount_plan,
             scaffold_dir,

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod runtime;
+pub mod streaming;

@@ -63,20 +63,44 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     credentials: &ClientCredentials,
     log_dir: PathBuf,
+    exec: super::exec_server::ExecState,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let identity = credentials.identity.as_ref().context("the node has no certificate")?;
     let tls = server_config(&credentials.ca, identity).context("the log server's TLS")?;
     let app = Router::new()
         .route("/containerLogs/{namespace}/{pod}/{container}", get(container_log))
-        .with_state(LogState { log_dir: Arc::new(log_dir) });
+        .with_state(LogState { log_dir: Arc::new(log_dir) })
+        .merge(super::exec_server::router(exec));
     // Never stopped: the server ends with the agent.
     let (_running, stopped) = watch::channel(false);
     strait_controlplane::auth::https::serve(listener, tls, app, stopped).await;
     Ok(())
 }
 
-fn text(code: StatusCode, message: String) -> Response {
+/// A refusal, answered as plain text (small, unlike a `Response`, to be an `Err`).
+#[derive(Debug)]
+pub(super) struct Refusal(pub StatusCode, pub String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        text(self.0, self.1)
+    }
+}
+
+/// Only the API server's [`NODE_LOG_READER_USER`] certificate is served (logs and exec).
+pub(super) fn check_client(identity: Option<Extension<ConnectionIdentity>>) -> Result<(), Refusal> {
+    match identity.and_then(|Extension(identity)| identity.user) {
+        None => Err(Refusal(StatusCode::UNAUTHORIZED, "a client certificate is required".into())),
+        Some(user) if user.name != NODE_LOG_READER_USER => Err(Refusal(
+            StatusCode::FORBIDDEN,
+            format!("user {:?} may not read this node's logs", user.name),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+pub(super) fn text(code: StatusCode, message: String) -> Response {
     (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
 }
 
@@ -86,15 +110,8 @@ async fn container_log(
     Path((namespace, pod, container)): Path<(String, String, String)>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    match identity.and_then(|Extension(identity)| identity.user) {
-        None => return text(StatusCode::UNAUTHORIZED, "a client certificate is required".into()),
-        Some(user) if user.name != NODE_LOG_READER_USER => {
-            return text(
-                StatusCode::FORBIDDEN,
-                format!("user {:?} may not read this node's logs", user.name),
-            );
-        }
-        Some(_) => {}
+    if let Err(refusal) = check_client(identity) {
+        return refusal.into_response();
     }
     let query = match query {
         Ok(Query(query)) => query,

@@ -5,6 +5,7 @@
 //! restarted agent adopts the pods recorded on disk, re-adopts its pinned maps, and converges
 //! to the first snapshot the controller sends.
 
+pub mod exec_server;
 pub mod log_server;
 pub mod node;
 pub mod routes;
@@ -224,14 +225,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         address: config.node_ip,
         log_port: config.log_listen.map(|address| address.port()),
     };
+    // The exec server needs the runtime, made once the node is registered.
+    let (exec_runtime, exec_runtime_receiver) = watch::channel(None);
     if let Some(address) = config.log_listen {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("binding the log server address {address}"))?;
         let credentials = config.credentials.clone();
         let log_dir = config.state_dir.join("logs");
+        let exec = exec_server::ExecState { runtime: exec_runtime_receiver };
         tokio::spawn(async move {
-            if let Err(error) = log_server::serve(listener, &credentials, log_dir).await {
+            if let Err(error) = log_server::serve(listener, &credentials, log_dir, exec).await {
                 tracing::error!(error = format!("{error:#}"), "the log server stopped");
             }
         });
@@ -269,6 +273,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         controllers,
         node_allocatable: node::allocatable(&config.state_dir),
     }));
+    exec_runtime.send_replace(Some(runtime.context().clone()));
     let adopted = runtime.adopt_existing().context("adopting the pods recorded on disk")?;
     tracing::info!(adopted, "pods adopted from a previous run");
 

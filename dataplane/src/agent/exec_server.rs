@@ -1,0 +1,504 @@
+//! `kubectl exec` on the node: `GET|POST /exec/{namespace}/{pod}/{container}?command=..`
+//! (kubelet's path and query), served beside the log server to the API server alone.
+//!
+//! The request is upgraded to a WebSocket speaking Kubernetes' remote command protocol
+//! (`v5.channel.k8s.io`, else `v4`; see `streaming/remotecommand.rs`). The command runs as the
+//! container's exec probes run: in the pod's network namespace, the container's cgroup and
+//! mount namespace, with the pod's hostname and the environment the container started with.
+//! Non-interactive only: a TTY is refused. SPDY/3.1 (what kubectl 1.29 and older speak) is
+//! refused with a message saying so.
+
+use std::{path::PathBuf, process::Stdio, sync::Arc};
+
+use axum::{
+    Extension, Router,
+    extract::{Path, RawQuery, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::BytesMut;
+use hyper_util::rt::TokioIo;
+use strait_controlplane::auth::https::ConnectionIdentity;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    process::{Child, ChildStdin},
+    sync::{mpsc, watch},
+};
+
+use super::log_server::{Refusal, check_client, text};
+use crate::{
+    runtime::{
+        RuntimeContext,
+        process::{ChildSetup, is_same_process_alive, resolve_program},
+    },
+    streaming::{
+        remotecommand::{self, ClientMessage, Outcome},
+        websocket::{
+            MessageAssembler, Opcode, WsError, WsFrame, WsMessage, accept_key, close_code,
+        },
+    },
+};
+
+/// The most of stdout or stderr sent in one message.
+const CHUNK: usize = 32 * 1024;
+/// Frames waiting to be written to the client.
+const FRAMES_IN_FLIGHT: usize = 16;
+
+/// The runtime, once the agent has made it (exec requests before then are refused).
+#[derive(Clone)]
+pub struct ExecState {
+    pub runtime: watch::Receiver<Option<Arc<RuntimeContext>>>,
+}
+
+pub fn router(state: ExecState) -> Router {
+    Router::new()
+        .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+        .with_state(state)
+}
+
+/// kubelet's exec query: `command` repeated, one per argument.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ExecOptions {
+    command: Vec<String>,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+    pod_uid: Option<String>,
+}
+
+impl ExecOptions {
+    fn parse(query: &str) -> Self {
+        let mut options = Self::default();
+        let on = |value: &str| matches!(value, "true" | "1" | "True");
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "command" => options.command.push(value.into_owned()),
+                "input" | "stdin" => options.stdin = on(&value),
+                "output" | "stdout" => options.stdout = on(&value),
+                "error" | "stderr" => options.stderr = on(&value),
+                "tty" => options.tty = on(&value),
+                "podUID" => options.pod_uid = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        options
+    }
+}
+
+/// Where and how the command runs: what an exec probe gets (see `probe.rs`).
+#[derive(Debug)]
+struct ExecTarget {
+    netns_path: PathBuf,
+    cgroup_procs: PathBuf,
+    mount_namespace: PathBuf,
+    hostname: String,
+    env: Vec<(String, String)>,
+}
+
+async fn exec(
+    State(state): State<ExecState>,
+    identity: Option<Extension<ConnectionIdentity>>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    mut request: Request,
+) -> Response {
+    if let Err(refusal) = check_client(identity) {
+        return refusal.into_response();
+    }
+    let options = ExecOptions::parse(query.as_deref().unwrap_or_default());
+    if options.command.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "you must specify at least one command for the container".into(),
+        );
+    }
+    if options.tty {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "a TTY is not supported: strait runs commands non-interactively (kubectl exec without -t)"
+                .into(),
+        );
+    }
+    let protocol = match websocket_protocol(request.headers()) {
+        Ok(protocol) => protocol,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let Some(key) = request.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()) else {
+        return text(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs Sec-WebSocket-Key".into());
+    };
+    let accept = accept_key(key);
+    let Some(context) = state.runtime.borrow().clone() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "the node's runtime is starting".into());
+    };
+    let target = match find_target(&context, &namespace, &pod, &container, &options) {
+        Ok(target) => target,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => session(TokioIo::new(upgraded), protocol, target, options).await,
+            Err(error) => tracing::debug!(%error, "an exec upgrade did not complete"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::UPGRADE, "websocket".to_owned()),
+            (header::CONNECTION, "Upgrade".to_owned()),
+            (header::SEC_WEBSOCKET_ACCEPT, accept),
+            (header::SEC_WEBSOCKET_PROTOCOL, protocol.to_owned()),
+        ],
+    )
+        .into_response()
+}
+
+/// The remote command protocol the client's WebSocket upgrade asks for, or why it is refused.
+fn websocket_protocol(headers: &HeaderMap) -> Result<&'static str, Refusal> {
+    let upgrade =
+        headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().trim();
+    if upgrade.to_ascii_lowercase().starts_with("spdy/") {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            "exec over SPDY/3.1 (kubectl 1.29 and older) is not supported: strait serves exec over \
+             WebSocket (v5.channel.k8s.io, kubectl 1.30 and later)"
+                .into(),
+        ));
+    }
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            "exec needs a WebSocket upgrade (v5.channel.k8s.io)".into(),
+        ));
+    }
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    remotecommand::choose_protocol(&offered.join(",")).ok_or_else(|| {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "none of the offered subprotocols {offered:?} is served: {} or {}",
+                remotecommand::PROTOCOL_V5,
+                remotecommand::PROTOCOL_V4
+            ),
+        )
+    })
+}
+
+/// The running container's namespaces, cgroup and environment, from the node's pod record
+/// and the container's process.
+fn find_target(
+    context: &RuntimeContext,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    options: &ExecOptions,
+) -> Result<ExecTarget, Refusal> {
+    let records = context.records.load_all().map_err(|error| {
+        Refusal(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the pod records: {error}"))
+    })?;
+    let record = records
+        .into_iter()
+        .find(|r| {
+            r.namespace == namespace
+                && r.name == pod
+                && options.pod_uid.as_ref().is_none_or(|uid| *uid == r.uid)
+        })
+        .ok_or_else(|| {
+            Refusal(StatusCode::NOT_FOUND, format!("pod {namespace}/{pod} is not on this node"))
+        })?;
+    let not_running = || {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("container {container:?} in pod {pod:?} is not running"),
+        )
+    };
+    let running = record.containers.get(container).ok_or_else(not_running)?;
+    let pid = running.pid.ok_or_else(not_running)?;
+    if !is_same_process_alive(pid, running.start_ticks) {
+        return Err(not_running());
+    }
+    let env = std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|bytes| parse_environ(&bytes))
+        .map_err(|_| not_running())?;
+    Ok(ExecTarget {
+        netns_path: crate::netns::named_path(&record.netns),
+        cgroup_procs: context.pod_cgroup(&record.uid).child(container).procs_file(),
+        mount_namespace: PathBuf::from(format!("/proc/{pid}/ns/mnt")),
+        hostname: record.name.clone(),
+        env,
+    })
+}
+
+/// `/proc/<pid>/environ`: `KEY=value` entries ended by NUL bytes.
+fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+    bytes
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            let (key, value) = entry.split_once('=')?;
+            (!key.is_empty()).then(|| (key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Starts the command where the container runs, with pipes for the streams asked for.
+fn spawn_command(target: &ExecTarget, options: &ExecOptions) -> Result<Child, String> {
+    let program = &options.command[0];
+    let path_var = target.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+    let resolved = resolve_program(program, path_var)
+        .ok_or_else(|| format!("exec {program:?}: executable file not found in $PATH"))?;
+    let setup = ChildSetup::new()
+        .join_cgroup(&target.cgroup_procs)
+        .map(ChildSetup::new_session)
+        .and_then(|setup| setup.enter_netns(&target.netns_path))
+        .and_then(|setup| setup.hostname(&target.hostname))
+        .and_then(|setup| setup.join_mount_namespace(&target.mount_namespace))
+        .map_err(|e| format!("exec {program:?}: preparing: {e}"))?;
+    let pipe_if = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+    let mut command = tokio::process::Command::new(&resolved);
+    command
+        .args(&options.command[1..])
+        .env_clear()
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .stdin(pipe_if(options.stdin))
+        .stdout(pipe_if(options.stdout))
+        .stderr(pipe_if(options.stderr))
+        .kill_on_drop(true);
+    setup.install(command.as_std_mut());
+    command.spawn().map_err(|e| format!("exec {program:?}: {e}"))
+}
+
+/// One exec over an upgraded connection: the command's output out, stdin in, then its exit
+/// status on the error channel and a normal close. A client that goes away first ends the
+/// command and whatever it started (its session).
+async fn session(
+    io: impl AsyncRead + AsyncWrite + Send + 'static,
+    protocol: &'static str,
+    target: ExecTarget,
+    options: ExecOptions,
+) {
+    let (reader, writer) = tokio::io::split(io);
+    let (frames, outgoing) = mpsc::channel::<WsFrame>(FRAMES_IN_FLIGHT);
+    let writing = tokio::spawn(write_frames(writer, outgoing));
+    let finish = |frames: mpsc::Sender<WsFrame>, outcome: Outcome| async move {
+        let status = remotecommand::status_json(&outcome);
+        let message = remotecommand::channel_message(remotecommand::ERROR, &status);
+        let _ = frames.send(WsFrame::message(Opcode::Binary, message)).await;
+        let _ = frames.send(WsFrame::close(close_code::NORMAL, "")).await;
+    };
+    let mut child = match spawn_command(&target, &options) {
+        Ok(child) => child,
+        Err(message) => {
+            finish(frames, Outcome::Failed(message)).await;
+            let _ = writing.await;
+            return;
+        }
+    };
+    tracing::debug!(protocol, command = ?options.command, "exec started");
+    let stdin = child.stdin.take();
+    let stdout = pump(child.stdout.take(), remotecommand::STDOUT, frames.clone());
+    let stderr = pump(child.stderr.take(), remotecommand::STDERR, frames.clone());
+    let ended = async {
+        tokio::join!(stdout, stderr);
+        child.wait().await
+    };
+    let reading = read_client(reader, stdin, frames.clone());
+    tokio::select! {
+        status = ended => {
+            let outcome = match status {
+                Ok(status) => Outcome::Exited(exit_code(status)),
+                Err(error) => Outcome::Failed(format!("waiting for the command: {error}")),
+            };
+            finish(frames, outcome).await;
+        }
+        () = reading => {
+            // The client is gone: nobody reads the output. The command leads a session of its
+            // own, and its pid cannot be reused before it is reaped.
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            drop(frames);
+        }
+    }
+    let _ = writing.await;
+}
+
+/// The code kubectl exits with: the exit status, or 128 + the signal that killed it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status.code().or_else(|| status.signal().map(|signal| 128 + signal)).unwrap_or(1)
+}
+
+/// Sends what `stream` yields on `channel` until it ends.
+async fn pump(stream: Option<impl AsyncRead + Unpin>, channel: u8, frames: mpsc::Sender<WsFrame>) {
+    let Some(mut stream) = stream else { return };
+    let mut buffer = vec![0u8; CHUNK];
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => {
+                let message = remotecommand::channel_message(channel, &buffer[..read]);
+                if frames.send(WsFrame::message(Opcode::Binary, message)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the client's frames until it closes or goes: stdin to the command (closed when the
+/// client closes its stdin channel), pings answered.
+async fn read_client(
+    mut reader: impl AsyncRead + Unpin,
+    mut stdin: Option<ChildStdin>,
+    frames: mpsc::Sender<WsFrame>,
+) {
+    let mut buffer = BytesMut::with_capacity(CHUNK);
+    let mut assembler = MessageAssembler::default();
+    loop {
+        loop {
+            let message = match next_message(&mut buffer, &mut assembler) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "an exec client broke the WebSocket protocol");
+                    let _ = frames
+                        .send(WsFrame::close(close_code::PROTOCOL_ERROR, &error.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            match message {
+                WsMessage::Binary(payload) => match remotecommand::parse_client_message(&payload) {
+                    Some(ClientMessage::Stdin(data)) => {
+                        if let Some(pipe) = stdin.as_mut()
+                            && pipe.write_all(data).await.is_err()
+                        {
+                            // The command closed its stdin: the rest is not read.
+                            stdin = None;
+                        }
+                    }
+                    Some(ClientMessage::Close(remotecommand::STDIN)) => stdin = None,
+                    Some(ClientMessage::Close(_) | ClientMessage::Other(_)) | None => {}
+                },
+                WsMessage::Ping(payload) => {
+                    let _ = frames.send(WsFrame::message(Opcode::Pong, payload)).await;
+                }
+                WsMessage::Text(_) | WsMessage::Pong(_) => {}
+                WsMessage::Close(_) => return,
+            }
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The next whole message or control frame in `buffer`; `None` until more is read.
+fn next_message(
+    buffer: &mut BytesMut,
+    assembler: &mut MessageAssembler,
+) -> Result<Option<WsMessage>, WsError> {
+    while let Some(frame) = WsFrame::decode_client(buffer)? {
+        if let Some(message) = assembler.push(frame)? {
+            return Ok(Some(message));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes frames in order until a close frame is written or every sender is gone.
+async fn write_frames(mut writer: impl AsyncWrite + Unpin, mut frames: mpsc::Receiver<WsFrame>) {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = frames.recv().await {
+        buffer.clear();
+        frame.encode_server(&mut buffer);
+        if writer.write_all(&buffer).await.is_err() {
+            return;
+        }
+        if frame.opcode == Opcode::Close {
+            break;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_gives_the_command_in_order_and_the_streams_asked_for() {
+        let options = ExecOptions::parse(
+            "command=sh&command=-c&command=echo+%22a+b%22%3B+exit+3&stdin=true&stdout=1&tty=false&podUID=u1",
+        );
+        assert_eq!(options.command, ["sh", "-c", "echo \"a b\"; exit 3"]);
+        assert!(options.stdin && options.stdout && !options.stderr && !options.tty);
+        assert_eq!(options.pod_uid.as_deref(), Some("u1"));
+        // The older names of the same flags.
+        let old = ExecOptions::parse("command=ls&input=1&output=1&error=1");
+        assert!(old.stdin && old.stdout && old.stderr);
+    }
+
+    #[test]
+    fn the_environment_is_read_as_the_kernel_lists_it() {
+        let env = parse_environ(b"PATH=/bin:/usr/bin\0EMPTY=\0A=b=c\0broken\0\0");
+        let expected = [("PATH", "/bin:/usr/bin"), ("EMPTY", ""), ("A", "b=c")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(env, expected);
+    }
+
+    fn client(frame: WsFrame) -> Vec<u8> {
+        let mut wire = BytesMut::new();
+        frame.encode_client([9, 8, 7, 6], &mut wire);
+        wire.to_vec()
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_command_until_the_client_closes_it_and_pings_are_answered() {
+        let (mut to_agent, from_client) = tokio::io::duplex(1 << 16);
+        let mut cat = tokio::process::Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cat");
+        let (frames, mut sent) = mpsc::channel(8);
+        let reading = tokio::spawn(read_client(from_client, cat.stdin.take(), frames));
+        let mut wire = client(WsFrame::message(Opcode::Binary, &b"\x00hello "[..]));
+        wire.extend(client(WsFrame::message(Opcode::Ping, &b"beat"[..])));
+        // A stdin message in two fragments, then v5's close of stdin.
+        wire.extend(client(WsFrame {
+            fin: false,
+            opcode: Opcode::Binary,
+            payload: "\x00wor".into(),
+        }));
+        wire.extend(client(WsFrame {
+            fin: true,
+            opcode: Opcode::Continuation,
+            payload: "ld".into(),
+        }));
+        wire.extend(client(WsFrame::message(Opcode::Binary, &[remotecommand::CLOSE, 0][..])));
+        // Split mid-frame, as TCP may deliver it.
+        let (first, rest) = wire.split_at(5);
+        to_agent.write_all(first).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        to_agent.write_all(rest).await.unwrap();
+        let output = cat.wait_with_output().await.expect("cat ends when stdin is closed");
+        assert_eq!(output.stdout, b"hello world");
+        assert_eq!(sent.recv().await, Some(WsFrame::message(Opcode::Pong, &b"beat"[..])));
+        to_agent.write_all(&client(WsFrame::close(close_code::NORMAL, ""))).await.unwrap();
+        reading.await.expect("the reader ends at the client's close");
+    }
+}

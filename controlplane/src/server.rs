@@ -23,6 +23,7 @@ use crate::{
         Registry, RegistryOptions,
         error::ApiError,
         http::{ApiState, router},
+        pod_exec,
         pod_log::{self, NodeLogClient},
     },
     auth::{self, ClientCredentials, ClusterPki, PkiError},
@@ -239,6 +240,7 @@ async fn serve(
         shutdown: stopped.clone(),
         bookmark_interval: config.watch_bookmark_interval,
     })
+    .merge(pod_exec::router(Arc::clone(&registry), node_logs.clone()))
     .merge(pod_log::router(Arc::clone(&registry), node_logs))
     .route_service(&format!("/{SERVICE_NAME}/{{*method}}"), grpc)
     .layer(axum::middleware::from_fn_with_state(Arc::clone(&registry), auth::authz::guard));

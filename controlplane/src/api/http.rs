@@ -213,6 +213,14 @@ fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<Valu
                 "kind": "Pod",
                 "verbs": ["get"],
             }));
+            // `kubectl exec` (served by `pod_exec.rs`).
+            resources.push(json!({
+                "name": "pods/exec",
+                "singularName": "",
+                "namespaced": true,
+                "kind": "PodExecOptions",
+                "verbs": ["create", "get"],
+            }));
         }
         if info.has_scale {
             resources.push(json!({

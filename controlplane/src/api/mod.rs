@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod pagination;
 pub mod patch_schema;
+pub mod pod_exec;
 pub mod pod_log;
 pub mod protobuf;
 pub mod quantity;

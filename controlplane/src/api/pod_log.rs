@@ -40,7 +40,7 @@ const DEFAULT_NODE_LOG_PORT: u16 = 10250;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// From the connection to the response's headers (the body may stream for as long as it
 /// follows).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How much of an agent's error answer is relayed.
 const MAX_ERROR_BYTES: usize = 16 * 1024;
 
@@ -206,7 +206,7 @@ async fn serve_log(
 }
 
 /// The named container, or the only one; Kubernetes' messages otherwise.
-fn choose_container(pod: &Pod, asked: Option<&str>) -> Result<String, ApiError> {
+pub(super) fn choose_container(pod: &Pod, asked: Option<&str>) -> Result<String, ApiError> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let spec = pod.spec.as_ref();
     let containers: Vec<&str> =
@@ -275,7 +275,7 @@ fn check_container_state(pod: &Pod, container: &str, previous: bool) -> Result<(
 }
 
 /// The node's InternalIP and its log server's port.
-fn node_log_address(node: &Node) -> Option<SocketAddr> {
+pub(super) fn node_log_address(node: &Node) -> Option<SocketAddr> {
     let status = node.status.as_ref()?;
     let ip: IpAddr = status
         .addresses
@@ -293,7 +293,7 @@ fn node_log_address(node: &Node) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One request to a node's log server, on a connection of its own.
 async fn request_node(
@@ -324,7 +324,7 @@ async fn request_node(
 /// A TCP connection to `address`, made from `netns` if given. The socket is created by a
 /// thread of its own that enters the namespace and then ends (`setns` changes the calling
 /// thread for good; a socket stays in the namespace it was made in).
-async fn connect(
+pub(super) async fn connect(
     netns: Option<PathBuf>,
     address: SocketAddr,
 ) -> Result<tokio::net::TcpStream, BoxError> {
@@ -354,7 +354,7 @@ async fn connect(
     Ok(tokio::net::TcpStream::from_std(stream)?)
 }
 
-async fn read_error_text(body: hyper::body::Incoming) -> String {
+pub(super) async fn read_error_text(body: hyper::body::Incoming) -> String {
     let limited = http_body_util::Limited::new(body, MAX_ERROR_BYTES);
     match limited.collect().await {
         Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).trim().to_owned(),

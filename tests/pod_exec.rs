@@ -1,0 +1,187 @@
+//! `kubectl exec` (non-interactive) end to end on a lab, with the kubectl releases that speak
+//! WebSocket (1.31, 1.33): a command's output, `-c`, its exit code and stderr kept apart,
+//! stdin piped through `-i`, and that the command runs where the container does (the pod's
+//! network, the container's cgroup, environment and hostname). Kubernetes' refusals: an
+//! unknown container, a completed pod, a missing pod. kubectl 1.27 (SPDY/3.1 only) gets a
+//! clear refusal. One lab serves every case.
+
+mod support;
+
+use std::time::Duration;
+
+use support::lab::{TestLab, eventually, pod_ip};
+
+/// Releases that speak the WebSocket remote command protocol (`v5.channel.k8s.io`).
+const WEBSOCKET_RELEASES: [&str; 2] = ["1.31", "1.33"];
+/// A release that speaks SPDY/3.1 only.
+const SPDY_RELEASE: &str = "1.27";
+
+fn kubectl_path(release: &str) -> Option<String> {
+    let path = format!("/usr/lib/google-cloud-sdk/bin/kubectl.{release}");
+    std::path::Path::new(&path).exists().then_some(path)
+}
+
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(lab: &TestLab, kubectl: &str, args: &[&str], input: Option<&str>) -> Ran {
+    let output = lab.kubectl_binary_with_input(kubectl, args, input);
+    Ran {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `kubectl exec <args>` that must succeed; its stdout.
+fn exec_ok(lab: &TestLab, kubectl: &str, args: &[&str], input: Option<&str>) -> String {
+    let mut all = vec!["exec"];
+    all.extend_from_slice(args);
+    let ran = run(lab, kubectl, &all, input);
+    assert_eq!(ran.code, Some(0), "{kubectl} {all:?}: {}\n{}", ran.stderr, lab.logs());
+    ran.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_runs_commands_inside_the_pod() {
+    if !support::privileged("kubectl_exec_runs_commands_inside_the_pod") {
+        return;
+    }
+    let releases: Vec<(&str, String)> = WEBSOCKET_RELEASES
+        .iter()
+        .filter_map(|release| Some((*release, kubectl_path(release)?)))
+        .collect();
+    assert!(!releases.is_empty(), "no kubectl of {WEBSOCKET_RELEASES:?} on this machine");
+    let lab = TestLab::up("exec", 1).await;
+
+    // `duo`: two idle containers with an environment of their own. `finished`: a pod whose
+    // only container has run to completion.
+    let manifest = r#"apiVersion: v1
+kind: Pod
+metadata: {name: duo}
+spec:
+  containers:
+  - name: main
+    image: none
+    command: [sleep, '100000']
+    env: [{name: ROLE, value: main-role}]
+  - name: side
+    image: none
+    command: [sleep, '100000']
+    env: [{name: ROLE, value: side-role}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: finished}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: once
+    image: none
+    command: ['true']
+"#;
+    let created = lab.kubectl_with_input(&["create", "-f", "-"], Some(manifest));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let duo = lab.wait_running("duo").await;
+    let duo_ip = pod_ip(&duo).to_string();
+    let duo_uid = duo.metadata.uid.clone().expect("uid");
+    eventually("finished has Succeeded", Duration::from_secs(30), || {
+        let phase = lab.kubectl_ok(&["get", "pod", "finished", "-o", "jsonpath={.status.phase}"]);
+        if phase == "Succeeded" { Ok(()) } else { Err(phase) }
+    })
+    .await;
+
+    for (release, kubectl) in &releases {
+        let kubectl = kubectl.as_str();
+        // Output, and arguments that the shell must receive whole.
+        let echoed =
+            exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "echo", "a  b", "c"], None);
+        assert_eq!(echoed, "a  b c\n", "{release}");
+
+        // -c picks the container: its environment; the pod's name as hostname.
+        let side = exec_ok(
+            &lab,
+            kubectl,
+            &["duo", "-c", "side", "--", "sh", "-c", "echo $ROLE; hostname"],
+            None,
+        );
+        assert_eq!(side, "side-role\nduo\n", "{release}");
+        let main =
+            exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "sh", "-c", "echo $ROLE"], None);
+        assert_eq!(main, "main-role\n", "{release}");
+
+        // The container's cgroup, and the pod's network namespace (its address).
+        let cgroup =
+            exec_ok(&lab, kubectl, &["duo", "-c", "side", "--", "cat", "/proc/self/cgroup"], None);
+        assert!(cgroup.trim_end().ends_with(&format!("/{duo_uid}/side")), "{release}: {cgroup}");
+        let addresses =
+            exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "ip", "-br", "addr"], None);
+        assert!(
+            addresses.split_whitespace().any(|word| word.starts_with(&format!("{duo_ip}/"))),
+            "{release}: {duo_ip} not in {addresses}"
+        );
+
+        // The exit code becomes kubectl's; stdout and stderr stay apart.
+        let failing =
+            ["exec", "duo", "-c", "main", "--", "sh", "-c", "echo out; echo err >&2; exit 3"];
+        let ran = run(&lab, kubectl, &failing, None);
+        assert_eq!(ran.code, Some(3), "{release}: {}", ran.stderr);
+        assert_eq!(ran.stdout, "out\n", "{release}");
+        assert!(ran.stderr.starts_with("err\n"), "{release}: {:?}", ran.stderr);
+        assert!(!ran.stdout.contains("err"), "{release}");
+
+        // stdin through -i, to its end: cat ends when kubectl's input does.
+        let input = "first line\nsecond line\n".repeat(2000);
+        let copied =
+            exec_ok(&lab, kubectl, &["-i", "duo", "-c", "main", "--", "cat"], Some(&input));
+        assert_eq!(copied.len(), input.len(), "{release}");
+        assert!(copied == input, "{release}: stdin came back altered");
+        // Without -i the command's stdin is empty.
+        let empty = exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "wc", "-c"], None);
+        assert_eq!(empty.trim(), "0", "{release}");
+
+        // Kubernetes' refusals.
+        for (args, expected) in [
+            (
+                vec!["exec", "duo", "-c", "nope", "--", "true"],
+                "container nope is not valid for pod duo",
+            ),
+            (
+                vec!["exec", "finished", "--", "true"],
+                "cannot exec into a container in a completed pod",
+            ),
+            (vec!["exec", "missing", "--", "true"], "pods \"missing\" not found"),
+        ] {
+            let ran = run(&lab, kubectl, &args, None);
+            assert_ne!(ran.code, Some(0), "{release} {args:?}: {}", ran.stdout);
+            assert!(ran.stderr.contains(expected), "{release} {args:?}: {}", ran.stderr);
+        }
+    }
+
+    // The API server itself refuses a container that is not running (kubectl checks a
+    // completed pod before asking, so this goes around it).
+    let raw = lab.kubectl(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/finished/exec?command=true&container=once&stdout=true",
+        "-f",
+        "/dev/null",
+    ]);
+    assert!(!raw.status.success());
+    let stderr = String::from_utf8_lossy(&raw.stderr);
+    assert!(stderr.contains("cannot exec into a container in a completed pod"), "{stderr}");
+
+    // SPDY/3.1 is not spoken: kubectl 1.27 is told so.
+    if let Some(kubectl) = kubectl_path(SPDY_RELEASE) {
+        let ran = run(&lab, &kubectl, &["exec", "duo", "-c", "main", "--", "true"], None);
+        assert_ne!(ran.code, Some(0), "{SPDY_RELEASE}: {}", ran.stdout);
+        assert!(
+            ran.stderr.contains("SPDY/3.1") && ran.stderr.contains("WebSocket"),
+            "{}",
+            ran.stderr
+        );
+    }
+}

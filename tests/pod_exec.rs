@@ -2,14 +2,15 @@
 //! WebSocket (1.31, 1.33): a command's output, `-c`, its exit code and stderr kept apart,
 //! stdin piped through `-i`, and that the command runs where the container does (the pod's
 //! network, the container's cgroup, environment and hostname). Kubernetes' refusals: an
-//! unknown container, a completed pod, a missing pod. kubectl 1.27 (SPDY/3.1 only) gets a
-//! clear refusal. One lab serves every case.
+//! unknown container, a completed pod, a missing pod. Then, once: a client that goes away
+//! ends its command, the node's exec server refuses anyone but the API server, and kubectl
+//! 1.27 (SPDY/3.1 only) gets a clear refusal. One lab serves every case.
 
 mod support;
 
 use std::time::Duration;
 
-use support::lab::{TestLab, eventually, pod_ip};
+use support::lab::{TestLab, assert_route_stays_in_lab, eventually, pod_ip};
 
 /// Releases that speak the WebSocket remote command protocol (`v5.channel.k8s.io`).
 const WEBSOCKET_RELEASES: [&str; 2] = ["1.31", "1.33"];
@@ -19,6 +20,16 @@ const SPDY_RELEASE: &str = "1.27";
 fn kubectl_path(release: &str) -> Option<String> {
     let path = format!("/usr/lib/google-cloud-sdk/bin/kubectl.{release}");
     std::path::Path::new(&path).exists().then_some(path)
+}
+
+/// A kubectl killed when dropped, also when the test fails.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 struct Ran {
@@ -173,6 +184,64 @@ spec:
     assert!(!raw.status.success());
     let stderr = String::from_utf8_lossy(&raw.stderr);
     assert!(stderr.contains("cannot exec into a container in a completed pod"), "{stderr}");
+
+    // A client that goes away ends its command: nothing is left in the container's cgroup.
+    let cgroup = exec_ok(
+        &lab,
+        &releases[0].1,
+        &["duo", "-c", "main", "--", "cat", "/proc/self/cgroup"],
+        None,
+    );
+    let cgroup_dir = cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 path");
+    let procs = strait_dataplane::cgroup::cgroup2_mount()
+        .expect("the cgroup v2 mount")
+        .join(cgroup_dir.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let count = || std::fs::read_to_string(&procs).map(|t| t.lines().count()).unwrap_or(0);
+    assert_eq!(count(), 1, "only the container's process in {}", procs.display());
+    let mut waiting = KilledOnDrop(
+        lab.kubectl_command(&releases[0].1)
+            .args(["exec", "duo", "-c", "main", "--", "sleep", "100000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl exec sleep"),
+    );
+    eventually("the exec'd sleep in the container's cgroup", Duration::from_secs(20), || {
+        if count() == 2 { Ok(()) } else { Err(format!("{} processes", count())) }
+    })
+    .await;
+    waiting.0.kill().expect("killing kubectl");
+    waiting.0.wait().expect("reaping kubectl");
+    eventually("the exec'd sleep gone with its client", Duration::from_secs(20), || {
+        if count() == 1 { Ok(()) } else { Err(format!("{} processes", count())) }
+    })
+    .await;
+
+    // The node's exec server answers the API server alone: a pod of the node reaches it,
+    // and is refused without a certificate and with the admin's too.
+    let node = &lab.state.nodes[0];
+    let pod_netns = lab.pod_netns(&duo);
+    assert_route_stays_in_lab(&pod_netns, node.address);
+    let url = format!("https://{}:10250/exec/default/duo/main?command=true", node.address);
+    let pki = strait::lab::pki_dir(lab.name());
+    let admin = [pki.join("admin.crt"), pki.join("admin.key")];
+    let admin_args =
+        ["--cert".as_ref(), admin[0].as_os_str(), "--key".as_ref(), admin[1].as_os_str()];
+    for (who, extra, expected) in
+        [("anonymous", &admin_args[..0], "401"), ("the admin", &admin_args[..], "403")]
+    {
+        // -k: the agent presents its node identity, not a serving certificate.
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", pod_netns.name(), "curl", "-sk", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--max-time", "10", "-X", "POST"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        let code = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(code, expected, "{who} asking the node's exec server directly");
+    }
 
     // SPDY/3.1 is not spoken: kubectl 1.27 is told so.
     if let Some(kubectl) = kubectl_path(SPDY_RELEASE) {

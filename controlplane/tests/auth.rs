@@ -292,6 +292,18 @@ async fn a_node_is_refused_what_is_not_its_own_with_403() {
         status.message.as_deref().unwrap_or_default().contains("cannot get resource \"pods/log\""),
         "{status:?}"
     );
+    // And so is exec.
+    let exec = "/api/v1/namespaces/default/pods/theirs/exec?command=true&stdout=true";
+    let (code, status) = status_of(&agent, Method::POST, exec, "").await;
+    assert_eq!(code, 403);
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cannot create resource \"pods/exec\""),
+        "{status:?}"
+    );
     forbidden(agent.create::<Pod>(Some("default"), &pod_on("made", "node-1")).await.unwrap_err());
     let relabel = json!({"metadata": {"labels": {"a": "b"}}});
     forbidden(

@@ -165,6 +165,11 @@ spec:
                 "cannot exec into a container in a completed pod",
             ),
             (vec!["exec", "missing", "--", "true"], "pods \"missing\" not found"),
+            // Reported on the error channel once the stream is open.
+            (
+                vec!["exec", "duo", "-c", "main", "--", "no-such-command-strait"],
+                "\"no-such-command-strait\": executable file not found in $PATH",
+            ),
         ] {
             let ran = run(&lab, kubectl, &args, None);
             assert_ne!(ran.code, Some(0), "{release} {args:?}: {}", ran.stdout);

@@ -2,4 +2,5 @@
 //! Kubernetes' remote command channels on top of it.
 
 pub mod remotecommand;
+pub mod spdy;
 pub mod websocket;

@@ -8,7 +8,7 @@
 //! Non-interactive only: a TTY is refused. SPDY/3.1 (what kubectl 1.29 and older speak) is
 //! refused with a message saying so.
 
-use std::{path::PathBuf, process::Stdio, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Router,
@@ -17,7 +17,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use strait_controlplane::auth::https::ConnectionIdentity;
 use tokio::{
@@ -34,6 +34,7 @@ use crate::{
     },
     streaming::{
         remotecommand::{self, ClientMessage, Outcome},
+        spdy::{IncomingStream, SpdyConnection, header_block::header as spdy_header},
         websocket::{
             MessageAssembler, Opcode, WsError, WsFrame, WsMessage, accept_key, close_code,
         },
@@ -121,6 +122,9 @@ async fn exec(
                 .into(),
         );
     }
+    if is_spdy_upgrade(request.headers()) {
+        return spdy_exec(&state, &namespace, &pod, &container, options, request);
+    }
     let protocol = match websocket_protocol(request.headers()) {
         Ok(protocol) => protocol,
         Err(refusal) => return refusal.into_response(),
@@ -159,14 +163,6 @@ async fn exec(
 fn websocket_protocol(headers: &HeaderMap) -> Result<&'static str, Refusal> {
     let upgrade =
         headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default().trim();
-    if upgrade.to_ascii_lowercase().starts_with("spdy/") {
-        return Err(Refusal(
-            StatusCode::BAD_REQUEST,
-            "exec over SPDY/3.1 (kubectl 1.29 and older) is not supported: strait serves exec over \
-             WebSocket (v5.channel.k8s.io, kubectl 1.30 and later)"
-                .into(),
-        ));
-    }
     if !upgrade.eq_ignore_ascii_case("websocket") {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
@@ -189,6 +185,178 @@ fn websocket_protocol(headers: &HeaderMap) -> Result<&'static str, Refusal> {
         )
     })
 }
+
+fn is_spdy_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(SPDY_UPGRADE))
+}
+
+/// What SPDY clients ask to upgrade to (kubectl 1.29 and older, and newer ones falling back).
+const SPDY_UPGRADE: &str = "SPDY/3.1";
+const STREAM_PROTOCOL_VERSION: &str = "x-stream-protocol-version";
+/// How long a SPDY client has to open the streams it asked for.
+const SPDY_STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SPDY upgrade: `v4.channel.k8s.io` (its error stream carries the v1 `Status`), one
+/// stream per standard stream, each opened by the client with its `streamType`.
+fn spdy_exec(
+    state: &ExecState,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    options: ExecOptions,
+    mut request: Request,
+) -> Response {
+    let offered: Vec<String> = request
+        .headers()
+        .get_all(STREAM_PROTOCOL_VERSION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_owned()))
+        .collect();
+    if !offered.iter().any(|p| p == remotecommand::PROTOCOL_V4) {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "none of the offered stream protocols {offered:?} is served: {}",
+                remotecommand::PROTOCOL_V4
+            ),
+        );
+    }
+    let Some(context) = state.runtime.borrow().clone() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "the node's runtime is starting".into());
+    };
+    let target = match find_target(&context, namespace, pod, container, &options) {
+        Ok(target) => target,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => spdy_session(TokioIo::new(upgraded), target, options).await,
+            Err(error) => tracing::debug!(%error, "an exec upgrade did not complete"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::UPGRADE, SPDY_UPGRADE),
+            (header::CONNECTION, "Upgrade"),
+            (header::HeaderName::from_static(STREAM_PROTOCOL_VERSION), remotecommand::PROTOCOL_V4),
+        ],
+    )
+        .into_response()
+}
+
+/// One exec over SPDY: the client opens an error stream and one stream per standard stream
+/// asked for; output goes out on its stream, stdin comes in until the client's FIN, and the
+/// exit status is written to the error stream before every stream is finished.
+async fn spdy_session(
+    io: impl AsyncRead + AsyncWrite + Send + 'static,
+    target: ExecTarget,
+    options: ExecOptions,
+) {
+    let mut connection = SpdyConnection::serve(io);
+    let expected =
+        1 + usize::from(options.stdin) + usize::from(options.stdout) + usize::from(options.stderr);
+    let mut streams: HashMap<String, IncomingStream> = HashMap::new();
+    let opened = tokio::time::timeout(SPDY_STREAMS_TIMEOUT, async {
+        while streams.len() < expected {
+            let Some(stream) = connection.streams.recv().await else { return false };
+            let kind = spdy_header(&stream.headers, "streamtype").unwrap_or_default().to_owned();
+            streams.insert(kind, stream);
+        }
+        true
+    })
+    .await;
+    let Some(error_stream) = streams.remove("error").filter(|_| opened == Ok(true)) else {
+        tracing::debug!(opened = ?streams.keys().collect::<Vec<_>>(), "a SPDY exec client did not open its streams");
+        connection.close(Duration::from_secs(1)).await;
+        return;
+    };
+    let sender = connection.sender.clone();
+    let finish = |outcome: Outcome| {
+        let status = remotecommand::status_json(&outcome);
+        let _ = sender.send(error_stream.id, Bytes::from(status));
+        let _ = sender.finish(error_stream.id);
+    };
+    let mut child = match spawn_command(&target, &options) {
+        Ok(child) => child,
+        Err(message) => {
+            for stream in streams.values() {
+                let _ = sender.finish(stream.id);
+            }
+            finish(Outcome::Failed(message));
+            connection.close(SPDY_CLOSE_TIMEOUT).await;
+            return;
+        }
+    };
+    let stdin_stream = streams.remove("stdin");
+    if let (Some(mut incoming), Some(mut pipe)) = (stdin_stream, child.stdin.take()) {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            while let Some(data) = incoming.data.recv().await {
+                if pipe.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            // The client's FIN: the command sees the end of its input.
+            drop(pipe);
+            let _ = sender.finish(incoming.id);
+        });
+    }
+    let spdy_pump = |output: Option<Box<dyn AsyncRead + Unpin + Send>>, stream: Option<u32>| {
+        let sender = sender.clone();
+        async move {
+            let (Some(mut output), Some(id)) = (output, stream) else { return };
+            let mut buffer = vec![0u8; CHUNK];
+            while let Ok(read @ 1..) = output.read(&mut buffer).await {
+                if sender.send(id, Bytes::copy_from_slice(&buffer[..read])).is_err() {
+                    return;
+                }
+            }
+            let _ = sender.finish(id);
+        }
+    };
+    let stdout = spdy_pump(
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
+        streams.get("stdout").map(|s| s.id),
+    );
+    let stderr = spdy_pump(
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
+        streams.get("stderr").map(|s| s.id),
+    );
+    let ended = async {
+        tokio::join!(stdout, stderr);
+        child.wait().await
+    };
+    // The connection's reader drops its stream queue when the client goes away.
+    let gone = async { while connection.streams.recv().await.is_some() {} };
+    tokio::select! {
+        status = ended => {
+            finish(match status {
+                Ok(status) => Outcome::Exited(exit_code(status)),
+                Err(error) => Outcome::Failed(format!("waiting for the command: {error}")),
+            });
+        }
+        () = gone => {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+        }
+    }
+    drop(sender);
+    connection.close(SPDY_CLOSE_TIMEOUT).await;
+}
+
+/// How long the client has to close the connection once everything is sent.
+const SPDY_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running container's namespaces, cgroup and environment, from the node's pod record
 /// and the container's process.

@@ -2,8 +2,9 @@
 //! container are checked here, then the upgrade is handed to the node agent's exec server
 //! (`dataplane/src/agent/exec_server.rs`) and, once the agent has switched protocols, the
 //! two connections are joined byte for byte. The API server speaks none of the streaming
-//! protocols itself: what the agent accepts (WebSocket `v5.channel.k8s.io`/`v4`) is what
-//! kubectl gets, and the agent's refusal (SPDY/3.1, a TTY) is relayed as the client's error.
+//! protocols itself: what the agent accepts (WebSocket `v5.channel.k8s.io`/`v4`, SPDY/3.1
+//! `v4`) is what kubectl gets, and the agent's refusals (a TTY, say) are relayed as the
+//! client's error.
 //!
 //! The agent is reached as for `pods/log` (`pod_log.rs`): same client certificate, same
 //! network namespace.
@@ -58,7 +59,7 @@ const UPGRADE_RESPONSE_HEADERS: [HeaderName; 4] = [
     header::SEC_WEBSOCKET_ACCEPT,
     header::SEC_WEBSOCKET_PROTOCOL,
 ];
-/// SPDY's protocol negotiation (kubectl 1.29 and older), relayed so the agent can answer it.
+/// SPDY's protocol negotiation (kubectl 1.29 and older), relayed both ways.
 const STREAM_PROTOCOL_VERSION: &str = "x-stream-protocol-version";
 
 async fn pod_exec(

@@ -2,11 +2,11 @@
 //! (kubelet's path and query), served beside the log server to the API server alone.
 //!
 //! The request is upgraded to a WebSocket speaking Kubernetes' remote command protocol
-//! (`v5.channel.k8s.io`, else `v4`; see `streaming/remotecommand.rs`). The command runs as the
+//! (`v5.channel.k8s.io`, else `v4`; see `streaming/remotecommand.rs`), or to SPDY/3.1 with
+//! `v4.channel.k8s.io` (kubectl 1.29 and older; see `streaming/spdy`). The command runs as the
 //! container's exec probes run: in the pod's network namespace, the container's cgroup and
 //! mount namespace, with the pod's hostname and the environment the container started with.
-//! Non-interactive only: a TTY is refused. SPDY/3.1 (what kubectl 1.29 and older speak) is
-//! refused with a message saying so.
+//! Non-interactive only: a TTY is refused.
 
 use std::{collections::HashMap, path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 

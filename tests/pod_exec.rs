@@ -103,6 +103,18 @@ spec:
 
     for (release, kubectl) in &releases {
         let kubectl = kubectl.as_str();
+        // The protocol each release gets (so that a broken WebSocket path cannot hide behind
+        // the newer releases' fallback to SPDY): kubectl -v=8 logs the upgrade's answer.
+        let verbose = ["exec", "-v=8", "duo", "-c", "main", "--", "true"];
+        let upgraded = run(&lab, kubectl, &verbose, None);
+        assert_eq!(upgraded.code, Some(0), "{release}: {}", upgraded.stderr);
+        let expected = if *release == "1.27" {
+            "Upgrade: SPDY/3.1"
+        } else {
+            "The subprotocol is v5.channel.k8s.io"
+        };
+        assert!(upgraded.stderr.contains(expected), "{release}: {}", upgraded.stderr);
+
         // Output, and arguments that the shell must receive whole.
         let echoed =
             exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "echo", "a  b", "c"], None);

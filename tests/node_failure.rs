@@ -16,7 +16,8 @@ use k8s_openapi::api::{
 };
 use serde_json::Value;
 use strait::lab;
-use support::lab::{TestLab, assert_route_stays_in_lab};
+use strait_controlplane::controllers::replica_set::is_ready as ready;
+use support::lab::{TestLab, assert_route_stays_in_lab, until};
 
 /// The timers the lab runs with: seconds, so that the test does not wait for minutes.
 const GRACE_SECONDS: u64 = 4;
@@ -77,13 +78,6 @@ async fn web_pods(lab: &TestLab) -> Vec<Pod> {
     pods
 }
 
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
 }
@@ -105,22 +99,6 @@ async fn ready_endpoints(lab: &TestLab) -> BTreeSet<String> {
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
         .filter_map(|e| e.target_ref.as_ref()?.name.clone())
         .collect()
-}
-
-/// Polls `attempt` every 50 ms until it gives a value, failing the test after `timeout`.
-async fn until<T, F, Fut>(what: &str, timeout: Duration, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn node_ready(node: &Node) -> Option<String> {

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use serde_json::Value;
 use strait::lab;
 use strait_dataplane::cgroup::Cgroup;
-use support::lab::TestLab;
+use support::lab::{TestLab, until};
 
 const REPLICA_SET: &str = "apiVersion: apps/v1
 kind: ReplicaSet
@@ -61,22 +61,6 @@ fn ready(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// Polls `attempt` until it gives a value, failing the test after `timeout`.
-async fn until<T, F, Fut>(what: &str, timeout: Duration, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn name(pod: &Pod) -> String {

@@ -357,6 +357,23 @@ pub fn udp_request(
         .expect("sending UDP")
 }
 
+/// Polls the async `attempt` every 50 ms until it gives a value, failing the test after
+/// `timeout`; [`eventually`] for checks that are not async.
+pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Retries `attempt` for up to `timeout` until it returns `Ok`, then returns that value; on
 /// timeout panics with the last error. For things that become true shortly (routes, status).
 pub async fn eventually<T>(

@@ -16,8 +16,7 @@ use serde_json::Value;
 use super::{
     error::ApiError,
     handler::{
-        KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written,
-        decode_body,
+        KindHandler, PageRequest, PatchBody, WatchEventOut, WriteOptions, Written, decode_body,
     },
     kind::{DeleteRequest, KindInfo},
     kinds::horizontal_pod_autoscaler::cpu_utilization_target,
@@ -401,20 +400,6 @@ impl KindHandler for AutoscalingV1Handler {
 
     fn metadata_access(&self) -> &dyn MetadataAccess {
         self.stored.metadata_access()
-    }
-
-    async fn get_scale(&self, _namespace: Option<&str>, _name: &str) -> Result<Value, ApiError> {
-        Err(ApiError::UnknownPath)
-    }
-
-    async fn write_scale(
-        &self,
-        _namespace: Option<&str>,
-        _name: &str,
-        _write: ScaleWrite<'_>,
-        _options: WriteOptions,
-    ) -> Result<Value, ApiError> {
-        Err(ApiError::UnknownPath)
     }
 }
 

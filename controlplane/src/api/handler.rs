@@ -214,16 +214,21 @@ pub trait KindHandler: Send + Sync {
     fn bookmark(&self, revision: Revision, format: ResponseFormat) -> Value;
     /// The kind's objects through their metadata (garbage collection, namespace deletion).
     fn metadata_access(&self) -> &dyn MetadataAccess;
-    /// The `/scale` subresource of an object (`autoscaling/v1` `Scale`).
-    async fn get_scale(&self, namespace: Option<&str>, name: &str) -> Result<Value, ApiError>;
+    /// The `/scale` subresource of an object (`autoscaling/v1` `Scale`); a kind without one
+    /// answers 404.
+    async fn get_scale(&self, _namespace: Option<&str>, _name: &str) -> Result<Value, ApiError> {
+        Err(ApiError::UnknownPath)
+    }
     /// Writes the `/scale` subresource: only `spec.replicas` changes.
     async fn write_scale(
         &self,
-        namespace: Option<&str>,
-        name: &str,
-        write: ScaleWrite<'_>,
-        options: WriteOptions,
-    ) -> Result<Value, ApiError>;
+        _namespace: Option<&str>,
+        _name: &str,
+        _write: ScaleWrite<'_>,
+        _options: WriteOptions,
+    ) -> Result<Value, ApiError> {
+        Err(ApiError::UnknownPath)
+    }
 }
 
 /// A write of a `/scale` subresource.

@@ -35,9 +35,7 @@ use serde_json::{Value, json};
 
 use super::{
     error::ApiError,
-    handler::{
-        KindHandler, PageRequest, PatchBody, ScaleWrite, WatchEventOut, WriteOptions, Written,
-    },
+    handler::{KindHandler, PageRequest, PatchBody, WatchEventOut, WriteOptions, Written},
     kind::{DeleteRequest, KindInfo},
     metadata::MetadataAccess,
     selectors::FieldSelector,
@@ -477,20 +475,6 @@ impl KindHandler for MetricsHandler {
 
     fn metadata_access(&self) -> &dyn MetadataAccess {
         self
-    }
-
-    async fn get_scale(&self, _namespace: Option<&str>, _name: &str) -> Result<Value, ApiError> {
-        Err(ApiError::UnknownPath)
-    }
-
-    async fn write_scale(
-        &self,
-        _namespace: Option<&str>,
-        _name: &str,
-        _write: ScaleWrite<'_>,
-        _options: WriteOptions,
-    ) -> Result<Value, ApiError> {
-        Err(ApiError::UnknownPath)
     }
 }
 

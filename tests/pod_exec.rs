@@ -1,16 +1,26 @@
-//! `kubectl exec` (non-interactive) end to end on a lab, with each kubectl release the machine
-//! has: 1.27 over SPDY/3.1, 1.31 and 1.33 over WebSocket. A command's output, `-c`, its exit
-//! code and stderr kept apart, stdin piped through `-i`, and that the command runs where the
-//! container does (the pod's network, the container's cgroup, environment and hostname).
-//! Kubernetes' refusals: an unknown container, a completed pod, a missing pod. Then, once: a
-//! client that goes away ends its command (over either protocol), and the node's exec server
-//! refuses anyone but the API server. One lab serves every case.
+//! `kubectl exec` end to end on a lab, with each kubectl release the machine has: 1.27 over
+//! SPDY/3.1, 1.31 and 1.33 over WebSocket. A command's output, `-c`, its exit code and stderr
+//! kept apart, stdin piped through `-i`, and that the command runs where the container does
+//! (the pod's network, the container's cgroup, environment and hostname). `-it` from a
+//! terminal: a shell on a terminal of its own, of the client's size and following its
+//! resizes, ^C reaching the foreground job, the shell's exit code. Kubernetes' refusals: an
+//! unknown container, a completed pod, a missing pod. Then, once: a client that goes away ends
+//! its command (over either protocol), a stream protocol nobody speaks is refused with 403,
+//! and the node's exec server refuses anyone but the API server. One lab serves every case.
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use strait_dataplane::{
+    runtime::process::ChildSetup,
+    streaming::terminal::{Terminal, TerminalSize},
+};
 use support::lab::{TestLab, assert_route_stays_in_lab, eventually, pod_ip};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// 1.27 speaks SPDY/3.1 (`v4.channel.k8s.io`), 1.31 and 1.33 WebSocket (`v5.channel.k8s.io`).
 const RELEASES: [&str; 3] = ["1.27", "1.31", "1.33"];
@@ -52,6 +62,103 @@ fn exec_ok(lab: &TestLab, kubectl: &str, args: &[&str], input: Option<&str>) -> 
     let ran = run(lab, kubectl, &all, input);
     assert_eq!(ran.code, Some(0), "{kubectl} {all:?}: {}\n{}", ran.stderr, lab.logs());
     ran.stdout
+}
+
+/// kubectl run as a user at a terminal runs it: on a pseudo-terminal of the test's, its
+/// controlling terminal, whose output is collected as it comes.
+struct AtTerminal {
+    terminal: Arc<Terminal>,
+    output: Arc<Mutex<Vec<u8>>>,
+    kubectl: KilledOnDrop,
+}
+
+impl AtTerminal {
+    fn start(lab: &TestLab, kubectl: &str, args: &[&str], size: TerminalSize) -> Self {
+        let (terminal, side) = Terminal::open().expect("a pseudo-terminal");
+        terminal.resize(size).expect("the terminal's size");
+        let mut command = lab.kubectl_command(kubectl);
+        command
+            .args(args)
+            .stdin(side.try_clone().expect("dup"))
+            .stdout(side.try_clone().expect("dup"))
+            .stderr(side);
+        ChildSetup::new().new_session().controlling_terminal().install(&mut command);
+        let kubectl = KilledOnDrop(command.spawn().expect("kubectl on a terminal"));
+        // `command`'s copies of the terminal go here: the end of kubectl ends the output.
+        drop(command);
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = terminal.reader();
+        let collected = Arc::clone(&output);
+        tokio::spawn(async move {
+            let mut buffer = [0u8; 4096];
+            while let Ok(read @ 1..) = reader.read(&mut buffer).await {
+                collected.lock().expect("output").extend_from_slice(&buffer[..read]);
+            }
+        });
+        Self { terminal, output, kubectl }
+    }
+
+    async fn type_line(&self, line: &str) {
+        let mut writer = self.terminal.writer();
+        writer.write_all(line.as_bytes()).await.expect("typing");
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().expect("output")).into_owned()
+    }
+
+    /// Waits until the terminal shows `text`; `line` is typed again each second (a prompt
+    /// or a resize may not have arrived yet).
+    async fn shows(&self, text: &str, line: &str) {
+        for tick in 0..200 {
+            if tick % 10 == 0 {
+                self.type_line(line).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.output().contains(text) {
+                return;
+            }
+        }
+        panic!("the terminal never showed {text:?} in 20 s: {:?}", self.output());
+    }
+}
+
+/// `kubectl exec -it` into a shell, as a user at a terminal.
+async fn exec_at_a_terminal(lab: &TestLab, release: &str, kubectl: &str) {
+    let size = TerminalSize { width: 100, height: 30 };
+    let mut at =
+        AtTerminal::start(lab, kubectl, &["exec", "-it", "duo", "-c", "main", "--", "sh"], size);
+    // The shell's terminal gets the client's size (kubectl sends it as the stream opens,
+    // beside what was typed: it may come after the first line), and is a terminal, not a
+    // pipe. The arithmetic tells the answers apart from the echo of the lines typed.
+    at.shows("S30x100", "echo S$(stty size | tr ' ' x)\n").await;
+    at.shows("R42", "tty; echo R$((40+2))\n").await;
+    let output = at.output();
+    assert!(output.contains("/dev/pts/"), "{release}: {output:?}");
+    // A resize reaches the shell's terminal (kubectl sends it on SIGWINCH).
+    at.terminal.resize(TerminalSize { width: 120, height: 40 }).expect("resize");
+    at.shows("S40x120", "echo S$(stty size | tr ' ' x)\n").await;
+    // ^C interrupts the foreground job only: the shell goes on.
+    at.type_line("sleep 1000\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    at.type_line("\x03").await;
+    at.shows("C2", "echo C$((1+1))\n").await;
+    // The shell's exit code is kubectl's.
+    at.type_line("exit 3\n").await;
+    let mut waited = Duration::ZERO;
+    let status = loop {
+        if let Some(status) = at.kubectl.0.try_wait().expect("kubectl") {
+            break status;
+        }
+        assert!(
+            waited < Duration::from_secs(20),
+            "{release}: kubectl did not end: {:?}",
+            at.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    };
+    assert_eq!(status.code(), Some(3), "{release}: {:?}", at.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +269,8 @@ spec:
         let empty = exec_ok(&lab, kubectl, &["duo", "-c", "main", "--", "wc", "-c"], None);
         assert_eq!(empty.trim(), "0", "{release}");
 
+        exec_at_a_terminal(&lab, release, kubectl).await;
+
         // Kubernetes' refusals.
         for (args, expected) in [
             (
@@ -234,14 +343,35 @@ spec:
         .await;
     }
 
+    // A stream protocol that neither side speaks: the node's 403 comes through the API.
+    let pki = strait::lab::pki_dir(lab.name());
+    let admin = [pki.join("admin.crt"), pki.join("admin.key")];
+    let output = std::process::Command::new("curl")
+        .args(["-s", "--http1.1", "--max-time", "10", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(&admin[0])
+        .arg("--key")
+        .arg(&admin[1])
+        .args(["-X", "POST", "-H", "Connection: Upgrade", "-H", "Upgrade: SPDY/3.1"])
+        .args(["-H", "X-Stream-Protocol-Version: v1.unknown.example"])
+        .arg(format!(
+            "{}/api/v1/namespaces/default/pods/duo/exec?command=true&container=main&stdout=true",
+            lab.state.api_server
+        ))
+        .output()
+        .expect("curl");
+    let answer = String::from_utf8_lossy(&output.stdout);
+    assert!(answer.ends_with("\n403"), "{answer}");
+    assert!(answer.contains("none of the offered stream protocols"), "{answer}");
+
     // The node's exec server answers the API server alone: a pod of the node reaches it,
     // and is refused without a certificate and with the admin's too.
     let node = &lab.state.nodes[0];
     let pod_netns = lab.pod_netns(&duo);
     assert_route_stays_in_lab(&pod_netns, node.address);
     let url = format!("https://{}:10250/exec/default/duo/main?command=true", node.address);
-    let pki = strait::lab::pki_dir(lab.name());
-    let admin = [pki.join("admin.crt"), pki.join("admin.key")];
     let admin_args =
         ["--cert".as_ref(), admin[0].as_os_str(), "--key".as_ref(), admin[1].as_os_str()];
     for (who, extra, expected) in

@@ -3,8 +3,8 @@
 //! (`dataplane/src/agent/exec_server.rs`) and, once the agent has switched protocols, the
 //! two connections are joined byte for byte. The API server speaks none of the streaming
 //! protocols itself: what the agent accepts (WebSocket `v5.channel.k8s.io`/`v4`, SPDY/3.1
-//! `v4`) is what kubectl gets, and the agent's refusals (a TTY, say) are relayed as the
-//! client's error.
+//! `v4`) is what kubectl gets, and the agent's refusals (no common stream protocol, say) are
+//! relayed as the client's error.
 //!
 //! The agent is reached as for `pods/log` (`pod_log.rs`): same client certificate, same
 //! network namespace.
@@ -155,10 +155,17 @@ async fn proxy(
     let status = response.status();
     if status != StatusCode::SWITCHING_PROTOCOLS {
         let text = read_error_text(response.into_body()).await;
-        if status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND {
-            return Err(ApiError::BadRequest(text));
-        }
-        return Err(internal(format!("the node answered {status}: {text}").into()));
+        return Err(match status {
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND => ApiError::BadRequest(text),
+            // No stream protocol both sides speak (kubelet answers so too).
+            StatusCode::FORBIDDEN => ApiError::Forbidden {
+                resource: String::new(),
+                name: String::new(),
+                message: text,
+                cause: None,
+            },
+            _ => internal(format!("the node answered {status}: {text}").into()),
+        });
     }
     let mut reply = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for name in

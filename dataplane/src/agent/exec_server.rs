@@ -6,7 +6,10 @@
 //! `v4.channel.k8s.io` (kubectl 1.29 and older; see `streaming/spdy`). The command runs as the
 //! container's exec probes run: in the pod's network namespace, the container's cgroup and
 //! mount namespace, with the pod's hostname and the environment the container started with.
-//! Non-interactive only: a TTY is refused.
+//! With a TTY (`kubectl exec -it`) the command's streams are a pseudo-terminal of its own,
+//! its controlling terminal, whose window follows the client's resize messages
+//! (`streaming/terminal.rs`); stdout and stderr then arrive together on stdout, as kubelet
+//! sends them.
 
 use std::{collections::HashMap, path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 
@@ -22,8 +25,9 @@ use hyper_util::rt::TokioIo;
 use strait_controlplane::auth::https::ConnectionIdentity;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    process::{Child, ChildStdin},
+    process::Child,
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 
 use super::log_server::{Refusal, check_client, text};
@@ -35,6 +39,7 @@ use crate::{
     streaming::{
         remotecommand::{self, ClientMessage, Outcome},
         spdy::{IncomingStream, SpdyConnection, header_block::header as spdy_header},
+        terminal::{self, Terminal},
         websocket::{
             MessageAssembler, Opcode, WsError, WsFrame, WsMessage, accept_key, close_code,
         },
@@ -113,13 +118,6 @@ async fn exec(
         return text(
             StatusCode::BAD_REQUEST,
             "you must specify at least one command for the container".into(),
-        );
-    }
-    if options.tty {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "a TTY is not supported: strait runs commands non-interactively (kubectl exec without -t)"
-                .into(),
         );
     }
     if is_spdy_upgrade(request.headers()) {
@@ -259,8 +257,12 @@ async fn spdy_session(
     options: ExecOptions,
 ) {
     let mut connection = SpdyConnection::serve(io);
-    let expected =
-        1 + usize::from(options.stdin) + usize::from(options.stdout) + usize::from(options.stderr);
+    // A TTY adds the resize stream.
+    let expected = 1
+        + usize::from(options.stdin)
+        + usize::from(options.stdout)
+        + usize::from(options.stderr)
+        + usize::from(options.tty);
     let mut streams: HashMap<String, IncomingStream> = HashMap::new();
     let opened = tokio::time::timeout(SPDY_STREAMS_TIMEOUT, async {
         while streams.len() < expected {
@@ -282,8 +284,8 @@ async fn spdy_session(
         let _ = sender.send(error_stream.id, Bytes::from(status));
         let _ = sender.finish(error_stream.id);
     };
-    let mut child = match spawn_command(&target, &options) {
-        Ok(child) => child,
+    let mut started = match spawn_command(&target, &options) {
+        Ok(started) => started,
         Err(message) => {
             for stream in streams.values() {
                 let _ = sender.finish(stream.id);
@@ -293,8 +295,21 @@ async fn spdy_session(
             return;
         }
     };
+    if let (Some(mut incoming), Some(terminal)) = (streams.remove("resize"), &started.terminal) {
+        let terminal = Arc::clone(terminal);
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            while let Some(data) = incoming.data.recv().await {
+                for size in terminal::take_sizes(&mut pending, &data) {
+                    if let Err(error) = terminal.resize(size) {
+                        tracing::debug!(%error, "resizing an exec terminal");
+                    }
+                }
+            }
+        });
+    }
     let stdin_stream = streams.remove("stdin");
-    if let (Some(mut incoming), Some(mut pipe)) = (stdin_stream, child.stdin.take()) {
+    if let (Some(mut incoming), Some(mut pipe)) = (stdin_stream, started.input(&options)) {
         let sender = sender.clone();
         tokio::spawn(async move {
             while let Some(data) = incoming.data.recv().await {
@@ -307,9 +322,9 @@ async fn spdy_session(
             let _ = sender.finish(incoming.id);
         });
     }
-    let spdy_pump = |output: Option<Box<dyn AsyncRead + Unpin + Send>>, stream: Option<u32>| {
+    let spdy_pump = |output: Option<Output>, stream: Option<u32>| {
         let sender = sender.clone();
-        async move {
+        tokio::spawn(async move {
             let (Some(mut output), Some(id)) = (output, stream) else { return };
             let mut buffer = vec![0u8; CHUNK];
             while let Ok(read @ 1..) = output.read(&mut buffer).await {
@@ -318,19 +333,20 @@ async fn spdy_session(
                 }
             }
             let _ = sender.finish(id);
-        }
+        })
     };
-    let stdout = spdy_pump(
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-        streams.get("stdout").map(|s| s.id),
-    );
-    let stderr = spdy_pump(
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-        streams.get("stderr").map(|s| s.id),
-    );
+    let (stdout, stderr) = started.outputs();
+    let pumps = [
+        spdy_pump(stdout, streams.get("stdout").map(|s| s.id)),
+        spdy_pump(stderr, streams.get("stderr").map(|s| s.id)),
+    ];
+    let abort = pumps.each_ref().map(JoinHandle::abort_handle);
+    let has_terminal = started.terminal.is_some();
+    let mut child = started.child;
     let ended = async {
-        tokio::join!(stdout, stderr);
-        child.wait().await
+        let status = child.wait().await;
+        output_done(pumps, has_terminal).await;
+        status
     };
     // The connection's reader drops its stream queue when the client goes away.
     let gone = async { while connection.streams.recv().await.is_some() {} };
@@ -342,13 +358,8 @@ async fn spdy_session(
             });
         }
         () = gone => {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.kill().await;
+            end_session(&mut child).await;
+            abort.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
     drop(sender);
@@ -415,31 +426,114 @@ fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Starts the command where the container runs, with pipes for the streams asked for.
-fn spawn_command(target: &ExecTarget, options: &ExecOptions) -> Result<Child, String> {
+/// What the command reads, and what it writes.
+type Input = Box<dyn AsyncWrite + Unpin + Send>;
+type Output = Box<dyn AsyncRead + Unpin + Send>;
+
+/// A started command and its streams.
+struct Started {
+    child: Child,
+    /// With a TTY: the terminal its streams are on.
+    terminal: Option<Arc<Terminal>>,
+}
+
+impl Started {
+    /// Where the client's stdin goes, if it sends any.
+    fn input(&mut self, options: &ExecOptions) -> Option<Input> {
+        match &self.terminal {
+            Some(terminal) => options.stdin.then(|| Box::new(terminal.writer()) as Input),
+            None => self.child.stdin.take().map(|pipe| Box::new(pipe) as Input),
+        }
+    }
+
+    /// stdout and stderr; a terminal is read whether or not the client asked for its output,
+    /// or the command would stop once its buffer is full.
+    fn outputs(&mut self) -> (Option<Output>, Option<Output>) {
+        match &self.terminal {
+            Some(terminal) => (Some(Box::new(terminal.reader())), None),
+            None => (
+                self.child.stdout.take().map(|pipe| Box::new(pipe) as Output),
+                self.child.stderr.take().map(|pipe| Box::new(pipe) as Output),
+            ),
+        }
+    }
+}
+
+/// How long a terminal's output is read on once the command has ended: what it wrote is
+/// there already, but a job it left in the background may hold the terminal for ever.
+const TERMINAL_DRAIN: Duration = Duration::from_secs(1);
+
+/// Waits for the output to be sent: pipes to their end (as long as any process holds them,
+/// as kubelet does), a terminal for [`TERMINAL_DRAIN`] at most.
+async fn output_done(pumps: [JoinHandle<()>; 2], terminal: bool) {
+    let abort = pumps.each_ref().map(JoinHandle::abort_handle);
+    let all = async {
+        for pump in pumps {
+            let _ = pump.await;
+        }
+    };
+    if !terminal {
+        all.await;
+    } else if tokio::time::timeout(TERMINAL_DRAIN, all).await.is_err() {
+        abort.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+}
+
+/// Ends a command whose client went away, and what it started in its session. (Its pid
+/// cannot be reused before it is reaped.)
+async fn end_session(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill().await;
+}
+
+/// Starts the command where the container runs, with pipes for the streams asked for, or on
+/// a terminal of its own.
+fn spawn_command(target: &ExecTarget, options: &ExecOptions) -> Result<Started, String> {
     let program = &options.command[0];
     let path_var = target.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
     let resolved = resolve_program(program, path_var)
         .ok_or_else(|| format!("exec {program:?}: executable file not found in $PATH"))?;
-    let setup = ChildSetup::new()
+    let mut setup = ChildSetup::new()
         .join_cgroup(&target.cgroup_procs)
         .map(ChildSetup::new_session)
         .and_then(|setup| setup.enter_netns(&target.netns_path))
         .and_then(|setup| setup.hostname(&target.hostname))
         .and_then(|setup| setup.join_mount_namespace(&target.mount_namespace))
         .map_err(|e| format!("exec {program:?}: preparing: {e}"))?;
-    let pipe_if = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
     let mut command = tokio::process::Command::new(&resolved);
     command
         .args(&options.command[1..])
         .env_clear()
         .envs(target.env.iter().map(|(k, v)| (k, v)))
-        .stdin(pipe_if(options.stdin))
-        .stdout(pipe_if(options.stdout))
-        .stderr(pipe_if(options.stderr))
         .kill_on_drop(true);
+    let terminal = if options.tty {
+        let (terminal, side) =
+            Terminal::open().map_err(|e| format!("exec {program:?}: opening a terminal: {e}"))?;
+        let copy = || {
+            side.try_clone()
+                .map(Stdio::from)
+                .map_err(|e| format!("exec {program:?}: opening a terminal: {e}"))
+        };
+        command.stdin(copy()?).stdout(copy()?).stderr(Stdio::from(side));
+        setup = setup.controlling_terminal();
+        Some(terminal)
+    } else {
+        let pipe_if = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+        command
+            .stdin(pipe_if(options.stdin))
+            .stdout(pipe_if(options.stdout))
+            .stderr(pipe_if(options.stderr));
+        None
+    };
     setup.install(command.as_std_mut());
-    command.spawn().map_err(|e| format!("exec {program:?}: {e}"))
+    let child = command.spawn().map_err(|e| format!("exec {program:?}: {e}"))?;
+    // `command` goes here with its copies of the terminal's side: the child holds the rest.
+    Ok(Started { child, terminal })
 }
 
 /// One exec over an upgraded connection: the command's output out, stdin in, then its exit
@@ -460,23 +554,30 @@ async fn session(
         let _ = frames.send(WsFrame::message(Opcode::Binary, message)).await;
         let _ = frames.send(WsFrame::close(close_code::NORMAL, "")).await;
     };
-    let mut child = match spawn_command(&target, &options) {
-        Ok(child) => child,
+    let mut started = match spawn_command(&target, &options) {
+        Ok(started) => started,
         Err(message) => {
             finish(frames, Outcome::Failed(message)).await;
             let _ = writing.await;
             return;
         }
     };
-    tracing::debug!(protocol, command = ?options.command, "exec started");
-    let stdin = child.stdin.take();
-    let stdout = pump(child.stdout.take(), remotecommand::STDOUT, frames.clone());
-    let stderr = pump(child.stderr.take(), remotecommand::STDERR, frames.clone());
+    tracing::debug!(protocol, command = ?options.command, tty = options.tty, "exec started");
+    let stdin = started.input(&options);
+    let (stdout, stderr) = started.outputs();
+    let pumps = [
+        tokio::spawn(pump(stdout, remotecommand::STDOUT, frames.clone())),
+        tokio::spawn(pump(stderr, remotecommand::STDERR, frames.clone())),
+    ];
+    let abort = pumps.each_ref().map(JoinHandle::abort_handle);
+    let terminal = started.terminal.clone();
+    let mut child = started.child;
     let ended = async {
-        tokio::join!(stdout, stderr);
-        child.wait().await
+        let status = child.wait().await;
+        output_done(pumps, terminal.is_some()).await;
+        status
     };
-    let reading = read_client(reader, stdin, frames.clone());
+    let reading = read_client(reader, stdin, terminal.clone(), frames.clone());
     tokio::select! {
         status = ended => {
             let outcome = match status {
@@ -486,15 +587,9 @@ async fn session(
             finish(frames, outcome).await;
         }
         () = reading => {
-            // The client is gone: nobody reads the output. The command leads a session of its
-            // own, and its pid cannot be reused before it is reaped.
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.kill().await;
+            // The client is gone: nobody reads the output.
+            end_session(&mut child).await;
+            abort.iter().for_each(tokio::task::AbortHandle::abort);
             drop(frames);
         }
     }
@@ -508,7 +603,7 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 }
 
 /// Sends what `stream` yields on `channel` until it ends.
-async fn pump(stream: Option<impl AsyncRead + Unpin>, channel: u8, frames: mpsc::Sender<WsFrame>) {
+async fn pump(stream: Option<Output>, channel: u8, frames: mpsc::Sender<WsFrame>) {
     let Some(mut stream) = stream else { return };
     let mut buffer = vec![0u8; CHUNK];
     loop {
@@ -525,10 +620,11 @@ async fn pump(stream: Option<impl AsyncRead + Unpin>, channel: u8, frames: mpsc:
 }
 
 /// Reads the client's frames until it closes or goes: stdin to the command (closed when the
-/// client closes its stdin channel), pings answered.
+/// client closes its stdin channel), window sizes to its terminal, pings answered.
 async fn read_client(
     mut reader: impl AsyncRead + Unpin,
-    mut stdin: Option<ChildStdin>,
+    mut stdin: Option<Input>,
+    terminal: Option<Arc<Terminal>>,
     frames: mpsc::Sender<WsFrame>,
 ) {
     let mut buffer = BytesMut::with_capacity(CHUNK);
@@ -557,6 +653,14 @@ async fn read_client(
                         }
                     }
                     Some(ClientMessage::Close(remotecommand::STDIN)) => stdin = None,
+                    Some(ClientMessage::Resize(data)) => {
+                        let size = terminal.as_ref().zip(terminal::parse_size(data));
+                        if let Some((terminal, size)) = size
+                            && let Err(error) = terminal.resize(size)
+                        {
+                            tracing::debug!(%error, "resizing an exec terminal");
+                        }
+                    }
                     Some(ClientMessage::Close(_) | ClientMessage::Other(_)) | None => {}
                 },
                 WsMessage::Ping(payload) => {
@@ -643,7 +747,8 @@ mod tests {
             .spawn()
             .expect("cat");
         let (frames, mut sent) = mpsc::channel(8);
-        let reading = tokio::spawn(read_client(from_client, cat.stdin.take(), frames));
+        let stdin = cat.stdin.take().map(|pipe| Box::new(pipe) as Input);
+        let reading = tokio::spawn(read_client(from_client, stdin, None, frames));
         let mut wire = client(WsFrame::message(Opcode::Binary, &b"\x00hello "[..]));
         wire.extend(client(WsFrame::message(Opcode::Ping, &b"beat"[..])));
         // A stdin message in two fragments, then v5's close of stdin.

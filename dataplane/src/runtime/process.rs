@@ -56,6 +56,7 @@ pub struct Launch {
 pub struct ChildSetup {
     cgroup_procs: Option<CString>,
     new_session: bool,
+    controlling_terminal: bool,
     netns: Option<File>,
     hostname: Option<CString>,
     /// A mount namespace of its own is made when there is anything to mount in it.
@@ -138,6 +139,13 @@ impl ChildSetup {
     /// Starts a session of its own (no signal to the starter's group reaches it).
     pub fn new_session(mut self) -> Self {
         self.new_session = true;
+        self
+    }
+
+    /// Makes the terminal on its stdin its controlling terminal (`kubectl exec -t`), so that
+    /// the terminal's signals (^C, window changes) reach it. Needs a session of its own.
+    pub fn controlling_terminal(mut self) -> Self {
+        self.controlling_terminal = true;
         self
     }
 
@@ -275,6 +283,10 @@ impl ChildSetup {
             }
             if self.new_session {
                 check(libc::setsid())?;
+            }
+            if self.controlling_terminal {
+                // The standard streams are in place before the pre-exec steps run.
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
             }
             if let Some(netns) = &self.netns {
                 check(libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET))?;

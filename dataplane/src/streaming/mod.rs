@@ -3,4 +3,5 @@
 
 pub mod remotecommand;
 pub mod spdy;
+pub mod terminal;
 pub mod websocket;

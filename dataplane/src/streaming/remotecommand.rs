@@ -41,7 +41,9 @@ pub enum ClientMessage<'a> {
     Stdin(&'a [u8]),
     /// v5: the client will send nothing more on this channel.
     Close(u8),
-    /// A terminal size (only with a TTY, which is not served) or anything else: ignored.
+    /// A terminal's new size (JSON), with a TTY.
+    Resize(&'a [u8]),
+    /// Anything else: ignored.
     Other(u8),
 }
 
@@ -51,6 +53,7 @@ pub fn parse_client_message(payload: &[u8]) -> Option<ClientMessage<'_>> {
     Some(match channel {
         STDIN => ClientMessage::Stdin(data),
         CLOSE => ClientMessage::Close(*data.first()?),
+        RESIZE => ClientMessage::Resize(data),
         other => ClientMessage::Other(other),
     })
 }
@@ -105,7 +108,8 @@ mod tests {
         assert_eq!(parse_client_message(b"\x00"), Some(ClientMessage::Stdin(b"")));
         assert_eq!(parse_client_message(&[CLOSE, STDIN]), Some(ClientMessage::Close(STDIN)));
         assert_eq!(parse_client_message(&[CLOSE]), None, "a close names its channel");
-        assert_eq!(parse_client_message(b"\x04{}"), Some(ClientMessage::Other(RESIZE)));
+        assert_eq!(parse_client_message(b"\x04{}"), Some(ClientMessage::Resize(b"{}")));
+        assert_eq!(parse_client_message(b"\x07x"), Some(ClientMessage::Other(7)));
         assert_eq!(parse_client_message(b""), None);
         assert_eq!(&channel_message(STDERR, b"oops")[..], b"\x02oops");
     }

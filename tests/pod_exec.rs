@@ -1,5 +1,5 @@
-//! `kubectl exec` end to end on a lab, with each kubectl release the machine has: 1.27 over
-//! SPDY/3.1, 1.31 and 1.33 over WebSocket. A command's output, `-c`, its exit code and stderr
+//! `kubectl exec` end to end on a lab, with each kubectl release from 1.27 to 1.33: up to 1.29
+//! over SPDY/3.1, from 1.30 over WebSocket. A command's output, `-c`, its exit code and stderr
 //! kept apart, stdin piped through `-i`, and that the command runs where the container does
 //! (the pod's network, the container's cgroup, environment and hostname). `-it` from a
 //! terminal: a shell on a terminal of its own, of the client's size and following its
@@ -22,8 +22,10 @@ use strait_dataplane::{
 use support::lab::{TestLab, assert_route_stays_in_lab, eventually, pod_ip};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// 1.27 speaks SPDY/3.1 (`v4.channel.k8s.io`), 1.31 and 1.33 WebSocket (`v5.channel.k8s.io`).
-const RELEASES: [&str; 3] = ["1.27", "1.31", "1.33"];
+/// Every release the issue names: 1.27 to 1.29 speak SPDY/3.1 (`v4.channel.k8s.io`), 1.30 and
+/// later WebSocket (`v5.channel.k8s.io`).
+const RELEASES: [&str; 7] = ["1.27", "1.28", "1.29", "1.30", "1.31", "1.32", "1.33"];
+const SPDY_RELEASES: [&str; 3] = ["1.27", "1.28", "1.29"];
 
 fn kubectl_path(release: &str) -> Option<String> {
     let path = format!("/usr/lib/google-cloud-sdk/bin/kubectl.{release}");
@@ -168,7 +170,7 @@ async fn kubectl_exec_runs_commands_inside_the_pod() {
     }
     let releases: Vec<(&str, String)> =
         RELEASES.iter().filter_map(|release| Some((*release, kubectl_path(release)?))).collect();
-    assert!(!releases.is_empty(), "no kubectl of {RELEASES:?} on this machine");
+    assert_eq!(releases.len(), RELEASES.len(), "kubectl {RELEASES:?} expected on this machine");
     let lab = TestLab::up("exec", 1).await;
 
     // `duo`: two idle containers with an environment of their own. `finished`: a pod whose
@@ -215,7 +217,7 @@ spec:
         let verbose = ["exec", "-v=8", "duo", "-c", "main", "--", "true"];
         let upgraded = run(&lab, kubectl, &verbose, None);
         assert_eq!(upgraded.code, Some(0), "{release}: {}", upgraded.stderr);
-        let expected = if *release == "1.27" {
+        let expected = if SPDY_RELEASES.contains(release) {
             "Upgrade: SPDY/3.1"
         } else {
             "The subprotocol is v5.channel.k8s.io"

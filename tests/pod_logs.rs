@@ -1,5 +1,5 @@
-//! `kubectl logs` end to end on a lab, with each kubectl release the machine has (1.27, 1.31,
-//! 1.33): a container's output, `-c`, `--tail`, `--limit-bytes`, `--since`, `--since-time`,
+//! `kubectl logs` end to end on a lab, with every kubectl release from 1.27 to 1.33 (all are
+//! installed here): a container's output, `-c`, `--tail`, `--limit-bytes`, `--since`, `--since-time`,
 //! `--timestamps`, `--previous` after a restart, `-f` receiving a line written after it
 //! opened, and Kubernetes' refusals (no container named in a pod of several, an unknown
 //! container, no previous incarnation, a container that has not started, a missing pod).
@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use strait::lab::{self, LabProcess};
 use support::lab::{TestLab, assert_route_stays_in_lab, eventually};
 
-const RELEASES: [&str; 3] = ["1.27", "1.31", "1.33"];
+const RELEASES: [&str; 7] = ["1.27", "1.28", "1.29", "1.30", "1.31", "1.32", "1.33"];
 
 fn kubectl_releases() -> Vec<(&'static str, String)> {
     RELEASES
@@ -77,7 +77,7 @@ async fn kubectl_logs_reads_follows_and_refuses_as_kubernetes() {
         return;
     }
     let releases = kubectl_releases();
-    assert!(!releases.is_empty(), "no kubectl of {RELEASES:?} on this machine");
+    assert_eq!(releases.len(), RELEASES.len(), "kubectl {RELEASES:?} expected on this machine");
     let tag = std::process::id();
     let lab = TestLab::up_with_agent_args("logs", 1, &["--restart-backoff", "0.5"]).await;
 

@@ -1,7 +1,7 @@
-//! `kubectl logs` end to end on a lab, with every kubectl release from 1.27 to 1.33 (all are
-//! installed here): a container's output, `-c`, `--tail`, `--limit-bytes`, `--since`, `--since-time`,
-//! `--timestamps`, `--previous` after a restart, `-f` receiving a line written after it
-//! opened, and Kubernetes' refusals (no container named in a pod of several, an unknown
+//! `kubectl logs` end to end on a lab, with every kubectl release from 1.27 to 1.33 (all
+//! are installed here): a container's output, `-c`, `--tail`, `--limit-bytes`, `--since`,
+//! `--since-time`, `--timestamps`, `--previous` after a restart, `-f` receiving a line
+//! written after it opened, and Kubernetes' refusals (no container named in a pod of several, an unknown
 //! container, no previous incarnation, a container that has not started, a missing pod).
 //! Then, once: `-f` ends with its container, the node's log server refuses anyone but the
 //! API server, and a log goes on being written across an agent restart. One lab serves

@@ -19,7 +19,7 @@ use strait_dataplane::{
     runtime::process::ChildSetup,
     streaming::terminal::{Terminal, TerminalSize},
 };
-use support::lab::{TestLab, assert_route_stays_in_lab, eventually, pod_ip};
+use support::lab::{TestLab, assert_node_server_refuses_all_but_the_api, eventually, pod_ip};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Every release the issue names: 1.27 to 1.29 speak SPDY/3.1 (`v4.channel.k8s.io`), 1.30 and
@@ -370,24 +370,10 @@ spec:
 
     // The node's exec server answers the API server alone: a pod of the node reaches it,
     // and is refused without a certificate and with the admin's too.
-    let node = &lab.state.nodes[0];
-    let pod_netns = lab.pod_netns(&duo);
-    assert_route_stays_in_lab(&pod_netns, node.address);
-    let url = format!("https://{}:10250/exec/default/duo/main?command=true", node.address);
-    let admin_args =
-        ["--cert".as_ref(), admin[0].as_os_str(), "--key".as_ref(), admin[1].as_os_str()];
-    for (who, extra, expected) in
-        [("anonymous", &admin_args[..0], "401"), ("the admin", &admin_args[..], "403")]
-    {
-        // -k: the agent presents its node identity, not a serving certificate.
-        let output = std::process::Command::new("ip")
-            .args(["netns", "exec", pod_netns.name(), "curl", "-sk", "-o", "/dev/null"])
-            .args(["-w", "%{http_code}", "--max-time", "10", "-X", "POST"])
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("curl");
-        let code = String::from_utf8_lossy(&output.stdout);
-        assert_eq!(code, expected, "{who} asking the node's exec server directly");
-    }
+    assert_node_server_refuses_all_but_the_api(
+        &lab,
+        &duo,
+        "POST",
+        "/exec/default/duo/main?command=true",
+    );
 }

@@ -18,7 +18,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use strait::lab::{self, LabProcess};
-use support::lab::{TestLab, assert_route_stays_in_lab, eventually};
+use support::lab::{TestLab, assert_node_server_refuses_all_but_the_api, eventually};
 
 const RELEASES: [&str; 7] = ["1.27", "1.28", "1.29", "1.30", "1.31", "1.32", "1.33"];
 
@@ -255,28 +255,12 @@ spec:
 
     // The agent's log server answers the API server alone: a pod of the node reaches it,
     // and is refused without a certificate and with the admin's too.
-    let node = &lab.state.nodes[0];
-    let pod_netns = lab.pod_netns(&duo);
-    assert_route_stays_in_lab(&pod_netns, node.address);
-    let url = format!("https://{}:10250/containerLogs/default/duo/talker", node.address);
-    let pki = strait::lab::pki_dir(lab.name());
-    let admin = [pki.join("admin.crt"), pki.join("admin.key")];
-    let admin_args =
-        ["--cert".as_ref(), admin[0].as_os_str(), "--key".as_ref(), admin[1].as_os_str()];
-    for (who, extra, expected) in
-        [("anonymous", &admin_args[..0], "401"), ("the admin", &admin_args[..], "403")]
-    {
-        // -k: the agent presents its node identity, not a serving certificate.
-        let output = std::process::Command::new("ip")
-            .args(["netns", "exec", pod_netns.name(), "curl", "-sk", "-o", "/dev/null"])
-            .args(["-w", "%{http_code}", "--max-time", "10"])
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("curl");
-        let code = String::from_utf8_lossy(&output.stdout);
-        assert_eq!(code, expected, "{who} asking the node's log server directly");
-    }
+    assert_node_server_refuses_all_but_the_api(
+        &lab,
+        &duo,
+        "GET",
+        "/containerLogs/default/duo/talker",
+    );
 
     // -f ends when the container does.
     let brief = r#"apiVersion: v1

@@ -292,6 +292,39 @@ pub fn assert_route_stays_in_lab(netns: &NetNs, destination: Ipv4Addr) {
     );
 }
 
+/// Asserts that the first node's TLS server (`:10250`, `path` on it) answers the API server
+/// alone: from inside `pod` (a pod of that node, so in the lab's fabric), a request without a
+/// certificate gets 401 and one with the lab's admin certificate 403. `method` as curl's `-X`.
+pub fn assert_node_server_refuses_all_but_the_api(
+    lab: &TestLab,
+    pod: &Pod,
+    method: &str,
+    path: &str,
+) {
+    let node = &lab.state.nodes[0];
+    let pod_netns = lab.pod_netns(pod);
+    assert_route_stays_in_lab(&pod_netns, node.address);
+    let url = format!("https://{}:10250{path}", node.address);
+    let pki = lab::pki_dir(lab.name());
+    let admin = [pki.join("admin.crt"), pki.join("admin.key")];
+    let admin_args =
+        ["--cert".as_ref(), admin[0].as_os_str(), "--key".as_ref(), admin[1].as_os_str()];
+    for (who, extra, expected) in
+        [("anonymous", &admin_args[..0], "401"), ("the admin", &admin_args[..], "403")]
+    {
+        // -k: the agent presents its node identity, not a serving certificate.
+        let output = Command::new("ip")
+            .args(["netns", "exec", pod_netns.name(), "curl", "-sk", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--max-time", "10", "-X", method])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        let code = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(code, expected, "{who} asking {url} directly");
+    }
+}
+
 /// `GET path` over HTTP/1.0 from inside `netns`, after checking the route. Returns the body.
 pub fn http_get(
     netns: &NetNs,

@@ -465,6 +465,14 @@ async fn pods_resolve_services_through_the_cluster_dns() {
             assert_eq!(answer["rcode"], "NXDomain", "{path}/{transport}: {answer}");
         }
     }
+    // A deleted service's name goes; the other service of its namespace stays.
+    lab.kubectl_ok(&["delete", "service", "web"]);
+    for (path, client) in PATHS {
+        within(Duration::from_secs(5), &format!("{path}: a deleted service's name goes"), || {
+            getent(client, "web.default.svc.cluster.local").is_none()
+        });
+        assert_eq!(getent(client, "web-headless"), Some(pod_ips.clone()), "{path}: headless");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,13 +19,18 @@
 //! through it. Short names are the client's business: the pod's `resolv.conf` search list
 //! (see `runtime::dns_config`) turns `web` into `web.<ns>.svc.<domain>` before asking.
 //!
-//! The zone is immutable; the agent builds a new one when services change and publishes it
-//! through a `watch` channel. Each query clones the current `Arc` (O(1)) and looks its name up
-//! in one `HashMap`. [`ClusterDns::with_metrics`] counts the answers by response code
+//! A published zone is immutable: each query clones the current `Arc` from a `watch` channel
+//! (O(1)) and looks its name up in one shard of the zone's names. The agent keeps its own copy
+//! that it changes service by service ([`DnsZone::upsert_service`],
+//! [`DnsZone::remove_service`]) and publishes a clone after each batch of changes. The names
+//! are split into [`SHARDS`] maps shared between copies: a clone costs one reference count per
+//! shard, and a change copies only the shards it touches (those a published zone still holds),
+//! so a service change costs about 1/[`SHARDS`] of the zone, not a rebuild of it. [`ClusterDns::with_metrics`] counts the answers by response code
 //! (`strait_dns_queries_total`).
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::HashMap,
+    hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher},
     io,
     net::Ipv4Addr,
     sync::Arc,
@@ -95,21 +100,42 @@ pub struct InvalidClusterDomain {
 
 /// The records of one name. A name with no records at all still exists (an empty
 /// non-terminal such as `<ns>.svc.<domain>`): it answers NOERROR without records, and its
-/// children are not denied by an NXDOMAIN on it (RFC 8020).
-#[derive(Debug, Default)]
+/// children are not denied by an NXDOMAIN on it (RFC 8020). It exists as long as it is a
+/// service's name or has a name below it.
+#[derive(Clone, Debug, Default)]
 struct NameRecords {
     a: Vec<Record>,
     srv: Vec<Record>,
     /// Addresses of SRV targets, for the additional section.
     srv_additionals: Vec<Record>,
+    /// A service's own name: its SRV names (removed with it).
+    service: Option<Vec<LowerName>>,
+    /// Names directly below this one.
+    children: u32,
 }
 
-/// Every name of the cluster domain, built once and then only read.
-#[derive(Debug)]
+impl NameRecords {
+    fn is_unused(&self) -> bool {
+        self.service.is_none() && self.children == 0 && self.a.is_empty() && self.srv.is_empty()
+    }
+}
+
+/// Shards of a zone's names (see the module's documentation).
+pub const SHARDS: usize = 256;
+
+/// The shard of a name: a hash with fixed keys, the same in every copy of the zone.
+type ShardHasher = BuildHasherDefault<DefaultHasher>;
+
+type Names = HashMap<LowerName, NameRecords>;
+
+/// Every name of the cluster domain. Cloning shares the names (see the module's
+/// documentation).
+#[derive(Clone, Debug)]
 pub struct DnsZone {
     apex: LowerName,
+    apex_name: Name,
     soa: Record,
-    names: HashMap<LowerName, NameRecords>,
+    shards: Vec<Arc<Names>>,
 }
 
 /// What a query gets from the zone.
@@ -147,19 +173,51 @@ impl DnsZone {
         let mut zone = Self {
             soa: Record::from_rdata(apex.clone(), DNS_TTL, RData::SOA(soa_rdata)),
             apex: LowerName::from(&apex),
-            names: HashMap::new(),
+            apex_name: apex,
+            shards: Vec::new(),
         };
-        zone.names.insert(zone.apex.clone(), NameRecords::default());
+        zone.clear();
         for service in services {
-            if let Err(error) = zone.add_service(&apex, &service) {
-                tracing::warn!(
-                    service = %format!("{}/{}", service.namespace, service.name),
-                    %error,
-                    "service left out of the cluster DNS: its name is not a DNS name"
-                );
-            }
+            zone.upsert_service(&service);
         }
         Ok(zone)
+    }
+
+    /// Removes every service: the apex alone is left.
+    pub fn clear(&mut self) {
+        self.shards = (0..SHARDS).map(|_| Arc::default()).collect();
+        let apex = self.apex.clone();
+        self.names_mut(&apex).insert(apex, NameRecords::default());
+    }
+
+    /// Adds `service`, or replaces what the zone had under its namespace and name.
+    pub fn upsert_service(&mut self, service: &DnsService) {
+        self.remove_service(&service.namespace, &service.name);
+        if let Err(error) = self.add_service(service) {
+            tracing::warn!(
+                service = %format!("{}/{}", service.namespace, service.name),
+                %error,
+                "service left out of the cluster DNS: its name is not a DNS name"
+            );
+        }
+    }
+
+    /// Removes the service `namespace/name` and its names, and the names above them that no
+    /// other service needs. Nothing happens for a service the zone does not have.
+    pub fn remove_service(&mut self, namespace: &str, name: &str) {
+        let Some(service_name) = self.service_name(namespace, name) else { return };
+        let service_name = LowerName::from(&service_name);
+        let Some(records) = self.names_mut(&service_name).get_mut(&service_name) else { return };
+        let Some(srv_names) = records.service.take() else { return };
+        records.a.clear();
+        for srv_name in srv_names {
+            if let Some(records) = self.names_mut(&srv_name).get_mut(&srv_name) {
+                records.srv.clear();
+                records.srv_additionals.clear();
+            }
+            self.prune(srv_name);
+        }
+        self.prune(service_name);
     }
 
     /// The cluster domain, lowercase, with its trailing dot.
@@ -169,20 +227,42 @@ impl DnsZone {
 
     /// How many names the zone holds, service names and the names between them and the apex.
     pub fn name_count(&self) -> usize {
-        self.names.len()
+        self.shards.iter().map(|names| names.len()).sum()
     }
 
-    fn add_service(&mut self, apex: &Name, service: &DnsService) -> Result<(), String> {
+    fn shard(&self, name: &LowerName) -> usize {
+        (ShardHasher::default().hash_one(name) % SHARDS as u64) as usize
+    }
+
+    fn names(&self, name: &LowerName) -> &Names {
+        &self.shards[self.shard(name)]
+    }
+
+    /// The shard of `name`, for a change: copied first if another zone shares it.
+    fn names_mut(&mut self, name: &LowerName) -> &mut Names {
+        let shard = self.shard(name);
+        Arc::make_mut(&mut self.shards[shard])
+    }
+
+    /// `<name>.<namespace>.svc.<domain>`, lowercase; `None` if that is not a DNS name.
+    fn service_name(&self, namespace: &str, name: &str) -> Option<Name> {
+        let relative = format!("{name}.{namespace}.svc");
+        Name::from_ascii(&relative)
+            .and_then(|name| name.append_domain(&self.apex_name))
+            .ok()
+            .map(|name| name.to_lowercase())
+    }
+
+    fn add_service(&mut self, service: &DnsService) -> Result<(), String> {
         for label in [&service.namespace, &service.name] {
             if !is_dns_label(label) {
                 return Err(format!("{label:?} is not a DNS label"));
             }
         }
-        let relative = format!("{}.{}.svc", service.name, service.namespace);
-        let service_name = Name::from_ascii(&relative)
-            .and_then(|name| name.append_domain(apex))
-            .map_err(|e| e.to_string())?
-            .to_lowercase();
+        let service_name =
+            self.service_name(&service.namespace, &service.name).ok_or_else(|| {
+                format!("{}.{}.svc is not a DNS name", service.name, service.namespace)
+            })?;
         let mut addresses: Vec<Ipv4Addr> = match service.cluster_ip {
             Some(ip) => vec![ip],
             None => service.endpoints.clone(),
@@ -194,6 +274,8 @@ impl DnsZone {
             .map(|ip| Record::from_rdata(service_name.clone(), DNS_TTL, RData::A(A(*ip))))
             .collect();
 
+        // Every name is checked before any is made: a refused service leaves nothing behind.
+        let mut srv_records = Vec::new();
         for port in service.ports.iter().filter(|p| !p.name.is_empty()) {
             if !is_dns_label(&port.name) || !is_dns_label(&port.protocol) {
                 return Err(format!("port {:?}/{:?} is not a DNS label", port.name, port.protocol));
@@ -211,27 +293,50 @@ impl DnsZone {
                 DNS_TTL,
                 RData::SRV(SRV::new(0, 100, port.port, service_name.clone())),
             );
-            self.add_ancestors(&srv_name);
-            let entry = self.names.entry(LowerName::from(&srv_name)).or_default();
+            srv_records.push((srv_name, record));
+        }
+        // The service's own name first, so that its SRV names are found by its removal.
+        self.make_name(&service_name).service = Some(Vec::new());
+        let mut srv_names = Vec::new();
+        for (srv_name, record) in srv_records {
+            let entry = self.make_name(&srv_name);
             entry.srv.push(record);
             entry.srv_additionals = a.clone();
+            srv_names.push(LowerName::from(&srv_name));
         }
-        self.add_ancestors(&service_name);
-        self.names.entry(LowerName::from(&service_name)).or_default().a = a;
+        let entry = self.make_name(&service_name);
+        entry.a = a;
+        entry.service = Some(srv_names);
         Ok(())
     }
 
-    /// Makes every name between `name` (exclusive) and the apex exist.
-    fn add_ancestors(&mut self, name: &Name) {
-        let mut parent = name.base_name();
-        while parent.num_labels() > self.apex.num_labels() {
-            match self.names.entry(LowerName::from(&parent)) {
-                Entry::Occupied(_) => return,
-                Entry::Vacant(vacant) => {
-                    vacant.insert(NameRecords::default());
-                }
+    /// The records of `name`, made (with every name between it and the apex) if missing.
+    fn make_name(&mut self, name: &Name) -> &mut NameRecords {
+        let key = LowerName::from(name);
+        if !self.names(&key).contains_key(&key) {
+            if name.num_labels() > self.apex.num_labels() {
+                self.make_name(&name.base_name()).children += 1;
             }
-            parent = parent.base_name();
+            self.names_mut(&key).insert(key.clone(), NameRecords::default());
+        }
+        self.names_mut(&key).get_mut(&key).expect("made above")
+    }
+
+    /// Removes `name` if nothing needs it any more, then its parent if that was its last
+    /// child. The apex stays.
+    fn prune(&mut self, name: LowerName) {
+        let mut name = Name::from(&name);
+        while name.num_labels() > self.apex.num_labels() {
+            let key = LowerName::from(&name);
+            if !self.names(&key).get(&key).is_some_and(NameRecords::is_unused) {
+                return;
+            }
+            self.names_mut(&key).remove(&key);
+            name = name.base_name();
+            let parent = LowerName::from(&name);
+            if let Some(records) = self.names_mut(&parent).get_mut(&parent) {
+                records.children = records.children.saturating_sub(1);
+            }
         }
     }
 
@@ -239,7 +344,7 @@ impl DnsZone {
         if !self.apex.zone_of(name) {
             return Lookup::Refused;
         }
-        let Some(records) = self.names.get(name) else {
+        let Some(records) = self.names(name).get(name) else {
             return Lookup::NxDomain;
         };
         let (answers, additionals): (Vec<&Record>, &[Record]) = match record_type {
@@ -412,6 +517,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use std::{
+        collections::BTreeMap,
         net::{Ipv4Addr, SocketAddr},
         sync::Arc,
         time::Duration,
@@ -540,6 +646,100 @@ mod tests {
 
     fn has_soa_authority(message: &Message) -> bool {
         message.authorities.iter().any(|r| matches!(r.data, RData::SOA(_)))
+    }
+
+    /// Every name of a zone with its A and SRV records and SRV additionals, in order.
+    fn contents(zone: &DnsZone) -> BTreeMap<String, String> {
+        zone.shards
+            .iter()
+            .flat_map(|names| names.iter())
+            .map(|(name, records)| {
+                let show = |records: &[hickory_proto::rr::Record]| {
+                    records.iter().map(ToString::to_string).collect::<Vec<_>>().join(" | ")
+                };
+                let shown = format!(
+                    "A[{}] SRV[{}] ADD[{}]",
+                    show(&records.a),
+                    show(&records.srv),
+                    show(&records.srv_additionals)
+                );
+                (name.to_string(), shown)
+            })
+            .collect()
+    }
+
+    fn service(namespace: &str, name: &str, ip: u8, ports: &[&str]) -> DnsService {
+        DnsService {
+            namespace: namespace.into(),
+            name: name.into(),
+            cluster_ip: Some(Ipv4Addr::new(10, 96, 1, ip)),
+            endpoints: Vec::new(),
+            ports: ports
+                .iter()
+                .enumerate()
+                .map(|(i, port)| DnsPort {
+                    name: (*port).into(),
+                    protocol: "TCP".into(),
+                    port: 80 + i as u16,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_zone_changed_service_by_service_equals_one_built_from_the_result() {
+        let mut zone = DnsZone::new("cluster.local", [web(), headless(&[])]).unwrap();
+        let published = zone.clone();
+        let before = contents(&published);
+        zone.upsert_service(&service("shop", "cart", 1, &["http", "grpc"]));
+        zone.upsert_service(&service("shop", "pay", 2, &["http"]));
+        // A changed service: one port gone, one new, another address.
+        zone.upsert_service(&service("shop", "cart", 3, &["grpc", "admin"]));
+        zone.remove_service("db", "cassandra");
+        zone.remove_service("db", "missing");
+        zone.remove_service("nowhere", "at-all");
+        // A service refused for its port name leaves nothing of itself.
+        zone.upsert_service(&service("bad", "svc", 4, &["ok", "not_a_label"]));
+        let expected = DnsZone::new(
+            "cluster.local",
+            [
+                web(),
+                service("shop", "cart", 3, &["grpc", "admin"]),
+                service("shop", "pay", 2, &["http"]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(contents(&zone), contents(&expected));
+        assert!(
+            !contents(&zone).contains_key("db.svc.cluster.local."),
+            "an emptied namespace goes"
+        );
+        assert!(!contents(&zone).contains_key("bad.svc.cluster.local."));
+        // The clone published before the changes still answers as it did.
+        assert_eq!(contents(&published), before);
+        // Removing everything leaves the apex and nothing else.
+        for (namespace, name) in [("default", "web"), ("shop", "cart"), ("shop", "pay")] {
+            zone.remove_service(namespace, name);
+        }
+        assert_eq!(contents(&zone), contents(&DnsZone::new("cluster.local", []).unwrap()));
+        assert_eq!(zone.name_count(), 1);
+    }
+
+    #[test]
+    fn a_change_copies_only_the_shards_it_touches() {
+        let services = (0..2000).map(|i| service("ns", &format!("svc-{i}"), 1, &[]));
+        let mut zone = DnsZone::new("cluster.local", services).unwrap();
+        let published = zone.clone();
+        zone.upsert_service(&service("ns", "svc-7", 9, &[]));
+        let copied = zone
+            .shards
+            .iter()
+            .zip(&published.shards)
+            .filter(|(ours, theirs)| !Arc::ptr_eq(ours, theirs))
+            .count();
+        // The service's name, and its namespace's (which counts the names below it): 2 of
+        // 256, or 1 if both fall in one shard.
+        assert!((1..=2).contains(&copied), "{copied} shards copied");
     }
 
     #[tokio::test]

@@ -599,7 +599,7 @@ struct BatchDone {
 /// - `clear`: an empty snapshot (every frontend removed).
 pub fn agent_services(options: &AgentServicesOptions) -> anyhow::Result<()> {
     use strait_dataplane::{
-        agent::services::{LocalNode, ServicePrograms, ServiceUpdate, dns_service, run_programmer},
+        agent::services::{LocalNode, ServicePrograms, ServiceUpdate, run_programmer, update_zone},
         dns::DnsZone,
         ebpf::lb::{LbMapSizes, ServiceLb},
     };
@@ -613,13 +613,16 @@ pub fn agent_services(options: &AgentServicesOptions) -> anyhow::Result<()> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let programs = &programs;
         scope.spawn(move || {
-            let mut zone = DnsZone::new(DOMAIN, []).ok();
+            let mut zone = DnsZone::new(DOMAIN, []).expect("a valid cluster domain");
+            // What the DNS server would answer from: a clone published after each batch.
+            let mut published = std::sync::Arc::new(zone.clone());
             let mut cpu_after_last = thread_cpu_seconds();
-            run_programmer(programs, batches, |report, all, _| {
+            run_programmer(programs, batches, |report, batch, all, _| {
                 let (applied_at, cpu) = (Instant::now(), thread_cpu_seconds());
                 let programmed_rss_kib = own_status_kib("VmRSS:");
                 // As the agent does after every batch (dataplane/src/agent/mod.rs).
-                zone = DnsZone::new(DOMAIN, all.values().map(|s| dns_service(s))).ok();
+                update_zone(&mut zone, batch, all);
+                published = std::sync::Arc::new(zone.clone());
                 let zone_seconds = applied_at.elapsed().as_secs_f64();
                 let _ = done_sender.send(BatchDone {
                     report_errors: report.errors,
@@ -632,7 +635,7 @@ pub fn agent_services(options: &AgentServicesOptions) -> anyhow::Result<()> {
                 });
                 cpu_after_last = thread_cpu_seconds();
             });
-            drop(zone);
+            drop((zone, published));
         });
         let result = serve_agent_commands(options, &updates, &done);
         // The programming thread ends once its channel closes.

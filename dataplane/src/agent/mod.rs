@@ -176,6 +176,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     // Node-local cluster DNS: the cluster DNS VIP is translated to this server on every node.
     let empty_zone = DnsZone::new(&config.cluster_domain, [])
         .with_context(|| format!("cluster domain {:?}", config.cluster_domain))?;
+    let empty_zone_copy = empty_zone.clone();
     let (zone_sender, zone_receiver) = watch::channel(Arc::new(empty_zone));
     let dns_udp = tokio::net::UdpSocket::bind(config.dns_listen)
         .await
@@ -193,27 +194,30 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let (service_sender, service_receiver) = std::sync::mpsc::channel();
     {
         let metrics = metrics.clone();
-        let domain = config.cluster_domain.clone();
         std::thread::Builder::new()
             .name("service-programmer".into())
             .spawn(move || {
-                services::run_programmer(&programs, service_receiver, |report, all, programs| {
-                    for latency in &report.latencies {
-                        metrics.observe_service_programming(*latency);
-                    }
-                    for _ in 0..report.errors {
-                        metrics.count_service_programming_error();
-                    }
-                    let (frontends, backends) = programs.programmed();
-                    metrics.set_services_programmed(frontends as u64);
-                    metrics.set_service_backends_programmed(backends as u64);
-                    match DnsZone::new(&domain, all.values().map(|s| services::dns_service(s))) {
-                        Ok(zone) => {
-                            zone_sender.send_replace(Arc::new(zone));
+                // The programming thread's own copy of the zone, changed service by service; a
+                // clone of it (sharing all it did not change) is what the DNS server answers
+                // from.
+                let mut zone = empty_zone_copy;
+                services::run_programmer(
+                    &programs,
+                    service_receiver,
+                    |report, batch, all, programs| {
+                        for latency in &report.latencies {
+                            metrics.observe_service_programming(*latency);
                         }
-                        Err(error) => tracing::error!(%error, "cannot build the DNS zone"),
-                    }
-                })
+                        for _ in 0..report.errors {
+                            metrics.count_service_programming_error();
+                        }
+                        let (frontends, backends) = programs.programmed();
+                        metrics.set_services_programmed(frontends as u64);
+                        metrics.set_service_backends_programmed(backends as u64);
+                        services::update_zone(&mut zone, batch, all);
+                        zone_sender.send_replace(Arc::new(zone.clone()));
+                    },
+                )
             })
             .context("starting the service programming thread")?;
     }

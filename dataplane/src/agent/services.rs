@@ -294,12 +294,14 @@ fn since_unix_nanos(observed: u64) -> Option<Duration> {
 }
 
 /// The programming thread: applies batches until every sender is gone. After each batch,
-/// `after_batch` sees the report, every service known, and the programs (for DNS and metrics).
+/// `after_batch` sees the report, the batch, every service known, and the programs (for DNS
+/// and metrics).
 pub fn run_programmer(
     programs: &std::sync::Mutex<ServicePrograms>,
     receiver: mpsc::Receiver<ServiceUpdate>,
     mut after_batch: impl FnMut(
         &ProgrammingReport,
+        &ServiceUpdate,
         &HashMap<String, Arc<ServiceState>>,
         &ServicePrograms,
     ),
@@ -331,7 +333,31 @@ pub fn run_programmer(
                 "service frontends programmed"
             );
         }
-        after_batch(&report, &services, &programs);
+        after_batch(&report, &batch, &services, &programs);
+    }
+}
+
+/// Brings the cluster DNS zone to a batch of changes: a snapshot fills it anew with every
+/// service (`all`), anything else changes only the batch's services.
+pub fn update_zone(
+    zone: &mut crate::dns::DnsZone,
+    batch: &ServiceUpdate,
+    all: &HashMap<String, Arc<ServiceState>>,
+) {
+    if batch.snapshot {
+        zone.clear();
+        for service in all.values() {
+            zone.upsert_service(&dns_service(service));
+        }
+        return;
+    }
+    for key in &batch.removed {
+        if let Some((namespace, name)) = key.split_once('/') {
+            zone.remove_service(namespace, name);
+        }
+    }
+    for service in &batch.upserted {
+        zone.upsert_service(&dns_service(service));
     }
 }
 
@@ -417,6 +443,28 @@ mod tests {
                 EndpointPort { name: "dns".into(), protocol: "UDP".into(), port: 5353 },
             ],
         }
+    }
+
+    #[test]
+    fn the_dns_zone_follows_snapshots_and_single_changes() {
+        let mut zone = crate::dns::DnsZone::new("cluster.local", []).unwrap();
+        let web = Arc::new(service(Vec::new()));
+        let all = HashMap::from([("default/web".to_owned(), Arc::clone(&web))]);
+        let snapshot = ServiceUpdate { snapshot: true, upserted: vec![web], removed: vec![] };
+        update_zone(&mut zone, &snapshot, &all);
+        // The apex, svc, default.svc, the service, and _tcp/_http._tcp, _udp/_dns._udp below it.
+        assert_eq!(zone.name_count(), 8);
+        let removal = ServiceUpdate { removed: vec!["default/web".into()], ..Default::default() };
+        update_zone(&mut zone, &removal, &HashMap::new());
+        assert_eq!(zone.name_count(), 1, "the apex alone");
+        // A snapshot replaces whatever was there.
+        zone.upsert_service(&crate::dns::DnsService {
+            namespace: "old".into(),
+            name: "gone".into(),
+            ..Default::default()
+        });
+        update_zone(&mut zone, &snapshot, &all);
+        assert_eq!(zone.name_count(), 8);
     }
 
     fn service(endpoints: Vec<Endpoint>) -> ServiceState {

@@ -26,7 +26,7 @@ use k8s_openapi::api::{
 use serde_json::{Value, json};
 use support::{
     DirGuard,
-    lab::{TestLab, until},
+    lab::{TestLab, eventually, until},
 };
 
 const RELEASES: [&str; 3] = ["1.27", "1.31", "1.33"];
@@ -405,6 +405,72 @@ spec:
             &row(&services, "web")[1..5],
             ["ClusterIP", cluster_ip.as_str(), "<none>", "80/TCP"],
             "{release}"
+        );
+
+        // The other kinds' columns, their rows as stored.
+        let sets = self.replica_sets("app=web").await;
+        assert_eq!(sets.len(), 1, "{release}");
+        let sets_table = self.ok(&["get", "replicasets"]);
+        assert_eq!(header(&sets_table), ["NAME", "DESIRED", "CURRENT", "READY", "AGE"]);
+        assert_eq!(&row(&sets_table, &name_of(&sets[0].metadata))[1..4], ["2", "2", "2"]);
+        let web_ips: BTreeSet<String> =
+            web.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+        let slice = eventually(&format!("{release}: web's slice"), SLOW, || {
+            let slices =
+                self.ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web"]);
+            let cells: Vec<String> =
+                rows(&slices).get(1).into_iter().flatten().map(|c| (*c).to_owned()).collect();
+            let endpoints: BTreeSet<String> =
+                cells.get(3).map(|e| e.split(',').map(str::to_owned).collect()).unwrap_or_default();
+            if endpoints == web_ips {
+                Ok((header(&slices).iter().map(|h| (*h).to_owned()).collect::<Vec<_>>(), cells))
+            } else {
+                Err(slices)
+            }
+        })
+        .await;
+        assert_eq!(slice.0, ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], "{release}");
+        assert!(slice.1[0].starts_with("web-"), "{release}: {:?}", slice.1);
+        assert_eq!(&slice.1[1..3], ["IPv4", "8080"], "{release}");
+        let maps = self.ok(&["get", "configmaps", "settings"]);
+        assert_eq!(header(&maps), ["NAME", "DATA", "AGE"], "{release}");
+        assert_eq!(row(&maps, "settings")[1], "2", "{release}");
+        let namespaces = self.ok(&["get", "namespace", ns]);
+        assert_eq!(header(&namespaces), ["NAME", "STATUS", "AGE"], "{release}");
+        assert_eq!(row(&namespaces, ns)[1], "Active", "{release}");
+        let (nodes, _) = self.lab.api.list::<Node>(None, "").await.expect("listing nodes");
+        let nodes_table = self.ok(&["get", "nodes", "-o", "wide"]);
+        assert_eq!(
+            header(&nodes_table)[..7],
+            ["NAME", "STATUS", "ROLES", "AGE", "VERSION", "INTERNAL-IP", "EXTERNAL-IP"],
+            "{release}"
+        );
+        assert_eq!(nodes.len(), 3, "{release}");
+        for node in &nodes {
+            let cells = row(&nodes_table, &name_of(&node.metadata));
+            let internal = node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+                .find(|a| a.type_ == "InternalIP")
+                .map(|a| a.address.clone())
+                .expect("an InternalIP");
+            assert_eq!(cells[1], "Ready", "{release}: {nodes_table}");
+            assert_eq!(cells[5], internal, "{release}: {nodes_table}");
+        }
+        let events = self.ok(&["get", "events"]);
+        assert_eq!(header(&events), ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]);
+        let scheduled = format!(
+            "Successfully assigned {ns}/solo to {}",
+            node_of(&self.lab.api.get::<Pod>(self.ns(), "solo").await.expect("API").expect("solo"))
+        );
+        assert!(
+            events.lines().any(|l| l.contains(" Scheduled ")
+                && l.contains(" pod/solo ")
+                && l.ends_with(&scheduled)),
+            "{release}: {scheduled:?} in\n{events}"
         );
 
         // -o wide: each pod's IP and node as stored.

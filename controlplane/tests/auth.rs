@@ -410,6 +410,11 @@ async fn kubectl_1_27_authenticates_with_client_certificates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_authenticates_with_client_certificates() {
+    kubectl_authenticates_with_client_certificates("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_33_authenticates_with_client_certificates() {
     kubectl_authenticates_with_client_certificates("1.33").await;
 }

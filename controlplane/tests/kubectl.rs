@@ -203,6 +203,11 @@ async fn kubectl_1_27_drives_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_drives_the_cluster() {
+    kubectl_drives_the_cluster("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_33_drives_the_cluster() {
     kubectl_drives_the_cluster("1.33").await;
 }
@@ -251,6 +256,11 @@ async fn kubectl_validation_is_left_to_the_server(version: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_27_leaves_validation_to_the_server() {
     kubectl_validation_is_left_to_the_server("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_leaves_validation_to_the_server() {
+    kubectl_validation_is_left_to_the_server("1.31").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +356,7 @@ async fn kubectl_serves_services(version: &str) {
 
     let described = kubectl.ok(&["describe", "svc", "web"]).await;
     assert!(described.contains(&cluster_ip.to_string()), "{described}");
-    if version == "1.33" {
+    if version != "1.27" {
         // 1.31+ read the endpoints from the service's slices.
         assert!(described.contains("10.244.0.5:8080"), "{described}");
     }
@@ -370,6 +380,11 @@ async fn kubectl_serves_services(version: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_27_serves_services() {
     kubectl_serves_services("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_serves_services() {
+    kubectl_serves_services("1.31").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,11 @@ async fn kubectl_1_27_deletes_replica_sets_with_each_cascade() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_deletes_replica_sets_with_each_cascade() {
+    kubectl_deletes_replica_sets_with_each_cascade("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_33_deletes_replica_sets_with_each_cascade() {
     kubectl_deletes_replica_sets_with_each_cascade("1.33").await;
 }
@@ -222,6 +227,11 @@ async fn kubectl_shows_events(version: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_27_shows_events() {
     kubectl_shows_events("1.27").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_shows_events() {
+    kubectl_shows_events("1.31").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -170,6 +170,11 @@ async fn kubectl_1_27_manages_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_1_31_manages_nodes() {
+    kubectl_manages_nodes("1.31").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_1_33_manages_nodes() {
     kubectl_manages_nodes("1.33").await;
 }

@@ -98,16 +98,19 @@ pub struct InvalidClusterDomain {
     source: hickory_proto::ProtoError,
 }
 
-/// The records of one name. A name with no records at all still exists (an empty
-/// non-terminal such as `<ns>.svc.<domain>`): it answers NOERROR without records, and its
-/// children are not denied by an NXDOMAIN on it (RFC 8020). It exists as long as it is a
-/// service's name or has a name below it.
-#[derive(Clone, Debug, Default)]
+/// The records of one name, as little as answers need: the records themselves are made per
+/// query from the name and these (a few per answer, against 100,000 services' worth held).
+/// A name with no records at all still exists (an empty non-terminal such as
+/// `<ns>.svc.<domain>`): it answers NOERROR without records, and its children are not denied
+/// by an NXDOMAIN on it (RFC 8020). It exists as long as it is a service's name or has a name
+/// below it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct NameRecords {
-    a: Vec<Record>,
-    srv: Vec<Record>,
-    /// Addresses of SRV targets, for the additional section.
-    srv_additionals: Vec<Record>,
+    /// A records: the addresses, sorted, without duplicates.
+    a: Vec<Ipv4Addr>,
+    /// The SRV record of `_<port>._<proto>.<service>`: the port; the target is the service
+    /// (two labels up), its addresses the additional section.
+    srv: Option<u16>,
     /// A service's own name: its SRV names (removed with it).
     service: Option<Vec<LowerName>>,
     /// Names directly below this one.
@@ -116,7 +119,7 @@ struct NameRecords {
 
 impl NameRecords {
     fn is_unused(&self) -> bool {
-        self.service.is_none() && self.children == 0 && self.a.is_empty() && self.srv.is_empty()
+        self.service.is_none() && self.children == 0 && self.a.is_empty() && self.srv.is_none()
     }
 }
 
@@ -140,13 +143,13 @@ pub struct DnsZone {
 
 /// What a query gets from the zone.
 #[derive(Debug, PartialEq)]
-enum Lookup<'z> {
+enum Lookup {
     /// Outside the cluster domain: never answered, never forwarded.
     Refused,
     /// The name does not exist (the SOA goes in the authority section).
     NxDomain,
     /// The name exists; no records means NODATA (the SOA goes in the authority section).
-    Found { answers: Vec<&'z Record>, additionals: &'z [Record] },
+    Found { answers: Vec<Record>, additionals: Vec<Record> },
 }
 
 impl DnsZone {
@@ -212,8 +215,7 @@ impl DnsZone {
         records.a.clear();
         for srv_name in srv_names {
             if let Some(records) = self.names_mut(&srv_name).get_mut(&srv_name) {
-                records.srv.clear();
-                records.srv_additionals.clear();
+                records.srv = None;
             }
             self.prune(srv_name);
         }
@@ -269,13 +271,9 @@ impl DnsZone {
         };
         addresses.sort_unstable();
         addresses.dedup();
-        let a: Vec<Record> = addresses
-            .iter()
-            .map(|ip| Record::from_rdata(service_name.clone(), DNS_TTL, RData::A(A(*ip))))
-            .collect();
 
         // Every name is checked before any is made: a refused service leaves nothing behind.
-        let mut srv_records = Vec::new();
+        let mut srv_ports = Vec::new();
         for port in service.ports.iter().filter(|p| !p.name.is_empty()) {
             if !is_dns_label(&port.name) || !is_dns_label(&port.protocol) {
                 return Err(format!("port {:?}/{:?} is not a DNS label", port.name, port.protocol));
@@ -288,24 +286,17 @@ impl DnsZone {
             let srv_name = Name::from_ascii(&relative)
                 .and_then(|name| name.append_domain(&service_name))
                 .map_err(|e| e.to_string())?;
-            let record = Record::from_rdata(
-                srv_name.clone(),
-                DNS_TTL,
-                RData::SRV(SRV::new(0, 100, port.port, service_name.clone())),
-            );
-            srv_records.push((srv_name, record));
+            srv_ports.push((srv_name, port.port));
         }
         // The service's own name first, so that its SRV names are found by its removal.
         self.make_name(&service_name).service = Some(Vec::new());
         let mut srv_names = Vec::new();
-        for (srv_name, record) in srv_records {
-            let entry = self.make_name(&srv_name);
-            entry.srv.push(record);
-            entry.srv_additionals = a.clone();
+        for (srv_name, port) in srv_ports {
+            self.make_name(&srv_name).srv = Some(port);
             srv_names.push(LowerName::from(&srv_name));
         }
         let entry = self.make_name(&service_name);
-        entry.a = a;
+        entry.a = addresses;
         entry.service = Some(srv_names);
         Ok(())
     }
@@ -340,22 +331,50 @@ impl DnsZone {
         }
     }
 
-    fn lookup(&self, name: &LowerName, record_type: RecordType) -> Lookup<'_> {
+    fn lookup(&self, name: &LowerName, record_type: RecordType) -> Lookup {
         if !self.apex.zone_of(name) {
             return Lookup::Refused;
         }
         let Some(records) = self.names(name).get(name) else {
             return Lookup::NxDomain;
         };
-        let (answers, additionals): (Vec<&Record>, &[Record]) = match record_type {
-            RecordType::A => (records.a.iter().collect(), &[]),
-            RecordType::SRV => (records.srv.iter().collect(), &records.srv_additionals),
-            RecordType::SOA if *name == self.apex => (vec![&self.soa], &[]),
-            RecordType::ANY => (records.a.iter().chain(&records.srv).collect(), &[]),
-            _ => (Vec::new(), &[]),
+        let owner = Name::from(name);
+        let a = || address_records(&owner, &records.a);
+        // `_<port>._<proto>.<service>`: the target, and its addresses for the additionals.
+        let srv = || {
+            let port = records.srv?;
+            let target = owner.base_name().base_name();
+            let rdata = RData::SRV(SRV::new(0, 100, port, target.clone()));
+            let target_key = LowerName::from(&target);
+            let addresses = self.names(&target_key).get(&target_key).map_or(&[][..], |t| &t.a);
+            Some((
+                Record::from_rdata(owner.clone(), DNS_TTL, rdata),
+                address_records(&target, addresses),
+            ))
+        };
+        let (answers, additionals) = match record_type {
+            RecordType::A => (a(), Vec::new()),
+            RecordType::SRV => {
+                srv().map_or_else(Default::default, |(srv, additionals)| (vec![srv], additionals))
+            }
+            RecordType::SOA if *name == self.apex => (vec![self.soa.clone()], Vec::new()),
+            RecordType::ANY => {
+                let mut answers = a();
+                answers.extend(srv().map(|(srv, _)| srv));
+                (answers, Vec::new())
+            }
+            _ => (Vec::new(), Vec::new()),
         };
         Lookup::Found { answers, additionals }
     }
+}
+
+/// The A records of `owner` for `addresses`.
+fn address_records(owner: &Name, addresses: &[Ipv4Addr]) -> Vec<Record> {
+    addresses
+        .iter()
+        .map(|ip| Record::from_rdata(owner.clone(), DNS_TTL, RData::A(A(*ip))))
+        .collect()
 }
 
 /// Letters, digits and hyphens, 1 to 63 of them (RFC 1035, section 2.3.1): what Kubernetes
@@ -434,7 +453,7 @@ impl RequestHandler for ClusterDnsHandler {
         let (code, in_zone) = match lookup {
             Err(code) => (code, None),
             Ok(Lookup::Refused) => (ResponseCode::Refused, None),
-            Ok(Lookup::NxDomain) => (ResponseCode::NXDomain, Some((Vec::new(), &[][..]))),
+            Ok(Lookup::NxDomain) => (ResponseCode::NXDomain, Some((Vec::new(), Vec::new()))),
             Ok(Lookup::Found { answers, additionals }) => {
                 (ResponseCode::NoError, Some((answers, additionals)))
             }
@@ -452,10 +471,10 @@ impl RequestHandler for ClusterDnsHandler {
                 let soa: &[&Record] = if answers.is_empty() { &[&zone.soa] } else { &[] };
                 let response = builder.build(
                     metadata,
-                    answers.iter().copied(),
+                    answers.iter(),
                     [],
                     soa.iter().copied(),
-                    additionals,
+                    additionals.iter(),
                 );
                 response_handle.send_response(response).await
             }
@@ -648,23 +667,12 @@ mod tests {
         message.authorities.iter().any(|r| matches!(r.data, RData::SOA(_)))
     }
 
-    /// Every name of a zone with its A and SRV records and SRV additionals, in order.
+    /// Every name of a zone with what it holds, in order.
     fn contents(zone: &DnsZone) -> BTreeMap<String, String> {
         zone.shards
             .iter()
             .flat_map(|names| names.iter())
-            .map(|(name, records)| {
-                let show = |records: &[hickory_proto::rr::Record]| {
-                    records.iter().map(ToString::to_string).collect::<Vec<_>>().join(" | ")
-                };
-                let shown = format!(
-                    "A[{}] SRV[{}] ADD[{}]",
-                    show(&records.a),
-                    show(&records.srv),
-                    show(&records.srv_additionals)
-                );
-                (name.to_string(), shown)
-            })
+            .map(|(name, records)| (name.to_string(), format!("{records:?}")))
             .collect()
     }
 

@@ -7,7 +7,8 @@
 //! `-f`, `--previous`), `exec`, `delete --cascade=background|orphan|foreground`, `cordon`,
 //! `uncordon` and `drain`. Each result is checked against the stored object (through the
 //! API) or the lab itself (which node a pod runs on, that it runs). The depth of `logs` and
-//! `exec` is in pod_logs.rs and pod_exec.rs; `exec -it` is not toured here.
+//! `exec` is in pod_logs.rs and pod_exec.rs, which run every release from 1.27 to 1.33 (`exec
+//! -it` from a terminal included).
 
 mod support;
 

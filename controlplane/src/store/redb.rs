@@ -1,10 +1,13 @@
 //! The embedded store: one redb file holding the current values, a bounded log of past changes
 //! (so watches can resume from an older revision), and the revision counters.
 //!
-//! Every commit is durable when it returns (redb's `Durability::Immediate` fsyncs). Live
-//! watchers are fed from an in-memory broadcast of each committed transaction; a watcher
-//! subscribes before it replays the log, then skips what it already replayed, so no change
-//! falls between replay and live delivery.
+//! Every commit is durable when it returns (redb's `Durability::Immediate` fsyncs). Writers
+//! that arrive while a commit is in progress queue up, and the next one to get the writer's
+//! lock commits the whole queue in one redb transaction (group commit): each transaction
+//! keeps its own revision and its own outcome, as if they had run one after the other, but
+//! they share one fsync. Live watchers are fed from an in-memory broadcast of each committed
+//! transaction; a watcher subscribes before it replays the log, then skips what it already
+//! replayed, so no change falls between replay and live delivery.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -67,7 +70,10 @@ struct Inner {
     history_revisions: u64,
     /// Held across commit and broadcast so that watchers receive transactions in revision
     /// order (redb serializes writers, but two writers could otherwise broadcast out of order).
+    /// Whoever holds it commits every transaction queued in `queued`.
     writer: Mutex<broadcast::Sender<Arc<WatchBatch>>>,
+    /// Transactions waiting for the next group commit, in arrival order.
+    queued: Mutex<Vec<QueuedTxn>>,
     /// A clone of the sender, to subscribe without waiting for a commit in progress.
     subscriptions: broadcast::Sender<Arc<WatchBatch>>,
     /// Dropped with the file: its receivers learn that the file is closed.
@@ -86,10 +92,108 @@ impl StoreClosed {
     }
 }
 
+/// A transaction waiting for a group commit, and where its outcome goes.
+struct QueuedTxn {
+    compares: Vec<Compare>,
+    ops: Vec<Op>,
+    outcome: std::sync::mpsc::SyncSender<Result<TxnOutcome, StoreError>>,
+}
+
+/// Most transactions committed together: bounds one commit's size and latency.
+const MAX_GROUP: usize = 256;
+
 struct Record {
     mod_revision: Revision,
     create_revision: Revision,
     value: Bytes,
+}
+
+/// One transaction of a group inside the group's write transaction, `revision` being the
+/// store's revision before it: its compares against what the group has written so far, then
+/// (if they hold) its writes at the next revision and its log entry. `None` for the batch of a
+/// failed compare, or of deletes of absent keys only (the revision does not move, as in etcd).
+fn apply_txn(
+    values: &mut redb::Table<&str, &[u8]>,
+    changes: &mut redb::Table<u64, &[u8]>,
+    revision: Revision,
+    compares: &[Compare],
+    ops: Vec<Op>,
+    action: &str,
+) -> Result<(TxnOutcome, Option<Arc<WatchBatch>>), StoreError> {
+    for (index, compare) in compares.iter().enumerate() {
+        let current = match values.get(compare.key()).map_err(backend(action))? {
+            Some(guard) => Some(decode_record(guard.value(), action)?.mod_revision),
+            None => None,
+        };
+        let holds = match compare {
+            Compare::Absent { .. } => current.is_none(),
+            Compare::ModRevision { revision, .. } => current == Some(*revision),
+        };
+        if !holds {
+            // Nothing of this transaction was written.
+            return Ok((TxnOutcome::CompareFailed { index }, None));
+        }
+    }
+    let next = revision + 1;
+    let mut events = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Put { key, value } => {
+                let previous = match values.get(key.as_str()).map_err(backend(action))? {
+                    Some(guard) => Some(decode_record(guard.value(), action)?),
+                    None => None,
+                };
+                let create_revision =
+                    previous.as_ref().map_or(next, |record| record.create_revision);
+                values
+                    .insert(key.as_str(), encode_record(next, create_revision, &value).as_slice())
+                    .map_err(backend(action))?;
+                events.push(WatchEvent {
+                    kind: EventKind::Put,
+                    key,
+                    value,
+                    prev_value: previous.map(|record| record.value),
+                    revision: next,
+                });
+            }
+            Op::Delete { key } => {
+                let removed = match values.remove(key.as_str()).map_err(backend(action))? {
+                    Some(guard) => Some(decode_record(guard.value(), action)?),
+                    None => None,
+                };
+                if let Some(record) = removed {
+                    events.push(WatchEvent {
+                        kind: EventKind::Delete,
+                        key,
+                        value: Bytes::new(),
+                        prev_value: Some(record.value),
+                        revision: next,
+                    });
+                }
+            }
+        }
+    }
+    if events.is_empty() {
+        // Only deletes of absent keys: like etcd, the revision does not move.
+        return Ok((TxnOutcome::Committed { revision }, None));
+    }
+    changes.insert(next, encode_events(&events).as_slice()).map_err(backend(action))?;
+    Ok((
+        TxnOutcome::Committed { revision: next },
+        Some(Arc::new(WatchBatch { revision: next, events })),
+    ))
+}
+
+/// An error with its causes, for the transactions of a failed group commit.
+fn error_chain(error: &StoreError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn backend<E>(action: impl Into<String>) -> impl FnOnce(E) -> StoreError
@@ -115,6 +219,7 @@ impl RedbStore {
             history_revisions: options.history_revisions.max(1),
             subscriptions: sender.clone(),
             writer: Mutex::new(sender),
+            queued: Mutex::new(Vec::new()),
         };
         inner.initialize().map_err(|e| match e {
             StoreError::Backend { action: inner_action, source } => {
@@ -250,7 +355,7 @@ impl Inner {
         Ok((revision, compacted))
     }
 
-    fn txn(&self, compares: &[Compare], ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+    fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
         let action = "committing a transaction";
         let mut written = HashSet::new();
         for op in &ops {
@@ -270,90 +375,96 @@ impl Inner {
                 });
             }
         }
-        let sender =
-            self.writer.lock().map_err(|_| StoreError::Poisoned { action: action.to_owned() })?;
+        let poisoned = || StoreError::Poisoned { action: action.to_owned() };
+        let (outcome, receiver) = std::sync::mpsc::sync_channel(1);
+        self.queued.lock().map_err(|_| poisoned())?.push(QueuedTxn { compares, ops, outcome });
+        loop {
+            let sender = self.writer.lock().map_err(|_| poisoned())?;
+            // The holder before us may have committed ours with its group: it answers before
+            // it lets the lock go.
+            if let Ok(result) = receiver.try_recv() {
+                return result;
+            }
+            let group: Vec<QueuedTxn> = {
+                let mut queued = self.queued.lock().map_err(|_| poisoned())?;
+                let take = queued.len().min(MAX_GROUP);
+                queued.drain(..take).collect()
+            };
+            self.commit_group(&sender, group);
+            drop(sender);
+            // Ours was in the group unless more than MAX_GROUP were ahead of it.
+            if let Ok(result) = receiver.try_recv() {
+                return result;
+            }
+        }
+    }
+
+    /// Commits `group` in one write transaction, each in order with a revision of its own,
+    /// then broadcasts what each changed and answers each. If the write transaction fails,
+    /// none of them is committed and each is told so.
+    fn commit_group(&self, sender: &broadcast::Sender<Arc<WatchBatch>>, group: Vec<QueuedTxn>) {
+        let (txns, answers): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|q| ((q.compares, q.ops), q.outcome)).unzip();
+        match self.write_group(txns) {
+            Ok(results) => {
+                for (outcome, batch) in &results {
+                    if let (TxnOutcome::Committed { .. }, Some(batch)) = (outcome, batch) {
+                        // An error only means nobody is watching right now.
+                        let _ = sender.send(Arc::clone(batch));
+                    }
+                }
+                for ((outcome, _), answer) in results.into_iter().zip(answers) {
+                    let _ = answer.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                let message = error_chain(&error);
+                for answer in answers {
+                    let _ = answer.send(Err(StoreError::Backend {
+                        action: "committing a transaction".to_owned(),
+                        source: message.clone().into(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The write transaction of a group: each transaction's outcome, and what it changed.
+    #[expect(clippy::type_complexity, reason = "one outcome and its watch batch per transaction")]
+    fn write_group(
+        &self,
+        txns: Vec<(Vec<Compare>, Vec<Op>)>,
+    ) -> Result<Vec<(TxnOutcome, Option<Arc<WatchBatch>>)>, StoreError> {
+        let action = "committing a transaction";
         let mut tx = self.db.begin_write().map_err(backend(action))?;
         tx.set_durability(Durability::Immediate).map_err(|source| StoreError::Backend {
             action: action.to_owned(),
             source: Box::new(source),
         })?;
-        let batch = {
+        let mut results = Vec::with_capacity(txns.len());
+        {
             let mut values = tx.open_table(VALUES).map_err(backend(action))?;
-            for (index, compare) in compares.iter().enumerate() {
-                let current = match values.get(compare.key()).map_err(backend(action))? {
-                    Some(guard) => Some(decode_record(guard.value(), action)?.mod_revision),
-                    None => None,
-                };
-                let holds = match compare {
-                    Compare::Absent { .. } => current.is_none(),
-                    Compare::ModRevision { revision, .. } => current == Some(*revision),
-                };
-                if !holds {
-                    // Dropping the write transaction aborts it: nothing was written.
-                    return Ok(TxnOutcome::CompareFailed { index });
-                }
-            }
             let mut meta = tx.open_table(META).map_err(backend(action))?;
-            let revision =
-                read_counter(&meta, META_REVISION, action)?.unwrap_or(EMPTY_STORE_REVISION);
-            let next = revision + 1;
-            let mut events = Vec::with_capacity(ops.len());
-            for op in ops {
-                match op {
-                    Op::Put { key, value } => {
-                        let previous = match values.get(key.as_str()).map_err(backend(action))? {
-                            Some(guard) => Some(decode_record(guard.value(), action)?),
-                            None => None,
-                        };
-                        let create_revision =
-                            previous.as_ref().map_or(next, |record| record.create_revision);
-                        values
-                            .insert(
-                                key.as_str(),
-                                encode_record(next, create_revision, &value).as_slice(),
-                            )
-                            .map_err(backend(action))?;
-                        events.push(WatchEvent {
-                            kind: EventKind::Put,
-                            key,
-                            value,
-                            prev_value: previous.map(|record| record.value),
-                            revision: next,
-                        });
-                    }
-                    Op::Delete { key } => {
-                        let removed = match values.remove(key.as_str()).map_err(backend(action))? {
-                            Some(guard) => Some(decode_record(guard.value(), action)?),
-                            None => None,
-                        };
-                        if let Some(record) = removed {
-                            events.push(WatchEvent {
-                                kind: EventKind::Delete,
-                                key,
-                                value: Bytes::new(),
-                                prev_value: Some(record.value),
-                                revision: next,
-                            });
-                        }
-                    }
-                }
-            }
-            if events.is_empty() {
-                // Only deletes of absent keys: like etcd, the revision does not move.
-                return Ok(TxnOutcome::Committed { revision });
-            }
             let mut changes = tx.open_table(CHANGES).map_err(backend(action))?;
-            changes.insert(next, encode_events(&events).as_slice()).map_err(backend(action))?;
-            meta.insert(META_REVISION, next).map_err(backend(action))?;
-            let compacted = read_counter(&meta, META_COMPACTED, action)?.unwrap_or(0);
-            self.trim_history(&mut changes, &mut meta, next, compacted, action)?;
-            WatchBatch { revision: next, events }
-        };
+            let mut revision =
+                read_counter(&meta, META_REVISION, action)?.unwrap_or(EMPTY_STORE_REVISION);
+            let first_revision = revision;
+            for (compares, ops) in txns {
+                let outcome =
+                    apply_txn(&mut values, &mut changes, revision, &compares, ops, action)?;
+                if let (TxnOutcome::Committed { revision: committed }, Some(_)) = &outcome {
+                    revision = *committed;
+                }
+                results.push(outcome);
+            }
+            if revision != first_revision {
+                meta.insert(META_REVISION, revision).map_err(backend(action))?;
+                let compacted = read_counter(&meta, META_COMPACTED, action)?.unwrap_or(0);
+                self.trim_history(&mut changes, &mut meta, revision, compacted, action)?;
+            }
+        }
         tx.commit().map_err(backend(action))?;
-        let revision = batch.revision;
-        // An error only means nobody is watching right now.
-        let _ = sender.send(Arc::new(batch));
-        Ok(TxnOutcome::Committed { revision })
+        Ok(results)
     }
 
     fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -450,7 +561,7 @@ impl Store for RedbStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.blocking("committing a transaction", move |inner| inner.txn(&compares, ops)).await
+        self.blocking("committing a transaction", move |inner| inner.txn(compares, ops)).await
     }
 
     async fn watch(

@@ -94,6 +94,7 @@ macro_rules! store_suite {
                 reopen_keeps_values_and_revision,
                 revisions_only_grow_and_no_op_transactions_keep_them,
                 failed_compare_changes_nothing,
+                concurrent_creates_of_one_key_have_one_winner,
                 writing_one_key_twice_in_a_transaction_is_refused,
                 snapshot_reads_several_prefixes_at_one_revision,
                 every_watcher_sees_every_change_once_in_order,
@@ -190,6 +191,41 @@ async fn failed_compare_changes_nothing(backend: Backend) {
     let x = store.get("/x").await.unwrap().unwrap();
     let y = store.get("/y").await.unwrap().unwrap();
     assert_eq!((x.mod_revision, y.mod_revision), (written + 1, written + 1));
+}
+
+/// Writers racing for one key, as API servers creating one object do (the embedded store
+/// commits concurrent transactions together: each still sees the ones before it).
+async fn concurrent_creates_of_one_key_have_one_winner(backend: Backend) {
+    let store = backend.open().await;
+    let start = store.revision().await.unwrap();
+    let racers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let ops =
+                    vec![put("/race/k", &format!("racer {i}")), put(&format!("/race/{i}"), "x")];
+                store.txn(vec![Compare::Absent { key: "/race/k".to_owned() }], ops).await.unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(racer.await.unwrap());
+    }
+    let won: Vec<usize> =
+        (0..16).filter(|i| matches!(outcomes[*i], TxnOutcome::Committed { .. })).collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes[won[0]], TxnOutcome::Committed { revision: start + 1 });
+    assert!(
+        outcomes.iter().filter(|o| **o == TxnOutcome::CompareFailed { index: 0 }).count() == 15
+    );
+    assert_eq!(store.revision().await.unwrap(), start + 1);
+    let winner = format!("racer {}", won[0]);
+    assert_eq!(store.get("/race/k").await.unwrap().unwrap().value, Bytes::from(winner));
+    for racer in (0..16).filter(|i| *i != won[0]) {
+        let written = store.get(&format!("/race/{racer}")).await.unwrap();
+        assert!(written.is_none(), "a failed compare writes nothing of its transaction");
+    }
 }
 
 async fn writing_one_key_twice_in_a_transaction_is_refused(backend: Backend) {

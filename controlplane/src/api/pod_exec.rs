@@ -26,11 +26,10 @@ use super::{
     Registry,
     error::ApiError,
     pod_log::{
-        BoxError, NodeLogClient, RESPONSE_TIMEOUT, choose_container, connect, node_log_address,
-        read_error_text,
+        BoxError, NodeLogClient, RESPONSE_TIMEOUT, choose_container, node_connection,
+        node_log_address, read_error_text,
     },
 };
-use crate::auth::tls::node_client_config;
 
 #[derive(Clone)]
 struct PodExecState {
@@ -145,10 +144,10 @@ async fn proxy(
 
     let action = format!("exec in {namespace}/{name} {container:?} on node {node_name}");
     let internal = |source: BoxError| ApiError::Internal { action: action.clone(), source };
-    let response = tokio::time::timeout(
-        RESPONSE_TIMEOUT,
-        request_node(&state.nodes, &node_name, address, upstream),
-    )
+    let response = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        let mut sender = node_connection(&state.nodes, &node_name, address).await?;
+        Ok::<_, BoxError>(sender.send_request(upstream).await?)
+    })
     .await
     .map_err(|_| internal("the node did not answer in time".into()))?
     .map_err(internal)?;
@@ -189,31 +188,6 @@ async fn proxy(
         }
     });
     reply.body(Body::empty()).map_err(|e| internal(e.into()))
-}
-
-/// The upgrade request to a node's exec server, on a connection of its own that may switch
-/// protocols.
-async fn request_node(
-    client: &NodeLogClient,
-    node: &str,
-    address: std::net::SocketAddr,
-    request: hyper::Request<Body>,
-) -> Result<hyper::Response<hyper::body::Incoming>, BoxError> {
-    let tls = node_client_config(&client.credentials, node)?;
-    let stream = connect(client.netns.clone(), address).await?;
-    let server_name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(server_name, stream)
-        .await
-        .map_err(|e| format!("TLS with node {node} at {address}: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%error, "a node exec connection ended with an error");
-        }
-    });
-    Ok(sender.send_request(request).await?)
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use super::{
     Registry,
     error::{ApiError, FieldError},
+    http::flag,
 };
 use crate::auth::{ClientCredentials, tls::node_client_config};
 
@@ -79,10 +80,6 @@ struct PodLogQuery {
     limit_bytes: Option<String>,
     since_seconds: Option<String>,
     since_time: Option<String>,
-}
-
-fn flag(value: Option<&str>) -> bool {
-    matches!(value, Some("true" | "1" | "True"))
 }
 
 /// The numbers of the query, checked as Kubernetes' `ValidatePodLogOptions` does.
@@ -302,6 +299,20 @@ async fn request_node(
     address: SocketAddr,
     path: &str,
 ) -> Result<hyper::Response<hyper::body::Incoming>, BoxError> {
+    let mut sender = node_connection(client, node, address).await?;
+    let request =
+        hyper::Request::get(path).header(header::HOST, address.to_string()).body(Body::empty())?;
+    Ok(sender.send_request(request).await?)
+}
+
+/// An HTTP/1.1 connection of its own to the node's TLS server at `address` (which must present
+/// `node`'s identity), with this API server's certificate; it may switch protocols
+/// (`pods/exec`).
+pub(super) async fn node_connection(
+    client: &NodeLogClient,
+    node: &str,
+    address: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, BoxError> {
     let tls = node_client_config(&client.credentials, node)?;
     let stream = connect(client.netns.clone(), address).await?;
     let server_name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
@@ -309,16 +320,14 @@ async fn request_node(
         .connect(server_name, stream)
         .await
         .map_err(|e| format!("TLS with node {node} at {address}: {e}"))?;
-    let (mut sender, connection) =
+    let (sender, connection) =
         hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "a node log connection ended with an error");
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%error, node = %address, "a node connection ended with an error");
         }
     });
-    let request =
-        hyper::Request::get(path).header(header::HOST, address.to_string()).body(Body::empty())?;
-    Ok(sender.send_request(request).await?)
+    Ok(sender)
 }
 
 /// A TCP connection to `address`, made from `netns` if given. The socket is created by a

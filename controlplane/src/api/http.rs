@@ -341,7 +341,9 @@ struct Params {
     orphan_dependents: Option<String>,
 }
 
-fn flag(value: Option<&str>) -> bool {
+/// A boolean of a query string as Kubernetes reads one (`?watch=true`, `=1`, `=True`); the
+/// API server and the node's log and exec servers read their flags so.
+pub fn flag(value: Option<&str>) -> bool {
     matches!(value, Some("true" | "1" | "True"))
 }
 

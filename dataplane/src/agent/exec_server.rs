@@ -22,7 +22,7 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
-use strait_controlplane::auth::https::ConnectionIdentity;
+use strait_controlplane::{api::http::flag, auth::https::ConnectionIdentity};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     process::Child,
@@ -77,14 +77,13 @@ struct ExecOptions {
 impl ExecOptions {
     fn parse(query: &str) -> Self {
         let mut options = Self::default();
-        let on = |value: &str| matches!(value, "true" | "1" | "True");
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "command" => options.command.push(value.into_owned()),
-                "input" | "stdin" => options.stdin = on(&value),
-                "output" | "stdout" => options.stdout = on(&value),
-                "error" | "stderr" => options.stderr = on(&value),
-                "tty" => options.tty = on(&value),
+                "input" | "stdin" => options.stdin = flag(Some(&value)),
+                "output" | "stdout" => options.stdout = flag(Some(&value)),
+                "error" | "stderr" => options.stderr = flag(Some(&value)),
+                "tty" => options.tty = flag(Some(&value)),
                 "podUID" => options.pod_uid = Some(value.into_owned()),
                 _ => {}
             }
@@ -325,14 +324,20 @@ async fn spdy_session(
     let spdy_pump = |output: Option<Output>, stream: Option<u32>| {
         let sender = sender.clone();
         tokio::spawn(async move {
-            let (Some(mut output), Some(id)) = (output, stream) else { return };
+            let Some(mut output) = output else { return };
             let mut buffer = vec![0u8; CHUNK];
+            // Without a stream for it (a terminal's output nobody asked for) it is read all
+            // the same, so that the command never waits on a full buffer.
             while let Ok(read @ 1..) = output.read(&mut buffer).await {
-                if sender.send(id, Bytes::copy_from_slice(&buffer[..read])).is_err() {
+                if let Some(id) = stream
+                    && sender.send(id, Bytes::copy_from_slice(&buffer[..read])).is_err()
+                {
                     return;
                 }
             }
-            let _ = sender.finish(id);
+            if let Some(id) = stream {
+                let _ = sender.finish(id);
+            }
         })
     };
     let (stdout, stderr) = started.outputs();

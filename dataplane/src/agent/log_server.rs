@@ -19,8 +19,11 @@ use axum::{
 use futures::StreamExt as _;
 use jiff::Timestamp;
 use serde::Deserialize;
-use strait_controlplane::auth::{
-    ClientCredentials, NODE_LOG_READER_USER, https::ConnectionIdentity, tls::server_config,
+use strait_controlplane::{
+    api::http::flag,
+    auth::{
+        ClientCredentials, NODE_LOG_READER_USER, https::ConnectionIdentity, tls::server_config,
+    },
 };
 use tokio::sync::watch;
 
@@ -51,10 +54,6 @@ struct LogQuery {
     limit_bytes: Option<u64>,
     since_seconds: Option<u64>,
     since_time: Option<String>,
-}
-
-fn flag(value: Option<&str>) -> bool {
-    matches!(value, Some("true" | "1" | "True"))
 }
 
 /// Serves the node's container logs on `listener` with the node's `credentials` until the

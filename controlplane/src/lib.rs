@@ -21,3 +21,14 @@ pub mod nodesync_proto {
 }
 
 pub use server::{ControllerConfig, ControllerError, LocalController, run};
+
+/// An error and its causes on one line (`what: why: deeper why`), for logs and messages.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{StatusCode, header};
 use serde_json::{Value, json};
 
-use crate::store::StoreError;
+use crate::{error_chain, store::StoreError};
 
 /// Why a field is invalid, in the vocabulary of Kubernetes validation
 /// (apimachinery `field.ErrorType`).
@@ -307,16 +307,6 @@ impl ApiError {
         }
         status
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 impl IntoResponse for ApiError {

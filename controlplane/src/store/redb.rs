@@ -184,18 +184,6 @@ fn apply_txn(
     ))
 }
 
-/// An error with its causes, for the transactions of a failed group commit.
-fn error_chain(error: &StoreError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn backend<E>(action: impl Into<String>) -> impl FnOnce(E) -> StoreError
 where
     E: Into<redb::Error>,
@@ -418,7 +406,7 @@ impl Inner {
                 }
             }
             Err(error) => {
-                let message = error_chain(&error);
+                let message = crate::error_chain(&error);
                 for answer in answers {
                     let _ = answer.send(Err(StoreError::Backend {
                         action: "committing a transaction".to_owned(),
